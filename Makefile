@@ -1,0 +1,27 @@
+# geomjobs: `make demo` and `make test` each set up their own environment (.venv) first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test test-fast demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) -m geomjobs.demo --out out/demo
+
+bench: setup
+	$(PY) benchmarks/bench.py --out BENCHMARKS.md
+
+clean:
+	rm -rf out .pytest_cache

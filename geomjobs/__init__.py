@@ -1,0 +1,25 @@
+"""geomjobs: local geometry (psi, nu, delta) of generative models, as batch jobs.
+
+The public entry points: :func:`run_job` (what ``geomjobs run`` calls) and :func:`open_dataset`.
+Submodules: ``geometry`` (the mathematics, pure JAX), ``generators``, ``latents``, ``runner``,
+``sink``, ``cli``.
+"""
+__version__ = "0.1.0"
+
+
+def run_job(spec, out=None, *, resume=False, progress=False, address=None):
+    """Run a job spec (a mapping, or a path to YAML) and return a JobResult."""
+    from geomjobs.runner.local import run_local
+    from geomjobs.spec import load_spec
+
+    if not isinstance(spec, dict):
+        spec = load_spec(spec)
+    if address is not None:
+        raise NotImplementedError("running on a Ray cluster (--address) is not available in this build yet")
+    return run_local(spec, out, resume=resume, progress=progress)
+
+
+def open_dataset(uri):
+    from geomjobs.sink.dataset import Dataset
+
+    return Dataset(uri)

@@ -1,0 +1,101 @@
+"""The ``geomjobs`` command line: parse, call a library function, map results to exit codes.
+
+Exit codes: 0 every sample has an 'ok' row; 1 the job ran but some samples or shards failed;
+2 the spec (or a file it names, or the output location) is unusable — nothing was computed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import yaml
+
+
+def _cmd_run(args) -> int:
+    from geomjobs import run_job
+    from geomjobs.spec import load_spec
+
+    spec = load_spec(args.spec)
+    res = run_job(spec, args.out, resume=args.resume, progress=not args.quiet, address=args.address)
+    print(f"{res.job_id}: {res.rows}/{res.count} rows in {res.committed_shards}/{res.num_shards} shards at {res.uri} "
+          f"({res.computed_shards} shards computed in {res.seconds:.1f} s)")
+    if res.errors:
+        print(f"  {res.errors} samples have status 'error' (see: geomjobs inspect {res.uri})", file=sys.stderr)
+    if res.failed_shards:
+        print(f"  {len(res.failed_shards)} shards failed: {res.failed_shards[:20]}", file=sys.stderr)
+    return res.exit_code
+
+
+def _cmd_inspect(args) -> int:
+    from geomjobs.sink.dataset import Dataset
+
+    ds = Dataset(args.uri)
+    if not ds.exists():
+        print(f"error: '{ds.uri}' is not a geomjobs dataset (no _geomjobs/job.json)", file=sys.stderr)
+        return 2
+    job = ds.job()
+    committed = ds.committed()
+    failures = {k: v for k, v in ds.failures().items() if k not in committed}
+    rows = sum(m["rows"] for m in committed.values())
+    errors = sum(m["errors"] for m in committed.values())
+    info = {"uri": ds.uri, "job_id": job["job_id"], "schema_version": job["schema_version"],
+            "model_id": job.get("model_id"), "samples": job["count"], "rows": rows, "error_rows": errors,
+            "shards": {"total": job["num_shards"], "committed": len(committed), "failed": len(failures),
+                       "pending": job["num_shards"] - len(committed) - len(failures)},
+            "failures": [{"shard": k, "attempts": v.get("attempts"), "error": v["error"]} for k, v in sorted(failures.items())]}
+    if args.json:
+        info["spec"] = ds.spec()
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"dataset        {info['uri']}")
+    print(f"job            {info['job_id']}  (model {info['model_id']}, record schema v{info['schema_version']})")
+    print(f"rows           {rows} of {job['count']} samples ({errors} with status 'error')")
+    s = info["shards"]
+    print(f"shards         {s['committed']} committed, {s['failed']} failed, {s['pending']} pending, of {s['total']}")
+    for f in info["failures"]:
+        print(f"  failed shard {f['shard']} after {f['attempts']} attempts: {f['error']}")
+    if errors and args.errors:
+        df = ds.read_table().to_pandas()
+        for _, r in df[df.status != "ok"].head(args.errors).iterrows():
+            print(f"  sample {r.sample_id}: {r.error}")
+    print("spec:")
+    print("  " + yaml.safe_dump(ds.spec(), sort_keys=False).replace("\n", "\n  ").rstrip())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="geomjobs", description="Local geometry of generative models, as batch jobs.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a job and wait (local mode, or on a Ray cluster with --address)")
+    r.add_argument("spec", help="job spec (YAML)")
+    r.add_argument("--out", help="output dataset URI (overrides the spec's 'output')")
+    r.add_argument("--resume", action="store_true", help="finish a job in --out, skipping committed shards")
+    r.add_argument("--address", help="Ray cluster address (default: local mode)")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(fn=_cmd_run)
+    i = sub.add_parser("inspect", help="print a dataset's rows, shards, failures, schema version and spec")
+    i.add_argument("uri")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--errors", type=int, default=10, metavar="N", help="list up to N samples with status 'error'")
+    i.set_defaults(fn=_cmd_inspect)
+    return p
+
+
+def main(argv=None) -> int:
+    from geomjobs.sink.dataset import DatasetError
+    from geomjobs.spec import SpecError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (SpecError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: committed shards are kept; rerun with --resume to finish", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Generators G: R^d -> R^n, looked up by ``model.kind`` (all share :class:`base.Generator`)."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from geomjobs.generators.base import Generator
+from geomjobs.spec import SpecError
+
+
+def _zoo(model, dtype):
+    from geomjobs.generators.zoo import zoo_generator
+    return zoo_generator(model, dtype)
+
+
+def _mlp(model, dtype):
+    from geomjobs.generators.mlp import mlp_generator
+    return mlp_generator(model, dtype)
+
+
+def _python(model, dtype):
+    from geomjobs.generators.python_entry import python_generator
+    return python_generator(model, dtype)
+
+
+BUILDERS = {"mlp": _mlp, "python": _python, "zoo": _zoo}
+
+
+def build_generator(model: dict, dtype: str = "float32") -> Generator:
+    """The generator a spec's ``model`` section names (weights loaded, nothing compiled)."""
+    kind = model["kind"]
+    if kind not in BUILDERS:
+        raise SpecError("model.kind", f"kind '{kind}' is not available in this build; expected one of {sorted(BUILDERS)}")
+    return BUILDERS[kind](model, jnp.dtype(dtype))
+
+
+__all__ = ["BUILDERS", "Generator", "build_generator"]

@@ -1,0 +1,49 @@
+"""The one interface every generator implements.
+
+A generator is a differentiable map G: R^d -> R^n. geomjobs keeps the latent in its natural
+shape (``latent_shape``, e.g. (4, 64, 64) for Stable Diffusion) and lets the descriptor code
+flatten it; ``apply(params, z)`` maps ONE latent (no batch axis) to ONE output of any shape.
+Batching is done by the caller with ``jax.vmap``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Generator:
+    model_id: str                      # stable name written into every record
+    apply: Callable[[Any, jax.Array], jax.Array]
+    params: Any                        # pytree of arrays, closed over by ``fn``
+    latent_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    timestep: int | None = None        # diffusion timestep where it applies
+    dtype: Any = jnp.float32           # dtype of latents fed to ``apply``
+
+    @property
+    def latent_dim(self) -> int:
+        return math.prod(self.latent_shape)
+
+    @property
+    def output_dim(self) -> int:
+        return math.prod(self.output_shape)
+
+    def flat_fn(self) -> Callable[[jax.Array], jax.Array]:
+        """G on flat vectors: R^d -> R^n (what the mathematics in SPEC section 2 talks about)."""
+        params, apply, shape = self.params, self.apply, self.latent_shape
+
+        def g(z_flat: jax.Array) -> jax.Array:
+            return apply(params, z_flat.reshape(shape)).reshape(-1)
+
+        return g
+
+
+def output_shape_of(apply: Callable, params: Any, latent_shape, dtype=jnp.float32) -> tuple[int, ...]:
+    """Shape of G(z) for one latent, found by abstract evaluation (no FLOPs spent)."""
+    out = jax.eval_shape(lambda z: apply(params, z), jax.ShapeDtypeStruct(tuple(latent_shape), dtype))
+    return tuple(out.shape)

@@ -1,0 +1,27 @@
+"""``kind: zoo``: models the project trains and ships in ``geomjobs/zoo/`` (with their scripts)."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from geomjobs.generators.base import Generator
+from geomjobs.spec import SpecError
+
+
+def _ddpm_gmm2d(model: dict, dtype) -> Generator:
+    from geomjobs.generators.ddpm import ddpm_generator
+    try:
+        return ddpm_generator("ddpm-gmm2d", timestep=model.get("timestep", 10), prediction=model.get("prediction", "eps"))
+    except ValueError as e:
+        raise SpecError("model", str(e)) from None
+
+
+ZOO = {
+    "ddpm-gmm2d": _ddpm_gmm2d,   # DDPM on a 2-D mixture of 8 Gaussians; input x_t, output eps or x_0
+}
+
+
+def zoo_generator(model: dict, dtype=jnp.float32) -> Generator:
+    name = model["name"]
+    if name not in ZOO:
+        raise SpecError("model.name", f"unknown zoo model '{name}'; the zoo has {sorted(ZOO)}")
+    return ZOO[name](model, dtype)

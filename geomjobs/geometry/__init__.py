@@ -1,0 +1,20 @@
+"""The mathematics of geomjobs (SPEC section 2): pure JAX, no Ray, no pyarrow.
+
+- :mod:`.projections` draws the fixed matrices W (k x n) and B (P x d) of a job.
+- :mod:`.spectrum` gives singular values of the Jacobian (exact, or of W A by batched VJPs).
+- :mod:`.descriptors` turns singular values into local scaling psi and local rank nu.
+- :mod:`.complexity` counts sign flips of neuron inputs (local complexity delta).
+"""
+from geomjobs.geometry.descriptors import kept_mask, local_rank, local_scaling, rank_tolerance
+from geomjobs.geometry.projections import orthonormal_rows
+from geomjobs.geometry.spectrum import exact_singular_values, projected_singular_values
+
+__all__ = [
+    "exact_singular_values",
+    "kept_mask",
+    "local_rank",
+    "local_scaling",
+    "orthonormal_rows",
+    "projected_singular_values",
+    "rank_tolerance",
+]

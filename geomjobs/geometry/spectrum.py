@@ -1,0 +1,53 @@
+"""Singular values of the Jacobian A(z) = dG/dz, without forming A for large models.
+
+``exact``: the dense Jacobian (forward mode when d <= n, reverse mode otherwise) and its SVD.
+``projection``: M = W A for a fixed W with orthonormal rows. Row i of W A is the
+vector-Jacobian product w_i^T A, so the generator is linearized ONCE per sample (``jax.vjp``
+keeps the residuals of one forward pass) and all k cotangents are pushed through that one
+linearization in chunks of ``chunk`` rows (``lax.map`` over chunks, ``vmap`` inside), which
+bounds memory at chunk x (activation size) instead of k x (activation size).
+Both functions take ONE flat latent; vmap them over a batch.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def jacobian(g: Callable, z):
+    """Dense n x d Jacobian of flat g at flat z, in the cheaper autodiff mode."""
+    n = jax.eval_shape(g, z).shape[0]
+    d = z.shape[0]
+    return (jax.jacfwd if d <= n else jax.jacrev)(g)(z)
+
+
+def exact_singular_values(g: Callable, z, *, svd_dtype=None):
+    """Singular values of A(z), descending; the matrix shape is (n, d)."""
+    a = jacobian(g, z)
+    if svd_dtype is not None:
+        a = a.astype(svd_dtype)
+    return jnp.linalg.svd(a, compute_uv=False)
+
+
+def projected_rows(g: Callable, z, w, *, chunk: int | None = None):
+    """W A(z) (k x d) from one linearization of g at z: k VJPs, ``chunk`` at a time."""
+    out, vjp = jax.vjp(g, z)
+    k = w.shape[0]
+    w = w.astype(out.dtype)
+    pull = jax.vmap(lambda c: vjp(c)[0])
+    if chunk is None or chunk >= k:
+        return pull(w)
+    pad = (-k) % chunk
+    wp = jnp.concatenate([w, jnp.zeros((pad, w.shape[1]), w.dtype)]) if pad else w
+    rows = jax.lax.map(pull, wp.reshape(-1, chunk, w.shape[1]))
+    return rows.reshape(-1, z.shape[0])[:k]
+
+
+def projected_singular_values(g: Callable, z, w, *, chunk: int | None = None, svd_dtype=None):
+    """Singular values of W A(z), descending; the matrix shape is (k, d)."""
+    m = projected_rows(g, z, w, chunk=chunk)
+    if svd_dtype is not None:
+        m = m.astype(svd_dtype)
+    return jnp.linalg.svd(m, compute_uv=False)

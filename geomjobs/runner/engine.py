@@ -1,0 +1,130 @@
+"""The per-process compute engine: one jitted, vmapped step over a fixed batch shape.
+
+An engine is built once per process (a Ray worker, or the local driver) from a plan. Its
+step takes the model parameters and W, B as arguments rather than closing over them, so XLA
+does not fold a large model's weights into the program as constants. Every batch has exactly
+``batch_size`` rows (the tail is padded), so the step compiles once per process.
+"""
+from __future__ import annotations
+
+import math
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from geomjobs.geometry.descriptors import local_rank, local_scaling
+from geomjobs.geometry.spectrum import exact_singular_values, projected_singular_values
+from geomjobs.runner.plan import Plan
+
+
+class Engine:
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        gen = plan.generator
+        desc = plan.spec["descriptors"]
+        self.batch_size = plan.spec["execution"]["batch_size"]
+        self.dtype = jnp.dtype(plan.spec["execution"]["dtype"])
+        self.want_sv = "local_scaling" in desc
+        self.want_delta = "local_complexity" in desc
+        ls = desc.get("local_scaling", {})
+        lc = desc.get("local_complexity", {})
+        d, n = gen.latent_dim, gen.output_dim
+        mode = ls.get("mode")
+        rows = n if mode == "exact" else ls.get("k", 0)
+        sites = plan.sites
+        radius = lc.get("radius", 0.0)
+        chunk = ls.get("chunk")
+        apply, shape = gen.apply, gen.latent_shape
+
+        def one(params, w, b, z_flat):
+            g = lambda zf: apply(params, zf.reshape(shape)).reshape(-1)  # noqa: E731
+            out = {}
+            if self.want_sv:
+                if mode == "exact":
+                    s = exact_singular_values(g, z_flat)
+                else:
+                    s = projected_singular_values(g, z_flat, w, chunk=chunk)
+                out["singular_values"] = s
+                out["local_scaling"] = local_scaling(s, rows, d)
+                out["local_rank"] = local_rank(s, rows, d)
+            if self.want_delta:
+                from geomjobs.geometry.complexity import local_complexity
+
+                total, per = local_complexity(lambda z: apply(params, z), z_flat.reshape(shape), b, radius, sites=sites)
+                out["local_complexity"] = total
+                out["local_complexity_per_layer"] = per
+            return out
+
+        self._step = jax.jit(jax.vmap(one, in_axes=(None, None, None, 0)))
+        self._params = gen.params
+        self._w = jnp.asarray(plan.W, self.dtype) if plan.W is not None else jnp.zeros((1, n), self.dtype)
+        self._b = jnp.asarray(plan.B, self.dtype) if plan.B is not None else jnp.zeros((1, d), self.dtype)
+
+    def compiled_count(self) -> int:
+        """How many programs the step has compiled (1 after any number of batches)."""
+        return self._step._cache_size()
+
+    def _run(self, zb: np.ndarray) -> dict[str, np.ndarray]:
+        out = self._step(self._params, self._w, self._b, jnp.asarray(zb, self.dtype))
+        return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
+
+    def compute(self, z: np.ndarray) -> tuple[dict[str, np.ndarray], list[str | None]]:
+        """Descriptors for latents z (m, *shape), any m; returns per-sample arrays and errors.
+
+        A failure is data: a non-finite latent or result becomes that sample's error, and a
+        batch that raises is retried one sample at a time so only the culprit fails.
+        """
+        m = len(z)
+        flat = np.asarray(z, np.float64).reshape(m, -1)
+        errors: list[str | None] = [None] * m
+        bad = ~np.all(np.isfinite(flat), axis=1)
+        for i in np.flatnonzero(bad):
+            errors[i] = "latent has non-finite values"
+        flat = np.where(bad[:, None], 0.0, flat)
+        bs = self.batch_size
+        pieces = []
+        for start in range(0, m, bs):
+            zb = flat[start:start + bs]
+            real = len(zb)
+            if real < bs:  # pad the tail with copies of its first row: same shape, no recompile
+                zb = np.concatenate([zb, np.repeat(zb[:1], bs - real, 0)])
+            try:
+                res = self._run(zb)
+            except Exception:  # noqa: BLE001 - isolate the sample that raises
+                res = self._one_by_one(zb[:real], errors, start)
+            pieces.append({k: v[:real] for k, v in res.items()})
+        res = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]} if pieces else {}
+        for key in ("local_scaling", "local_rank"):
+            if key in res:
+                for i in np.flatnonzero(~np.isfinite(res[key])):
+                    errors[i] = errors[i] or f"non-finite {key} ({res[key][i]})"
+        return res, errors
+
+    def _one_by_one(self, zb, errors, offset):
+        bs = self.batch_size
+        rows = []
+        for i in range(len(zb)):
+            try:
+                rows.append(self._run(np.repeat(zb[i:i + 1], bs, 0)))
+            except Exception as e:  # noqa: BLE001
+                errors[offset + i] = f"{type(e).__name__}: {e}".strip()[:2000]
+                rows.append(None)
+        template = next((r for r in rows if r is not None), None)
+        if template is None:
+            template = {k: np.zeros_like(v) for k, v in self._run_shapes().items()}
+        return {k: np.stack([(r if r is not None else template)[k][0] for r in rows]) for k in template}
+
+    def _run_shapes(self):
+        z = jax.ShapeDtypeStruct((self.batch_size, self.plan.generator.latent_dim), self.dtype)
+        shapes = jax.eval_shape(self._step, self._params, self._w, self._b, z)
+        return {k: np.zeros(v.shape, v.dtype) for k, v in shapes.items()}
+
+
+def format_exception(e: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(e), e)).strip()
+
+
+def ceil_div(a: int, b: int) -> int:
+    return math.ceil(a / b)

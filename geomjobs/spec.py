@@ -1,0 +1,160 @@
+"""Job specs: load YAML, validate against ``schemas/job.schema.json``, fill defaults.
+
+Validation happens in two steps, both before any sample is computed:
+1. :func:`load_spec` / :func:`validate_spec` check the document against the JSON schema and
+   fill the defaults that need no model (``execution``, seeds, radii).
+2. :func:`geomjobs.runner.plan.plan_job` builds the generator and latent source and fills the
+   defaults that depend on their sizes (projection ``k``, ``mode``, ``directions``), checking
+   that they fit (``k <= n``, ``directions <= d``, latent shape == model input).
+Every problem raises :class:`SpecError` naming the key and what was expected; the CLI turns it
+into exit code 2.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_VERSION = 1
+
+EXECUTION_DEFAULTS = {"shard_size": 256, "batch_size": 16, "dtype": "float32", "max_retries": 3}
+# Keys that change how a job runs but not what it computes: a resume may change them.
+RUN_ONLY_KEYS = ("batch_size", "workers", "resources", "max_retries")
+
+
+class SpecError(ValueError):
+    """A job spec (or a file it names) is not what geomjobs expects. Exit code 2."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"spec key '{key}': {message}" if key else message)
+
+
+def job_schema() -> dict:
+    return json.loads(resources.files("geomjobs.schemas").joinpath("job.schema.json").read_text())
+
+
+def _key(path) -> str:
+    parts = [str(p) for p in path]
+    return ".".join(parts) if parts else "<root>"
+
+
+def _explain(err: jsonschema.ValidationError) -> SpecError:
+    """One readable message per schema error: the key, what was expected, what was found."""
+    key = _key(err.absolute_path)
+    v = err.validator
+    if v == "required":
+        missing = [m for m in err.validator_value if m not in (err.instance or {})]
+        where = _key(list(err.absolute_path) + [missing[0]]) if missing else key
+        return SpecError(where, "is required" + (f" for kind '{err.instance.get('kind')}'" if isinstance(err.instance, dict) and "kind" in err.instance else ""))
+    if v == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        extra = sorted(set(err.instance) - set(allowed))
+        where = _key(list(err.absolute_path) + [extra[0]]) if extra else key
+        return SpecError(where, f"is not a known key here; expected one of {allowed}")
+    if v == "enum":
+        return SpecError(key, f"expected one of {err.validator_value}, got {err.instance!r}")
+    if v == "type":
+        return SpecError(key, f"expected {err.validator_value}, got {type(err.instance).__name__} {err.instance!r}")
+    if v in ("minimum", "exclusiveMinimum", "maximum"):
+        return SpecError(key, f"expected a number {'>=' if v == 'minimum' else '>' if v == 'exclusiveMinimum' else '<='} "
+                              f"{err.validator_value}, got {err.instance!r}")
+    if v in ("minItems", "maxItems"):
+        return SpecError(key, f"expected {'at least' if v == 'minItems' else 'at most'} {err.validator_value} items, "
+                              f"got {len(err.instance)}")
+    if v == "minProperties":
+        return SpecError(key, f"expected at least one of {sorted(err.schema.get('properties', {}))}, got none")
+    return SpecError(key, err.message)
+
+
+def validate_spec(raw: Any) -> dict:
+    """Schema-check a spec mapping and return a copy with model-independent defaults filled."""
+    if not isinstance(raw, dict):
+        raise SpecError("", f"a job spec must be a mapping, got {type(raw).__name__}")
+    validator = jsonschema.Draft202012Validator(job_schema())
+    errors = sorted(validator.iter_errors(raw), key=lambda e: (len(list(e.absolute_path)), str(list(e.absolute_path))))
+    if errors:
+        # The deepest error says most; jsonschema's best_match prefers it.
+        raise _explain(jsonschema.exceptions.best_match(errors))
+    spec = copy.deepcopy(raw)
+    spec["execution"] = {**EXECUTION_DEFAULTS, **spec.get("execution", {})}
+    lat = spec["latents"]
+    if lat["kind"] == "gaussian":
+        lat.setdefault("seed", 0)
+        lat.setdefault("scale", 1.0)
+    if lat["kind"] == "plane3":
+        lat.setdefault("margin", 0.25)
+    d = spec["descriptors"]
+    if "local_rank" in d and "local_scaling" not in d:
+        d["local_scaling"] = {}  # nu reads psi's singular values; configure them with psi's keys
+    if "local_scaling" in d:
+        d["local_scaling"].setdefault("seed", 0)
+        d["local_scaling"].setdefault("save_singular_values", False)
+    if "local_complexity" in d:
+        lc = d["local_complexity"]
+        lc.setdefault("radius", 1e-4)
+        lc.setdefault("seed", 0)
+        lc.setdefault("per_layer", False)
+        if "layers" in lc and "last" in lc:
+            raise SpecError("descriptors.local_complexity.last", "give either 'layers' or 'last', not both")
+    return spec
+
+
+def load_spec(path: str | Path) -> dict:
+    """Read a YAML spec file and validate it (see :func:`validate_spec`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError("", f"spec file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError("", f"spec file '{path}' is not valid YAML: {e}") from None
+    spec = validate_spec(raw)
+    return resolve_paths(spec, p.parent)
+
+
+PATH_KEYS = (("model", "weights"), ("model", "path"), ("latents", "uri"))
+
+
+def resolve_paths(spec: dict, base: str | Path) -> dict:
+    """Make local paths named in a spec absolute. A spec file's relative paths are relative to
+    the file's folder (so a spec and its weights travel together); a mapping's, to the cwd.
+    Workers on other machines then see the same absolute paths (or URIs)."""
+    for section, key in PATH_KEYS:
+        v = spec.get(section, {}).get(key)
+        if isinstance(v, str) and "://" not in v and not Path(v).is_absolute():
+            spec[section][key] = str((Path(base) / v).resolve())
+    return spec
+
+
+def identity(spec: dict) -> dict:
+    """The part of a resolved spec that decides what is computed (and so what resume checks)."""
+    s = copy.deepcopy(spec)
+    s.pop("output", None)
+    s.pop("job_id", None)
+    for k in RUN_ONLY_KEYS:
+        s.get("execution", {}).pop(k, None)
+    return s
+
+
+def spec_hash(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(identity(spec), sort_keys=True).encode()).hexdigest()
+
+
+def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two spec mappings (for resume refusals)."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        key = f"{prefix}{k}"
+        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_keys(va, vb, key + ".")
+        elif va != vb:
+            out.append(key)
+    return out

@@ -1,0 +1,1 @@
+"""JSON schemas of geomjobs (job spec, record schema); installed as ``geomjobs.schemas``."""

@@ -1,0 +1,144 @@
+"""Jobs end to end in local mode: records, sharding invariance, resume, per-sample failures."""
+import json
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from jobs import assert_each_sample_once, mlp_spec, read_sorted, write_mlp
+
+from geomjobs import run_job
+from geomjobs.generators.mlp import load_mlp_weights, mlp_apply
+from geomjobs.latents import build_latents
+from geomjobs.runner.plan import plan_job
+from geomjobs.runner.shards import compute_shard, engine_for
+from geomjobs.sink.dataset import Dataset, DatasetError
+
+
+def test_records_match_numpy_reference_and_read_back(tmp_path):
+    w = write_mlp(tmp_path)
+    spec = mlp_spec(w, local_scaling={"mode": "exact", "save_singular_values": True}, local_rank={})
+    res = run_job(spec, str(tmp_path / "out"))
+    assert res.ok and res.exit_code == 0 and res.rows == 40
+    df = read_sorted(tmp_path / "out")
+    assert_each_sample_once(df, 40)
+    assert (df.status == "ok").all() and df.error.isna().all()
+    # reference: the same latents, the Jacobian by jax in float64, SVD in numpy
+    import jax
+    import jax.numpy as jnp
+    layers = load_mlp_weights(w)
+    z = build_latents(spec["latents"] | {"seed": 3}).latents(np.arange(40))
+    for i in (0, 17, 39):
+        a = np.asarray(jax.jacfwd(lambda x: mlp_apply(layers, x))(jnp.asarray(z[i])))
+        s = np.linalg.svd(a, compute_uv=False)
+        # the job runs in float32: its SVD tolerance is float32's, so compare kept values only
+        keep = s > s[0] * max(a.shape) * np.finfo(np.float32).eps
+        np.testing.assert_allclose(df.local_scaling[i], np.log(s[keep]).sum(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(df.singular_values[i]), s, rtol=1e-4, atol=1e-5)
+    # pandas and DuckDB read the dataset as it is, no extra step
+    n = duckdb.sql(f"SELECT count(*) FROM '{tmp_path}/out/**/*.parquet' WHERE status = 'ok'").fetchall()[0][0]
+    assert n == 40
+
+
+def test_parquet_files_carry_the_versioned_record_schema(tmp_path):
+    res = run_job(mlp_spec(write_mlp(tmp_path)), str(tmp_path / "out"))
+    f = sorted((tmp_path / "out").glob("part-*.parquet"))
+    assert len(f) == res.num_shards == 3
+    schema = pq.read_schema(f[0])
+    assert schema.metadata[b"geomjobs.schema_version"] == b"1"
+    assert schema.metadata[b"geomjobs.job_id"] == res.job_id.encode()
+    assert schema.field("sample_id").type == "int64" and schema.field("local_complexity").type == "int64"
+    art = np.load(tmp_path / "out" / "_artifacts" / "projections.npz")
+    assert art["W"].shape == (5, 10)
+    np.testing.assert_allclose(art["W"] @ art["W"].T, np.eye(5), atol=1e-12)
+
+
+@pytest.mark.parametrize("shard_size,batch_size", [(7, 3), (40, 16), (1, 1)])
+def test_records_do_not_depend_on_shard_or_batch_size(tmp_path, shard_size, batch_size):
+    w = write_mlp(tmp_path)
+    base = read_sorted(run_job(mlp_spec(w, shard_size=16, batch_size=8), str(tmp_path / "a")).uri)
+    other = read_sorted(run_job(mlp_spec(w, shard_size=shard_size, batch_size=batch_size), str(tmp_path / "b")).uri)
+    # float32 batches of different sizes may round differently: ~1e-6 relative
+    np.testing.assert_allclose(other.local_scaling, base.local_scaling, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(other.local_rank, base.local_rank, rtol=2e-5)
+
+
+def test_step_compiles_once_for_many_batches_and_a_padded_tail(tmp_path):
+    plan = plan_job(mlp_spec(write_mlp(tmp_path), count=45, shard_size=45, batch_size=8))
+    engine = engine_for(plan)
+    compute_shard(plan, 0, engine)  # 5 full batches + a tail of 5
+    assert engine.compiled_count() == 1
+
+
+def test_resume_after_interruption_writes_every_sample_once(tmp_path, monkeypatch):
+    w = write_mlp(tmp_path)
+    spec = mlp_spec(w, count=50, shard_size=10)
+    out = str(tmp_path / "out")
+    import geomjobs.runner.local as local
+
+    real = local.compute_shard
+    calls = []
+
+    def dying(plan, shard, engine=None):
+        calls.append(shard)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # the process is stopped mid-job
+        return real(plan, shard, engine)
+
+    monkeypatch.setattr(local, "compute_shard", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(spec, out)
+    assert sorted(Dataset(out).committed()) == [0, 1, 2]
+    # a crash between a shard's file and its marker: the file exists, the marker does not
+    ds = Dataset(out)
+    ds._put("part-000003.parquet", (tmp_path / "out" / "part-000000.parquet").read_bytes())
+    monkeypatch.setattr(local, "compute_shard", lambda *a, **k: (calls.append(a[1]), real(*a, **k))[1])
+    with pytest.raises(DatasetError, match="--resume"):
+        run_job(spec, out)
+    calls.clear()
+    res = run_job(spec, out, resume=True)
+    assert sorted(calls) == [3, 4]  # committed shards are never recomputed
+    assert res.ok and res.computed_shards == 2
+    assert_each_sample_once(read_sorted(out), 50)
+    calls.clear()
+    assert run_job(spec, out, resume=True).computed_shards == 0 and calls == []
+
+
+def test_resume_with_a_different_spec_is_refused(tmp_path):
+    w = write_mlp(tmp_path)
+    out = str(tmp_path / "out")
+    run_job(mlp_spec(w), out)
+    changed = mlp_spec(w)
+    changed["latents"]["seed"] = 4
+    with pytest.raises(DatasetError, match="latents.seed"):
+        run_job(changed, out, resume=True)
+    faster = mlp_spec(w, batch_size=4)  # how a job runs may change on resume
+    assert run_job(faster, out, resume=True).ok
+
+
+def test_a_failing_sample_is_data_and_the_rest_go_on(tmp_path):
+    w = write_mlp(tmp_path)
+    lat = tmp_path / "lat.parquet"
+    z = np.random.default_rng(0).standard_normal((12, 6))
+    z[5, 2] = np.nan
+    z[9, 0] = np.inf
+    pd.DataFrame({"z": list(z)}).to_parquet(lat)
+    spec = mlp_spec(w)
+    spec["latents"] = {"kind": "parquet", "uri": str(lat), "column": "z"}
+    res = run_job(spec, str(tmp_path / "out"))
+    assert res.exit_code == 1 and res.errors == 2 and res.rows == 12
+    df = read_sorted(tmp_path / "out")
+    assert list(df.index[df.status == "error"]) == [5, 9]
+    assert df.error[5] == "latent has non-finite values" and df.local_scaling.isna()[5]
+    assert df.local_scaling.drop([5, 9]).notna().all()
+
+
+def test_manifest_lists_committed_shards(tmp_path):
+    res = run_job(mlp_spec(write_mlp(tmp_path)), str(tmp_path / "out"))
+    ds = Dataset(res.uri)
+    man = ds.committed()
+    assert sorted(man) == [0, 1, 2] and sum(m["rows"] for m in man.values()) == 40
+    job = json.loads((tmp_path / "out" / "_geomjobs" / "job.json").read_text())
+    assert job["spec_hash"] == plan_job(mlp_spec(write_mlp(tmp_path))).hash
+    assert not (tmp_path / "out" / "_staging").exists()

@@ -1,0 +1,111 @@
+"""Bad specs and bad files fail before any work, naming the key and what was expected."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from jobs import mlp_spec, write_mlp
+
+from geomjobs.runner.plan import plan_job
+from geomjobs.spec import SpecError, load_spec, validate_spec
+
+
+@pytest.mark.parametrize("mutate,key,expected", [
+    (lambda s: s.pop("model"), "model", "is required"),
+    (lambda s: s["model"].update(kind="gan"), "model.kind", "expected one of"),
+    (lambda s: s["model"].pop("weights"), "model.weights", "is required for kind 'mlp'"),
+    (lambda s: s["model"].update(activation="swishy"), "model.activation", "expected one of"),
+    (lambda s: s["latents"].update(count=0), "latents.count", ">= 1"),
+    (lambda s: s["latents"].update(count="ten"), "latents.count", "expected integer"),
+    (lambda s: s["latents"].update(colour="red"), "latents.colour", "not a known key"),
+    (lambda s: s["descriptors"].update(local_scaling={"mode": "fast"}), "descriptors.local_scaling.mode", "expected one of"),
+    (lambda s: s["descriptors"].update(local_complexity={"radius": -1.0}), "descriptors.local_complexity.radius", "> 0"),
+    (lambda s: s.update(execution={"shard_size": 0}), "execution.shard_size", ">= 1"),
+    (lambda s: s.update(descriptors={}), "descriptors", "expected at least one of ['local_complexity', 'local_rank', 'local_scaling']"),
+])
+def test_schema_errors_name_the_key(tmp_path, mutate, key, expected):
+    spec = mlp_spec("w.npz")
+    mutate(spec)
+    with pytest.raises(SpecError) as e:
+        validate_spec(spec)
+    assert e.value.key == key
+    assert expected in str(e.value) and f"'{key}'" in str(e.value)
+
+
+def test_defaults_are_filled_and_model_sizes_checked(tmp_path):
+    w = write_mlp(tmp_path)  # d = 6, n = 10
+    plan = plan_job(mlp_spec(w, local_scaling={}, local_rank={}))
+    assert plan.spec["descriptors"]["local_scaling"]["mode"] == "exact"
+    assert plan.spec["execution"] == {"shard_size": 16, "batch_size": 8, "dtype": "float32", "max_retries": 3}
+    assert plan.spec["job_id"].startswith("job-")
+    with pytest.raises(SpecError, match=r"descriptors.local_scaling.k'.*k <= n = 10"):
+        plan_job(mlp_spec(w, local_scaling={"mode": "projection", "k": 11}))
+    with pytest.raises(SpecError, match=r"only applies to mode: projection"):
+        plan_job(mlp_spec(w, local_scaling={"mode": "exact", "k": 3}))
+    bad_shape = mlp_spec(w)
+    bad_shape["latents"]["shape"] = [5]
+    with pytest.raises(SpecError, match=r"latents.shape'.*shape \[6\]"):
+        plan_job(bad_shape)
+
+
+def test_bad_weight_files_give_clear_errors(tmp_path):
+    missing = mlp_spec(str(tmp_path / "nope.npz"))
+    with pytest.raises(SpecError, match=r"model.weights'.*nope.npz' does not exist"):
+        plan_job(missing)
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip file")
+    with pytest.raises(SpecError, match=r"junk.npz' is not a readable .npz"):
+        plan_job(mlp_spec(str(junk)))
+    np.savez(tmp_path / "gap.npz", W0=np.ones((6, 3)), b0=np.ones(3), W2=np.ones((3, 2)), b2=np.ones(2))
+    with pytest.raises(SpecError, match="without gaps"):
+        plan_job(mlp_spec(str(tmp_path / "gap.npz")))
+    np.savez(tmp_path / "mismatch.npz", W0=np.ones((6, 3)), b0=np.ones(3), W1=np.ones((4, 2)), b1=np.ones(2))
+    with pytest.raises(SpecError, match="W1 takes 4 inputs but layer 0 gives 3"):
+        plan_job(mlp_spec(str(tmp_path / "mismatch.npz")))
+    np.savez(tmp_path / "nobias.npz", W0=np.ones((6, 3)))
+    with pytest.raises(SpecError, match="W0 has no bias b0"):
+        plan_job(mlp_spec(str(tmp_path / "nobias.npz")))
+
+
+def test_relative_paths_in_a_spec_file_are_relative_to_the_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write_mlp(tmp_path / "sub", name="m.npz")
+    spec = mlp_spec("m.npz")
+    (tmp_path / "sub" / "job.yaml").write_text(yaml.safe_dump(spec))
+    loaded = load_spec(tmp_path / "sub" / "job.yaml")
+    assert loaded["model"]["weights"] == str(tmp_path / "sub" / "m.npz")
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "geomjobs.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_bad_spec_exits_2_before_any_work(tmp_path):
+    spec = mlp_spec(write_mlp(tmp_path))
+    spec["latents"]["count"] = -3
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(spec))
+    r = run_cli("run", "bad.yaml", "--out", "out", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "spec key 'latents.count'" in r.stderr
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "broken.yaml").write_text("model: [unclosed")
+    r = run_cli("run", "broken.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and "not valid YAML" in r.stderr
+    r = run_cli("run", "missing.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_cli_run_then_inspect(tmp_path):
+    spec = mlp_spec(write_mlp(tmp_path))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    r = run_cli("run", "job.yaml", "--out", str(tmp_path / "out"), "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "40/40 rows in 3/3 shards" in r.stdout
+    r = run_cli("inspect", str(tmp_path / "out"), cwd=tmp_path)
+    assert r.returncode == 0
+    assert "rows           40 of 40 samples (0 with status 'error')" in r.stdout
+    assert "3 committed, 0 failed, 0 pending, of 3" in r.stdout and "record schema v1" in r.stdout
+    r = run_cli("run", "job.yaml", "--out", str(tmp_path / "out"), "-q", cwd=tmp_path)
+    assert r.returncode == 2 and "--resume" in r.stderr
