@@ -1,0 +1,298 @@
+"""A small DDPM on a 2-D mixture of Gaussians, used as a generator at a fixed timestep t.
+
+The model is ``eps_theta(x_t, t)``: an MLP with ReLU activations whose input is x_t concatenated
+with a sinusoidal embedding of the integer timestep t. ReLU is deliberate: the geometry code counts
+linear regions (sign patterns of the ReLU pre-activations), and at a fixed t the map x_t -> eps is
+piecewise affine.
+
+Conventions (Ho et al. 2020, with timesteps numbered 0..T-1):
+
+    beta_t     linear from beta_start to beta_end, t = 0..T-1
+    alpha_t    = 1 - beta_t
+    abar_t     = prod_{s<=t} alpha_s
+    x_t        = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,   eps ~ N(0, I)
+    x0_hat     = (x_t - sqrt(1 - abar_t) eps_theta(x_t, t)) / sqrt(abar_t)
+
+``ddpm_generator(name, timestep, prediction)`` returns a :class:`Generator` whose latent is x_t
+(shape (2,)) and whose output is eps_theta(x_t, t) (``prediction="eps"``) or x0_hat
+(``prediction="x0"``). Weights ship in ``geomjobs/zoo/`` as ``<stem>.npz`` (the flattened Flax
+param pytree, '/'-joined keys) plus ``<stem>.json`` (architecture, schedule, data, training);
+``geomjobs/zoo/train_ddpm_gmm2d.py`` reproduces them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from geomjobs.generators.base import Generator, output_shape_of
+
+# zoo name -> file stem in geomjobs/zoo/
+ZOO_FILES = {"ddpm-gmm2d": "ddpm_gmm2d"}
+PREDICTIONS = ("eps", "x0")
+
+
+# --------------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------------
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float) -> jax.Array:
+    """Sinusoidal embedding of (integer) timesteps, shape t.shape + (dim,).
+
+    Frequencies are geometric from 1 down to 1/max_period (use max_period ~ T so that every
+    channel varies over the range of timesteps actually used).
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+    args = jnp.asarray(t, jnp.float32)[..., None] * freqs
+    return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+class EpsMLP(nn.Module):
+    """eps_theta(x_t, t): [x_t, emb(t)] -> (Dense, ReLU) x depth -> Dense(data_dim).
+
+    ``x`` has shape (..., data_dim); ``t`` is broadcast against x's leading axes, so both a single
+    point with a scalar t and a batch with per-sample t work.
+    """
+    data_dim: int = 2
+    hidden: int = 128
+    depth: int = 3
+    emb_dim: int = 32
+    max_period: float = 100.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
+        x = jnp.asarray(x, jnp.float32)
+        t = jnp.broadcast_to(jnp.asarray(t), x.shape[:-1])
+        h = jnp.concatenate([x, timestep_embedding(t, self.emb_dim, self.max_period)], axis=-1)
+        for _ in range(self.depth):
+            h = nn.relu(nn.Dense(self.hidden, param_dtype=jnp.float32)(h))
+        return nn.Dense(self.data_dim, param_dtype=jnp.float32)(h)
+
+
+ARCH_KEYS = ("data_dim", "hidden", "depth", "emb_dim", "max_period")
+
+
+def module_from_config(arch: dict) -> EpsMLP:
+    return EpsMLP(**{k: arch[k] for k in ARCH_KEYS})
+
+
+def module_config(module: EpsMLP) -> dict:
+    return {"name": "EpsMLP", "activation": "relu", **{k: getattr(module, k) for k in ARCH_KEYS}}
+
+
+# --------------------------------------------------------------------------------------------
+# schedule
+# --------------------------------------------------------------------------------------------
+
+def betas(schedule: dict) -> np.ndarray:
+    """beta_0..beta_{T-1} (float32) for a schedule dict {"kind": "linear", "T", "beta_start", "beta_end"}."""
+    if schedule.get("kind", "linear") != "linear":
+        raise ValueError(f"unsupported noise schedule kind {schedule.get('kind')!r}; expected 'linear'")
+    return np.linspace(schedule["beta_start"], schedule["beta_end"], int(schedule["T"]), dtype=np.float64).astype(np.float32)
+
+
+def alpha_bars(schedule: dict) -> np.ndarray:
+    """abar_0..abar_{T-1} (float32), computed in float64 then rounded."""
+    b = np.linspace(schedule["beta_start"], schedule["beta_end"], int(schedule["T"]), dtype=np.float64)
+    return np.cumprod(1.0 - b).astype(np.float32)
+
+
+def alpha_bar(t, schedule: dict):
+    """abar_t for integer timestep(s) t in [0, T-1] (works on ints and jax/numpy integer arrays)."""
+    return jnp.asarray(alpha_bars(schedule))[t]
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+
+def zoo_path(stem: str) -> Path:
+    return Path(str(resources.files("geomjobs.zoo").joinpath(stem)))
+
+
+def _resolve(path_or_name) -> tuple[Path, Path]:
+    """(npz, json) for a zoo name, a stem path, or a path to either file."""
+    s = str(path_or_name)
+    if s in ZOO_FILES:
+        stem = zoo_path(ZOO_FILES[s])
+    else:
+        p = Path(s)
+        if p.suffix in (".npz", ".json"):
+            stem = p.with_suffix("")
+        elif p.exists() or p.with_suffix(".npz").exists() or p.with_suffix(".json").exists() or "/" in s or "\\" in s:
+            stem = p
+        else:
+            raise ValueError(f"unknown DDPM zoo model {s!r}; known models: {sorted(ZOO_FILES)} "
+                             f"(or pass a path to a .npz/.json pair written by geomjobs.zoo.train_ddpm_gmm2d)")
+    return stem.with_suffix(".npz"), stem.with_suffix(".json")
+
+
+def _read_meta(json_path: Path) -> dict:
+    if not json_path.is_file():
+        raise ValueError(f"DDPM metadata file '{json_path}' does not exist "
+                         f"(expected a .json written by geomjobs.zoo.train_ddpm_gmm2d next to the .npz)")
+    try:
+        meta = json.loads(json_path.read_text())
+    except Exception as e:
+        raise ValueError(f"DDPM metadata file '{json_path}' is not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"DDPM metadata file '{json_path}' must hold a JSON object, got {type(meta).__name__}")
+    for section, keys in (("architecture", ARCH_KEYS), ("schedule", ("T", "beta_start", "beta_end"))):
+        if not isinstance(meta.get(section), dict):
+            raise ValueError(f"DDPM metadata file '{json_path}' has no '{section}' object")
+        missing = [k for k in keys if k not in meta[section]]
+        if missing:
+            raise ValueError(f"DDPM metadata file '{json_path}': '{section}' lacks {missing}")
+    return meta
+
+
+def _read_params(npz_path: Path, module: EpsMLP) -> Any:
+    if not npz_path.is_file():
+        raise ValueError(f"DDPM weight file '{npz_path}' does not exist "
+                         f"(expected a .npz of the flattened Flax params, written by geomjobs.zoo.train_ddpm_gmm2d)")
+    try:
+        with np.load(npz_path, allow_pickle=False) as f:
+            flat = {k: f[k] for k in f.files}
+    except Exception as e:  # zip errors, truncated files, pickles
+        raise ValueError(f"DDPM weight file '{npz_path}' is not a readable .npz ({type(e).__name__}: {e})") from None
+    expected = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((module.data_dim,)), jnp.zeros((), jnp.int32)))
+    want = traverse_util.flatten_dict(expected, sep="/")
+    if set(flat) != set(want):
+        raise ValueError(f"DDPM weight file '{npz_path}' does not match the architecture in its .json: "
+                         f"missing {sorted(set(want) - set(flat))}, unexpected {sorted(set(flat) - set(want))}")
+    for k, spec in want.items():
+        a = flat[k]
+        if a.shape != spec.shape:
+            raise ValueError(f"DDPM weight file '{npz_path}': '{k}' has shape {a.shape}, expected {spec.shape}")
+        if not np.issubdtype(a.dtype, np.floating) or not np.all(np.isfinite(a)):
+            raise ValueError(f"DDPM weight file '{npz_path}': '{k}' must be finite floats (dtype {a.dtype})")
+    return traverse_util.unflatten_dict({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}, sep="/")
+
+
+def load_ddpm(path_or_name="ddpm-gmm2d") -> tuple[EpsMLP, Any, dict]:
+    """(module, params, meta) for a zoo name (``"ddpm-gmm2d"``) or a path to a .npz/.json pair (or their stem)."""
+    npz_path, json_path = _resolve(path_or_name)
+    meta = _read_meta(json_path)
+    try:
+        module = module_from_config(meta["architecture"])
+    except Exception as e:
+        raise ValueError(f"DDPM metadata file '{json_path}': bad architecture {meta['architecture']} ({e})") from None
+    return module, _read_params(npz_path, module), meta
+
+
+def save_ddpm(stem, module: EpsMLP, params, meta: dict) -> tuple[Path, Path]:
+    """Write ``<stem>.npz`` (flattened float32 params, '/'-joined keys) and ``<stem>.json``."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+    npz_path, json_path = stem.with_suffix(".npz"), stem.with_suffix(".json")
+    with open(npz_path, "wb") as f:
+        np.savez(f, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
+    meta = {**meta, "architecture": module_config(module)}
+    json_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return npz_path, json_path
+
+
+# --------------------------------------------------------------------------------------------
+# generator and sampling
+# --------------------------------------------------------------------------------------------
+
+def ddpm_generator(name: str = "ddpm-gmm2d", timestep: int = 10, prediction: str = "eps") -> Generator:
+    """The DDPM at a fixed timestep as a map x_t -> eps_theta(x_t, t) or x_t -> x0_hat (both R^2 -> R^2)."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {list(PREDICTIONS)}, got {prediction!r}")
+    module, params, meta = load_ddpm(name)
+    T = int(meta["schedule"]["T"])
+    if isinstance(timestep, bool) or not isinstance(timestep, numbers.Integral):
+        raise ValueError(f"timestep must be an integer in [0, {T - 1}] (T = {T}), got {timestep!r}")
+    t = int(timestep)
+    if not 0 <= t <= T - 1:
+        raise ValueError(f"timestep {t} is outside the valid range [0, {T - 1}] for '{name}' (T = {T})")
+    abar = float(alpha_bars(meta["schedule"])[t])
+    s_noise, s_sig = np.float32(math.sqrt(1.0 - abar)), np.float32(math.sqrt(abar))
+    t_arr = np.int32(t)
+
+    if prediction == "eps":
+        def apply(p, x):
+            return module.apply(p, x, t_arr)
+    else:
+        def apply(p, x):
+            return (x - s_noise * module.apply(p, x, t_arr)) / s_sig
+
+    latent_shape = (module.data_dim,)
+    model_id = name if str(name) in ZOO_FILES else f"ddpm:{Path(str(name)).with_suffix('').name}"
+    return Generator(model_id=model_id, apply=apply, params=params, latent_shape=latent_shape,
+                     output_shape=output_shape_of(apply, params, latent_shape), timestep=t, dtype=jnp.float32)
+
+
+def sample(module: EpsMLP, params, meta: dict, n: int, seed: int = 0) -> np.ndarray:
+    """n ancestral DDPM samples (Ho et al. 2020, Algorithm 2), shape (n, data_dim), float32.
+
+    x_{T-1} ~ N(0, I); for t = T-1..0: x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t) eps_theta(x_t, t)) / sqrt(alpha_t)
+    + sigma_t z with the posterior variance sigma_t^2 = beta_t (1 - abar_{t-1}) / (1 - abar_t), and no
+    noise on the last step.
+    """
+    sched = meta["schedule"]
+    T = int(sched["T"])
+    b64 = np.linspace(sched["beta_start"], sched["beta_end"], T, dtype=np.float64)
+    ab64 = np.cumprod(1.0 - b64)
+    ab_prev = np.concatenate([[1.0], ab64[:-1]])
+    sigma = np.sqrt(b64 * (1.0 - ab_prev) / (1.0 - ab64))
+    coef = b64 / np.sqrt(1.0 - ab64)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    ts = jnp.arange(T - 1, -1, -1, dtype=jnp.int32)
+    tab = (f32(coef)[ts], f32(1.0 / np.sqrt(1.0 - b64))[ts], f32(sigma)[ts])
+
+    @jax.jit
+    def run(params, key):
+        key, k0 = jax.random.split(key)
+        x = jax.random.normal(k0, (n, module.data_dim), jnp.float32)
+        keys = jax.random.split(key, T)
+
+        def step(x, inp):
+            t, c, inv_sqrt_alpha, sig, k = inp
+            eps = module.apply(params, x, t)
+            mean = (x - c * eps) * inv_sqrt_alpha
+            z = jax.random.normal(k, x.shape, jnp.float32)
+            return mean + jnp.where(t > 0, sig, 0.0) * z, None
+
+        x, _ = jax.lax.scan(step, x, (ts, *tab, keys))
+        return x
+
+    return np.asarray(run(params, jax.random.PRNGKey(seed)))
+
+
+# --------------------------------------------------------------------------------------------
+# the data the zoo model is trained on
+# --------------------------------------------------------------------------------------------
+
+def gmm_modes(n_modes: int = 8, radius: float = 4.0) -> np.ndarray:
+    """Mode centres: n_modes points evenly spaced on a circle, the first at angle 0."""
+    ang = 2 * np.pi * np.arange(n_modes) / n_modes
+    return (radius * np.stack([np.cos(ang), np.sin(ang)], axis=1)).astype(np.float32)
+
+
+def gmm_data(n: int, seed: int = 0, n_modes: int = 8, radius: float = 4.0, std: float = 0.3) -> np.ndarray:
+    """n points from the equal-weight mixture of isotropic Gaussians (std ``std``) at :func:`gmm_modes`."""
+    rng = np.random.default_rng(seed)
+    k = rng.integers(0, n_modes, size=n)
+    return (gmm_modes(n_modes, radius)[k] + std * rng.standard_normal((n, 2))).astype(np.float32)
+
+
+def mode_stats(x: np.ndarray, modes: np.ndarray, radius: float = 1.0) -> dict:
+    """Fraction of points within ``radius`` of their nearest mode, and each mode's share of all points."""
+    d = np.linalg.norm(np.asarray(x)[:, None, :] - modes[None], axis=-1)
+    nearest = d.argmin(axis=1)
+    near = d.min(axis=1) <= radius
+    share = np.array([np.mean(near & (nearest == i)) for i in range(len(modes))])
+    return {"frac_near": float(near.mean()), "mode_share": share.tolist(), "min_mode_share": float(share.min())}
