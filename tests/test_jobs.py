@@ -142,3 +142,35 @@ def test_manifest_lists_committed_shards(tmp_path):
     job = json.loads((tmp_path / "out" / "_geomjobs" / "job.json").read_text())
     assert job["spec_hash"] == plan_job(mlp_spec(write_mlp(tmp_path))).hash
     assert not (tmp_path / "out" / "_staging").exists()
+
+
+def brute_force_delta(layers, z, B, radius):
+    """Per-layer count of ReLU inputs whose sign is mixed over the 2P cross-polytope vertices."""
+    verts = np.concatenate([z + radius * B, z - radius * B])
+    counts, h = [], verts
+    for w, b in layers[:-1]:
+        pre = h @ w + b
+        pos = pre > 0
+        counts.append(int(np.sum(pos.any(0) & ~pos.all(0))))
+        h = np.maximum(pre, 0)
+    return counts
+
+
+def test_local_complexity_in_a_job_matches_brute_force_sign_counts(tmp_path):
+    w = write_mlp(tmp_path, sizes=(6, 32, 32, 32, 10))
+    spec = mlp_spec(w, count=12, local_complexity={"directions": 3, "radius": 0.3, "seed": 1, "per_layer": True, "last": 2})
+    res = run_job(spec, str(tmp_path / "out"))
+    assert res.ok
+    df = read_sorted(tmp_path / "out")
+    B = np.load(tmp_path / "out" / "_artifacts" / "projections.npz")["B"]
+    assert B.shape == (3, 6)
+    layers = load_mlp_weights(w)
+    z = build_latents(spec["latents"]).latents(np.arange(12))
+    totals = []
+    for i in range(12):
+        ref = brute_force_delta(layers, z[i], B, 0.3)[-2:]  # last: 2 -> the two last ReLU layers
+        assert list(df.local_complexity_per_layer[i]) == ref
+        assert df.local_complexity[i] == sum(ref)
+        totals.append(sum(ref))
+    assert sum(totals) > 0  # the radius is large enough that the check means something
+    assert df.local_scaling.isna().all()  # psi was not asked for
