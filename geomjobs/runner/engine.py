@@ -32,7 +32,16 @@ class Engine:
         lc = desc.get("local_complexity", {})
         d, n = gen.latent_dim, gen.output_dim
         mode = ls.get("mode")
-        rows = n if mode == "exact" else ls.get("k", 0)
+        # rows of M for the rank tolerance (lanczos: floored, see estimators.krylov_dim)
+        rows = ls.get("k", 0) if mode == "projection" else n
+        if mode in ("slq", "lanczos"):  # fixed per job from the seed, like W (estimators.py)
+            from geomjobs.geometry import estimators as est
+
+            c = est.gram_side(n, d)
+            krylov = (est.rademacher_probes(ls["num_probes"], c, ls["seed"]) if mode == "slq"
+                      else est.start_vector(c, ls["seed"]))
+            krylov = jnp.asarray(krylov, self.dtype)
+            rows = est.krylov_dim(n, d) if mode == "lanczos" else rows
         sites = plan.sites
         radius = lc.get("radius", 0.0)
         chunk = ls.get("chunk")
@@ -42,13 +51,20 @@ class Engine:
             g = lambda zf: apply(params, zf.reshape(shape)).reshape(-1)  # noqa: E731
             out = {}
             if self.want_sv:
-                if mode == "exact":
-                    s = exact_singular_values(g, z_flat)
+                if mode == "slq":  # full-spectrum estimate; no individual singular values
+                    r = est.slq_log_volume(g, z_flat, krylov, steps=ls["steps"], chunk=chunk)
+                    out["local_scaling"] = r.local_scaling
+                    out["local_rank"] = r.local_rank
                 else:
-                    s = projected_singular_values(g, z_flat, w, chunk=chunk)
-                out["singular_values"] = s
-                out["local_scaling"] = local_scaling(s, rows, d)
-                out["local_rank"] = local_rank(s, rows, d)
+                    if mode == "exact":
+                        s = exact_singular_values(g, z_flat)
+                    elif mode == "lanczos":
+                        s = est.lanczos_singular_values(g, z_flat, krylov, k=ls["k"], steps=ls["steps"])
+                    else:
+                        s = projected_singular_values(g, z_flat, w, chunk=chunk)
+                    out["singular_values"] = s
+                    out["local_scaling"] = local_scaling(s, rows, d)
+                    out["local_rank"] = local_rank(s, rows, d)
             if self.want_delta:
                 from geomjobs.geometry.complexity import local_complexity
 
@@ -61,13 +77,34 @@ class Engine:
         self._params = gen.params
         self._w = jnp.asarray(plan.W, self.dtype) if plan.W is not None else jnp.zeros((1, n), self.dtype)
         self._b = jnp.asarray(plan.B, self.dtype) if plan.B is not None else jnp.zeros((1, d), self.dtype)
+        self._split_across_devices()
+
+    def _split_across_devices(self) -> None:
+        """A process that sees several local devices (a TPU host, a multi-GPU worker) splits
+        each batch across all of them: the batch axis is sharded over a 1-D mesh, parameters
+        and W, B are replicated, and the batch is padded up to a multiple of the device count.
+        One device: nothing changes."""
+        devices = jax.local_devices()
+        self.num_devices = len(devices)
+        self._z_sharding = None
+        if self.num_devices < 2:
+            return
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        mesh = Mesh(np.array(devices), ("batch",))
+        self.batch_size = ceil_div(self.batch_size, self.num_devices) * self.num_devices
+        self._z_sharding = NamedSharding(mesh, PartitionSpec("batch"))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self._params, self._w, self._b = jax.device_put((self._params, self._w, self._b), replicated)
 
     def compiled_count(self) -> int:
         """How many programs the step has compiled (1 after any number of batches)."""
         return self._step._cache_size()
 
     def _run(self, zb: np.ndarray) -> dict[str, np.ndarray]:
-        out = self._step(self._params, self._w, self._b, jnp.asarray(zb, self.dtype))
+        z = jnp.asarray(zb, self.dtype) if self._z_sharding is None else jax.device_put(
+            np.asarray(zb, self.dtype), self._z_sharding)
+        out = self._step(self._params, self._w, self._b, z)
         return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
 
     def compute(self, z: np.ndarray) -> tuple[dict[str, np.ndarray], list[str | None]]:

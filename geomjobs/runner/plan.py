@@ -19,6 +19,9 @@ from geomjobs.spec import SpecError, resolve_paths, spec_hash, validate_spec
 EXACT_MAX_ENTRIES = 1 << 22   # default to exact mode while the dense Jacobian has <= 4M entries
 DEFAULT_K = 120               # the paper's k for Stable Diffusion
 DEFAULT_DIRECTIONS = 4        # the paper's P
+# local_scaling keys that only some modes read (exact reads none of them)
+MODE_KEYS = {"k": ("projection", "lanczos"), "chunk": ("projection", "slq"),
+             "steps": ("slq", "lanczos"), "num_probes": ("slq",)}
 
 
 @dataclasses.dataclass
@@ -88,10 +91,11 @@ def plan_job(raw_spec: dict) -> Plan:
                 raise SpecError("descriptors.local_scaling.k", f"expected k <= n = {n} (rows of W are orthonormal in R^n), got {ls['k']}")
             ls.setdefault("chunk", min(ls["k"], 32))
             W = orthonormal_rows(ls["k"], n, ls["seed"], stream="W")
-        else:
-            for key in ("k", "chunk"):
-                if key in ls:
-                    raise SpecError(f"descriptors.local_scaling.{key}", "only applies to mode: projection")
+        elif ls["mode"] in ("slq", "lanczos"):
+            _estimator_defaults(ls, n, d)
+        for key, modes in MODE_KEYS.items():
+            if key in ls and ls["mode"] not in modes:
+                raise SpecError(f"descriptors.local_scaling.{key}", f"only applies to mode: {' or '.join(modes)}")
     if "local_complexity" in desc:
         lc = desc["local_complexity"]
         lc.setdefault("directions", min(DEFAULT_DIRECTIONS, d))
@@ -102,6 +106,34 @@ def plan_job(raw_spec: dict) -> Plan:
         sites, labels = _select_sites(gen, lc)
     spec.setdefault("job_id", "job-" + spec_hash(spec)[:12])
     return Plan(spec, gen, lat, W, B, sites, labels)
+
+
+def _estimator_defaults(ls: dict, n: int, d: int) -> None:
+    """Defaults and bounds of the matrix-free modes (geomjobs.geometry.estimators).
+
+    Both run Golub-Kahan-Lanczos on the Jacobian with Krylov vectors in R^c, c = min(n, d), so
+    the Krylov depth ``steps`` is at most c; lanczos keeps the top ``k`` <= steps Ritz values.
+    """
+    from geomjobs.geometry.estimators import DEFAULT_PROBES, DEFAULT_SLQ_STEPS
+
+    c = min(n, d)
+    if ls["mode"] == "lanczos":
+        ls.setdefault("k", min(DEFAULT_K, c))
+        if ls["k"] > c:
+            raise SpecError("descriptors.local_scaling.k", f"expected k <= min(n, d) = {c} (A has {c} singular values), got {ls['k']}")
+        ls.setdefault("steps", min(c, 2 * ls["k"] + 10))
+        if ls["steps"] < ls["k"]:
+            raise SpecError("descriptors.local_scaling.steps", f"expected steps >= k = {ls['k']} (k Ritz values need k Krylov steps), got {ls['steps']}")
+    else:
+        if ls.get("save_singular_values"):
+            raise SpecError("descriptors.local_scaling.save_singular_values",
+                            "mode slq estimates sum log s_i without individual singular values; use mode lanczos or exact to save them")
+        ls.setdefault("num_probes", DEFAULT_PROBES)
+        ls.setdefault("steps", min(c, DEFAULT_SLQ_STEPS))
+        # probes run side by side in chunks whose Krylov bases (chunk x steps x (n + d)) stay <= 16M values
+        ls.setdefault("chunk", max(1, min(ls["num_probes"], (1 << 24) // (ls["steps"] * (n + d)))))
+    if ls["steps"] > c:
+        raise SpecError("descriptors.local_scaling.steps", f"expected steps <= min(n, d) = {c} (the Krylov space of A^T A has at most {c} dimensions), got {ls['steps']}")
 
 
 def _select_sites(gen: Generator, lc: dict):
