@@ -15,8 +15,20 @@ def _ddpm_gmm2d(model: dict, dtype) -> Generator:
         raise SpecError("model", str(e)) from None
 
 
+def _vae_digits(model: dict, dtype) -> Generator:
+    from geomjobs.generators.vae import vae_decoder_generator
+    for key in ("timestep", "prediction"):
+        if key in model:
+            raise SpecError(f"model.{key}", "does not apply to zoo model 'vae-digits' (a VAE decoder has no timestep)")
+    try:
+        return vae_decoder_generator("vae-digits", dtype)
+    except ValueError as e:
+        raise SpecError("model", str(e)) from None
+
+
 ZOO = {
     "ddpm-gmm2d": _ddpm_gmm2d,   # DDPM on a 2-D mixture of 8 Gaussians; input x_t, output eps or x_0
+    "vae-digits": _vae_digits,   # beta-VAE decoder on sklearn's 8x8 digits; input z (8,), output image (8, 8)
 }
 
 

@@ -172,4 +172,7 @@ def build_latents(lat: dict) -> LatentSource:
             raise SpecError("latents.shape", f"shape {list(shape)} holds {math.prod(shape)} values but rows of "
                                              f"'{lat['column']}' have {len(first)}")
         return ParquetLatents(count, shape, lat["uri"], lat["column"])
+    if kind == "images":
+        from geomjobs.latents.images import build_image_latents
+        return build_image_latents(lat)
     raise SpecError("latents.kind", f"unknown latent kind '{kind}'")

@@ -1,0 +1,293 @@
+"""A small beta-VAE on scikit-learn's handwritten digits; its decoder is the zoo generator ``vae-digits``.
+
+Data: ``sklearn.datasets.load_digits`` (1797 grey-scale 8x8 images, integer values 0..16, shipped
+inside scikit-learn, nothing downloaded), scaled to [0, 1] by dividing by 16. A fixed held-out
+split (:func:`digits_split`: a permutation from numpy's ``default_rng(split_seed)``, the first
+``n_test`` indices held out) is used only to report reconstruction error.
+
+Model (:class:`BetaVAE`, an MLP, all hidden activations ReLU):
+
+    encoder  x (8x8, flattened to 64) -> Dense 256 -> ReLU -> Dense 128 -> ReLU -> (mu, log sigma^2) in R^8 x R^8
+    decoder  z in R^8 -> Dense 128 -> ReLU -> Dense 256 -> ReLU -> Dense 64 (linear) -> 8x8 image
+
+Objective (per image, averaged over the batch), a Gaussian likelihood with fixed pixel std
+``obs_std`` and the beta-weighted KL to N(0, I) (Higgins et al. 2017):
+
+    loss = ||x - dec(z)||^2 / (2 obs_std^2) + beta * KL(N(mu, diag sigma^2) || N(0, I)),
+    z = mu + sigma * eps,  KL = 1/2 sum_j (mu_j^2 + sigma_j^2 - 1 - log sigma_j^2)
+
+(the Gaussian normalising constant is dropped). Shipped: beta = 4, obs_std = 0.1.
+
+Why ReLU in the decoder: the decoder is then a continuous piecewise-affine map R^8 -> R^64, the
+setting of the local-geometry paper: the Jacobian A(z) is constant on each linear region, psi and
+nu are region-wise constants, and delta counts genuine knots (sign changes of ReLU inputs) rather
+than zero level sets of a smooth surrogate. The output layer is linear (the Gaussian mean), so no
+output nonlinearity adds to delta. (SiLU decoders reconstruct about as well on this data.)
+
+Weights ship in ``geomjobs/zoo/`` as ``vae_digits.npz`` (the flattened Flax params of encoder and
+decoder, '/'-joined keys, float32) plus ``vae_digits.json`` (architecture, objective, data, split,
+training, held-out evaluation, command); ``python -m geomjobs.zoo.train_vae_digits`` reproduces them.
+
+Public API:
+    load_vae(name_or_path)            -> (module, params, meta)
+    save_vae(stem, module, params, meta)
+    vae_decoder_generator(name, dtype) -> Generator   latent (8,) -> image (8, 8), model_id "vae-digits"
+    vae_encoder(name)                  -> geomjobs.latents.images.ImageEncoder   image (8, 8) -> mean latent (8,)
+    digits_images(), digits_split(data), reconstruct(module, params, x), loss_terms(...)
+"""
+from __future__ import annotations
+
+import json
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from geomjobs.generators.base import Generator, output_shape_of
+
+# zoo name -> file stem in geomjobs/zoo/
+ZOO_FILES = {"vae-digits": "vae_digits"}
+
+ARCH_KEYS = ("image_shape", "latent_dim", "enc_hidden", "dec_hidden")
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+
+def digits_images() -> np.ndarray:
+    """The 1797 scikit-learn digits as float32 images (1797, 8, 8) in [0, 1] (raw value / 16)."""
+    from sklearn.datasets import load_digits
+
+    return (np.asarray(load_digits().images, np.float64) / 16.0).astype(np.float32)
+
+
+def digits_split(data: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, held-out indices) into :func:`digits_images`, both sorted.
+
+    A permutation of 0..n_images-1 from ``numpy.random.default_rng(split_seed)``; its first
+    ``n_test`` entries are held out. ``data`` is the ``data`` section of the model's metadata
+    (keys ``n_images``, ``split_seed``, ``n_test``); default: the shipped split (seed 0, 360 of 1797).
+    """
+    data = data or {"n_images": 1797, "split_seed": 0, "n_test": 360}
+    perm = np.random.default_rng(int(data["split_seed"])).permutation(int(data["n_images"]))
+    n_test = int(data["n_test"])
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+# --------------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------------
+
+class BetaVAE(nn.Module):
+    """MLP VAE with ReLU hidden layers. ``encode`` and ``decode`` work on any leading batch axes:
+    ``encode(x)`` takes (..., *image_shape) and returns (mu, logvar), each (..., latent_dim);
+    ``decode(z)`` takes (..., latent_dim) and returns (..., *image_shape)."""
+    image_shape: tuple = (8, 8)
+    latent_dim: int = 8
+    enc_hidden: tuple = (256, 128)
+    dec_hidden: tuple = (128, 256)
+
+    def setup(self):
+        self.enc = [nn.Dense(h, param_dtype=jnp.float32) for h in self.enc_hidden]
+        self.enc_mu = nn.Dense(self.latent_dim, param_dtype=jnp.float32)
+        self.enc_logvar = nn.Dense(self.latent_dim, param_dtype=jnp.float32)
+        self.dec = [nn.Dense(h, param_dtype=jnp.float32) for h in self.dec_hidden]
+        self.dec_out = nn.Dense(math.prod(self.image_shape), param_dtype=jnp.float32)
+
+    def encode(self, x):
+        nd = len(self.image_shape)
+        h = jnp.reshape(x, x.shape[: x.ndim - nd] + (-1,))
+        for layer in self.enc:
+            h = nn.relu(layer(h))
+        return self.enc_mu(h), self.enc_logvar(h)
+
+    def decode(self, z):
+        h = z
+        for layer in self.dec:
+            h = nn.relu(layer(h))
+        out = self.dec_out(h)
+        return jnp.reshape(out, out.shape[:-1] + tuple(self.image_shape))
+
+    def __call__(self, x, eps):
+        """(reconstruction from z = mu + sigma * eps, mu, logvar)."""
+        mu, logvar = self.encode(x)
+        z = mu + jnp.exp(0.5 * logvar) * eps
+        return self.decode(z), mu, logvar
+
+
+def module_from_config(arch: dict) -> BetaVAE:
+    return BetaVAE(image_shape=tuple(int(s) for s in arch["image_shape"]), latent_dim=int(arch["latent_dim"]),
+                   enc_hidden=tuple(int(h) for h in arch["enc_hidden"]),
+                   dec_hidden=tuple(int(h) for h in arch["dec_hidden"]))
+
+
+def module_config(module: BetaVAE) -> dict:
+    return {"name": "BetaVAE", "kind": "mlp", "activation": "relu", "decoder_output": "linear (Gaussian mean)",
+            "image_shape": list(module.image_shape), "latent_dim": module.latent_dim,
+            "enc_hidden": list(module.enc_hidden), "dec_hidden": list(module.dec_hidden)}
+
+
+def init_params(module: BetaVAE, key) -> Any:
+    return module.init(key, jnp.zeros(module.image_shape, jnp.float32), jnp.zeros((module.latent_dim,), jnp.float32))
+
+
+def loss_terms(module: BetaVAE, params, x, eps, obs_std: float):
+    """Per-image (reconstruction term ||x - dec(z)||^2 / (2 obs_std^2), KL) for a batch x (m, *image_shape)."""
+    xh, mu, logvar = module.apply(params, x, eps)
+    axes = tuple(range(1, x.ndim))
+    rec = jnp.sum((x - xh) ** 2, axis=axes) / (2.0 * obs_std ** 2)
+    kl = 0.5 * jnp.sum(mu ** 2 + jnp.exp(logvar) - 1.0 - logvar, axis=-1)
+    return rec, kl
+
+
+def reconstruct(module: BetaVAE, params, x) -> np.ndarray:
+    """decode(encoder mean of x) for images x (..., *image_shape), as numpy."""
+    mu, _ = module.apply(params, jnp.asarray(x, jnp.float32), method=BetaVAE.encode)
+    return np.asarray(module.apply(params, mu, method=BetaVAE.decode))
+
+
+def _subtree(params, prefix: str) -> dict:
+    return {"params": {k: v for k, v in params["params"].items() if k.startswith(prefix)}}
+
+
+def decoder_params(params) -> dict:
+    return _subtree(params, "dec")
+
+
+def encoder_params(params) -> dict:
+    return _subtree(params, "enc")
+
+
+# --------------------------------------------------------------------------------------------
+# loading and saving
+# --------------------------------------------------------------------------------------------
+
+def zoo_path(stem: str) -> Path:
+    return Path(str(resources.files("geomjobs.zoo").joinpath(stem)))
+
+
+def _resolve(path_or_name) -> tuple[Path, Path]:
+    """(npz, json) for a zoo name, a stem path, or a path to either file."""
+    s = str(path_or_name)
+    if s in ZOO_FILES:
+        stem = zoo_path(ZOO_FILES[s])
+    else:
+        p = Path(s)
+        if p.suffix in (".npz", ".json"):
+            stem = p.with_suffix("")
+        elif p.exists() or p.with_suffix(".npz").exists() or p.with_suffix(".json").exists() or "/" in s or "\\" in s:
+            stem = p
+        else:
+            raise ValueError(f"unknown VAE zoo model {s!r}; known models: {sorted(ZOO_FILES)} "
+                             f"(or pass a path to a .npz/.json pair written by geomjobs.zoo.train_vae_digits)")
+    return stem.with_suffix(".npz"), stem.with_suffix(".json")
+
+
+def _read_meta(json_path: Path) -> dict:
+    if not json_path.is_file():
+        raise ValueError(f"VAE metadata file '{json_path}' does not exist "
+                         f"(expected a .json written by geomjobs.zoo.train_vae_digits next to the .npz)")
+    try:
+        meta = json.loads(json_path.read_text())
+    except Exception as e:
+        raise ValueError(f"VAE metadata file '{json_path}' is not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"VAE metadata file '{json_path}' must hold a JSON object, got {type(meta).__name__}")
+    for section, keys in (("architecture", ARCH_KEYS), ("objective", ("beta", "obs_std"))):
+        if not isinstance(meta.get(section), dict):
+            raise ValueError(f"VAE metadata file '{json_path}' has no '{section}' object")
+        missing = [k for k in keys if k not in meta[section]]
+        if missing:
+            raise ValueError(f"VAE metadata file '{json_path}': '{section}' lacks {missing}")
+    return meta
+
+
+def _read_params(npz_path: Path, module: BetaVAE) -> Any:
+    if not npz_path.is_file():
+        raise ValueError(f"VAE weight file '{npz_path}' does not exist "
+                         f"(expected a .npz of the flattened Flax params, written by geomjobs.zoo.train_vae_digits)")
+    try:
+        with np.load(npz_path, allow_pickle=False) as f:
+            flat = {k: f[k] for k in f.files}
+    except Exception as e:  # zip errors, truncated files, pickles
+        raise ValueError(f"VAE weight file '{npz_path}' is not a readable .npz ({type(e).__name__}: {e})") from None
+    want = traverse_util.flatten_dict(jax.eval_shape(lambda: init_params(module, jax.random.PRNGKey(0))), sep="/")
+    if set(flat) != set(want):
+        raise ValueError(f"VAE weight file '{npz_path}' does not match the architecture in its .json: "
+                         f"missing {sorted(set(want) - set(flat))}, unexpected {sorted(set(flat) - set(want))}")
+    for k, spec in want.items():
+        a = flat[k]
+        if a.shape != spec.shape:
+            raise ValueError(f"VAE weight file '{npz_path}': '{k}' has shape {a.shape}, expected {spec.shape}")
+        if not np.issubdtype(a.dtype, np.floating) or not np.all(np.isfinite(a)):
+            raise ValueError(f"VAE weight file '{npz_path}': '{k}' must be finite floats (dtype {a.dtype})")
+    return traverse_util.unflatten_dict({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}, sep="/")
+
+
+def load_vae(path_or_name="vae-digits") -> tuple[BetaVAE, Any, dict]:
+    """(module, params, meta) for a zoo name (``"vae-digits"``) or a path to a .npz/.json pair (or their stem)."""
+    npz_path, json_path = _resolve(path_or_name)
+    meta = _read_meta(json_path)
+    try:
+        module = module_from_config(meta["architecture"])
+    except Exception as e:
+        raise ValueError(f"VAE metadata file '{json_path}': bad architecture {meta['architecture']} ({e})") from None
+    return module, _read_params(npz_path, module), meta
+
+
+def save_vae(stem, module: BetaVAE, params, meta: dict) -> tuple[Path, Path]:
+    """Write ``<stem>.npz`` (flattened float32 params, '/'-joined keys) and ``<stem>.json``."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+    npz_path, json_path = stem.with_suffix(".npz"), stem.with_suffix(".json")
+    with open(npz_path, "wb") as f:
+        np.savez(f, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
+    meta = {**meta, "architecture": module_config(module)}
+    json_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return npz_path, json_path
+
+
+def _model_id(name) -> str:
+    return str(name) if str(name) in ZOO_FILES else f"vae:{Path(str(name)).with_suffix('').name}"
+
+
+# --------------------------------------------------------------------------------------------
+# the decoder as a generator, the encoder for latents from images
+# --------------------------------------------------------------------------------------------
+
+def vae_decoder_generator(name="vae-digits", dtype=jnp.float32) -> Generator:
+    """The decoder z (latent_dim,) -> image ``image_shape`` (the Gaussian mean, unclipped).
+
+    Only the decoder's parameters are carried (cast to ``dtype``); the function traced for delta
+    holds exactly the decoder's ReLUs."""
+    module, params, _ = load_vae(name)
+    dtype = jnp.dtype(dtype)
+    dparams = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), decoder_params(params))
+
+    def apply(p, z):
+        return module.apply(p, z, method=BetaVAE.decode)
+
+    latent_shape = (module.latent_dim,)
+    return Generator(model_id=_model_id(name), apply=apply, params=dparams, latent_shape=latent_shape,
+                     output_shape=output_shape_of(apply, dparams, latent_shape, dtype), timestep=None, dtype=dtype)
+
+
+def vae_encoder(name="vae-digits"):
+    """The encoder mean, one image ``image_shape`` -> mu (latent_dim,), as an ImageEncoder (float32)."""
+    from geomjobs.latents.images import ImageEncoder
+
+    module, params, _ = load_vae(name)
+
+    def apply(p, x):
+        return module.apply(p, x, method=BetaVAE.encode)[0]
+
+    return ImageEncoder(model_id=_model_id(name), apply=apply, params=encoder_params(params),
+                        image_shape=tuple(module.image_shape), latent_shape=(module.latent_dim,))
