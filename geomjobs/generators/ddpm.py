@@ -21,10 +21,8 @@ param pytree, '/'-joined keys) plus ``<stem>.json`` (architecture, schedule, dat
 """
 from __future__ import annotations
 
-import json
 import math
 import numbers
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +30,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from geomjobs.generators.base import Generator, output_shape_of
+from geomjobs.generators.checkpoint import (read_meta, read_params, resolve_pair, save_pair,
+                                           zoo_path)  # noqa: F401 - zoo_path is re-exported
 
 # zoo name -> file stem in geomjobs/zoo/
 ZOO_FILES = {"ddpm-gmm2d": "ddpm_gmm2d"}
@@ -116,67 +115,19 @@ def alpha_bar(t, schedule: dict):
 # loading
 # --------------------------------------------------------------------------------------------
 
-def zoo_path(stem: str) -> Path:
-    return Path(str(resources.files("geomjobs.zoo").joinpath(stem)))
+_WHAT, _SCRIPT = "DDPM", "geomjobs.zoo.train_ddpm_gmm2d"
 
 
 def _resolve(path_or_name) -> tuple[Path, Path]:
-    """(npz, json) for a zoo name, a stem path, or a path to either file."""
-    s = str(path_or_name)
-    if s in ZOO_FILES:
-        stem = zoo_path(ZOO_FILES[s])
-    else:
-        p = Path(s)
-        if p.suffix in (".npz", ".json"):
-            stem = p.with_suffix("")
-        elif p.exists() or p.with_suffix(".npz").exists() or p.with_suffix(".json").exists() or "/" in s or "\\" in s:
-            stem = p
-        else:
-            raise ValueError(f"unknown DDPM zoo model {s!r}; known models: {sorted(ZOO_FILES)} "
-                             f"(or pass a path to a .npz/.json pair written by geomjobs.zoo.train_ddpm_gmm2d)")
-    return stem.with_suffix(".npz"), stem.with_suffix(".json")
+    return resolve_pair(path_or_name, ZOO_FILES, what=_WHAT, script=_SCRIPT)
 
 
 def _read_meta(json_path: Path) -> dict:
-    if not json_path.is_file():
-        raise ValueError(f"DDPM metadata file '{json_path}' does not exist "
-                         f"(expected a .json written by geomjobs.zoo.train_ddpm_gmm2d next to the .npz)")
-    try:
-        meta = json.loads(json_path.read_text())
-    except Exception as e:
-        raise ValueError(f"DDPM metadata file '{json_path}' is not valid JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"DDPM metadata file '{json_path}' must hold a JSON object, got {type(meta).__name__}")
-    for section, keys in (("architecture", ARCH_KEYS), ("schedule", ("T", "beta_start", "beta_end"))):
-        if not isinstance(meta.get(section), dict):
-            raise ValueError(f"DDPM metadata file '{json_path}' has no '{section}' object")
-        missing = [k for k in keys if k not in meta[section]]
-        if missing:
-            raise ValueError(f"DDPM metadata file '{json_path}': '{section}' lacks {missing}")
-    return meta
+    return read_meta(json_path, {"architecture": ARCH_KEYS, "schedule": ("T", "beta_start", "beta_end")}, what=_WHAT, script=_SCRIPT)
 
 
-def _read_params(npz_path: Path, module: EpsMLP) -> Any:
-    if not npz_path.is_file():
-        raise ValueError(f"DDPM weight file '{npz_path}' does not exist "
-                         f"(expected a .npz of the flattened Flax params, written by geomjobs.zoo.train_ddpm_gmm2d)")
-    try:
-        with np.load(npz_path, allow_pickle=False) as f:
-            flat = {k: f[k] for k in f.files}
-    except Exception as e:  # zip errors, truncated files, pickles
-        raise ValueError(f"DDPM weight file '{npz_path}' is not a readable .npz ({type(e).__name__}: {e})") from None
-    expected = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((module.data_dim,)), jnp.zeros((), jnp.int32)))
-    want = traverse_util.flatten_dict(expected, sep="/")
-    if set(flat) != set(want):
-        raise ValueError(f"DDPM weight file '{npz_path}' does not match the architecture in its .json: "
-                         f"missing {sorted(set(want) - set(flat))}, unexpected {sorted(set(flat) - set(want))}")
-    for k, spec in want.items():
-        a = flat[k]
-        if a.shape != spec.shape:
-            raise ValueError(f"DDPM weight file '{npz_path}': '{k}' has shape {a.shape}, expected {spec.shape}")
-        if not np.issubdtype(a.dtype, np.floating) or not np.all(np.isfinite(a)):
-            raise ValueError(f"DDPM weight file '{npz_path}': '{k}' must be finite floats (dtype {a.dtype})")
-    return traverse_util.unflatten_dict({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}, sep="/")
+def _read_params(npz_path: Path, module) -> Any:
+    return read_params(npz_path, jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((module.data_dim,)), jnp.zeros((), jnp.int32))), what=_WHAT, script=_SCRIPT)
 
 
 def load_ddpm(path_or_name="ddpm-gmm2d") -> tuple[EpsMLP, Any, dict]:
@@ -192,15 +143,7 @@ def load_ddpm(path_or_name="ddpm-gmm2d") -> tuple[EpsMLP, Any, dict]:
 
 def save_ddpm(stem, module: EpsMLP, params, meta: dict) -> tuple[Path, Path]:
     """Write ``<stem>.npz`` (flattened float32 params, '/'-joined keys) and ``<stem>.json``."""
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
-    npz_path, json_path = stem.with_suffix(".npz"), stem.with_suffix(".json")
-    with open(npz_path, "wb") as f:
-        np.savez(f, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
-    meta = {**meta, "architecture": module_config(module)}
-    json_path.write_text(json.dumps(meta, indent=2) + "\n")
-    return npz_path, json_path
+    return save_pair(stem, params, {**meta, "architecture": module_config(module)})
 
 
 # --------------------------------------------------------------------------------------------

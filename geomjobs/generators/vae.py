@@ -37,9 +37,7 @@ Public API:
 """
 from __future__ import annotations
 
-import json
 import math
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +45,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from geomjobs.generators.base import Generator, output_shape_of
+from geomjobs.generators.checkpoint import (read_meta, read_params, resolve_pair, save_pair,
+                                           zoo_path)  # noqa: F401 - zoo_path is re-exported
 
 # zoo name -> file stem in geomjobs/zoo/
 ZOO_FILES = {"vae-digits": "vae_digits"}
@@ -169,66 +168,19 @@ def encoder_params(params) -> dict:
 # loading and saving
 # --------------------------------------------------------------------------------------------
 
-def zoo_path(stem: str) -> Path:
-    return Path(str(resources.files("geomjobs.zoo").joinpath(stem)))
+_WHAT, _SCRIPT = "VAE", "geomjobs.zoo.train_vae_digits"
 
 
 def _resolve(path_or_name) -> tuple[Path, Path]:
-    """(npz, json) for a zoo name, a stem path, or a path to either file."""
-    s = str(path_or_name)
-    if s in ZOO_FILES:
-        stem = zoo_path(ZOO_FILES[s])
-    else:
-        p = Path(s)
-        if p.suffix in (".npz", ".json"):
-            stem = p.with_suffix("")
-        elif p.exists() or p.with_suffix(".npz").exists() or p.with_suffix(".json").exists() or "/" in s or "\\" in s:
-            stem = p
-        else:
-            raise ValueError(f"unknown VAE zoo model {s!r}; known models: {sorted(ZOO_FILES)} "
-                             f"(or pass a path to a .npz/.json pair written by geomjobs.zoo.train_vae_digits)")
-    return stem.with_suffix(".npz"), stem.with_suffix(".json")
+    return resolve_pair(path_or_name, ZOO_FILES, what=_WHAT, script=_SCRIPT)
 
 
 def _read_meta(json_path: Path) -> dict:
-    if not json_path.is_file():
-        raise ValueError(f"VAE metadata file '{json_path}' does not exist "
-                         f"(expected a .json written by geomjobs.zoo.train_vae_digits next to the .npz)")
-    try:
-        meta = json.loads(json_path.read_text())
-    except Exception as e:
-        raise ValueError(f"VAE metadata file '{json_path}' is not valid JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"VAE metadata file '{json_path}' must hold a JSON object, got {type(meta).__name__}")
-    for section, keys in (("architecture", ARCH_KEYS), ("objective", ("beta", "obs_std"))):
-        if not isinstance(meta.get(section), dict):
-            raise ValueError(f"VAE metadata file '{json_path}' has no '{section}' object")
-        missing = [k for k in keys if k not in meta[section]]
-        if missing:
-            raise ValueError(f"VAE metadata file '{json_path}': '{section}' lacks {missing}")
-    return meta
+    return read_meta(json_path, {"architecture": ARCH_KEYS, "objective": ("beta", "obs_std")}, what=_WHAT, script=_SCRIPT)
 
 
-def _read_params(npz_path: Path, module: BetaVAE) -> Any:
-    if not npz_path.is_file():
-        raise ValueError(f"VAE weight file '{npz_path}' does not exist "
-                         f"(expected a .npz of the flattened Flax params, written by geomjobs.zoo.train_vae_digits)")
-    try:
-        with np.load(npz_path, allow_pickle=False) as f:
-            flat = {k: f[k] for k in f.files}
-    except Exception as e:  # zip errors, truncated files, pickles
-        raise ValueError(f"VAE weight file '{npz_path}' is not a readable .npz ({type(e).__name__}: {e})") from None
-    want = traverse_util.flatten_dict(jax.eval_shape(lambda: init_params(module, jax.random.PRNGKey(0))), sep="/")
-    if set(flat) != set(want):
-        raise ValueError(f"VAE weight file '{npz_path}' does not match the architecture in its .json: "
-                         f"missing {sorted(set(want) - set(flat))}, unexpected {sorted(set(flat) - set(want))}")
-    for k, spec in want.items():
-        a = flat[k]
-        if a.shape != spec.shape:
-            raise ValueError(f"VAE weight file '{npz_path}': '{k}' has shape {a.shape}, expected {spec.shape}")
-        if not np.issubdtype(a.dtype, np.floating) or not np.all(np.isfinite(a)):
-            raise ValueError(f"VAE weight file '{npz_path}': '{k}' must be finite floats (dtype {a.dtype})")
-    return traverse_util.unflatten_dict({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}, sep="/")
+def _read_params(npz_path: Path, module) -> Any:
+    return read_params(npz_path, jax.eval_shape(lambda: init_params(module, jax.random.PRNGKey(0))), what=_WHAT, script=_SCRIPT)
 
 
 def load_vae(path_or_name="vae-digits") -> tuple[BetaVAE, Any, dict]:
@@ -244,15 +196,7 @@ def load_vae(path_or_name="vae-digits") -> tuple[BetaVAE, Any, dict]:
 
 def save_vae(stem, module: BetaVAE, params, meta: dict) -> tuple[Path, Path]:
     """Write ``<stem>.npz`` (flattened float32 params, '/'-joined keys) and ``<stem>.json``."""
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
-    npz_path, json_path = stem.with_suffix(".npz"), stem.with_suffix(".json")
-    with open(npz_path, "wb") as f:
-        np.savez(f, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
-    meta = {**meta, "architecture": module_config(module)}
-    json_path.write_text(json.dumps(meta, indent=2) + "\n")
-    return npz_path, json_path
+    return save_pair(stem, params, {**meta, "architecture": module_config(module)})
 
 
 def _model_id(name) -> str:
