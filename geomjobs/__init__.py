@@ -9,14 +9,16 @@ __version__ = "0.1.0"
 
 def run_job(spec, out=None, *, resume=False, progress=False, address=None):
     """Run a job spec (a mapping, or a path to YAML) and return a JobResult."""
-    from geomjobs.runner.local import run_local
+    from geomjobs.runner import ray_driver
     from geomjobs.spec import load_spec
 
     if not isinstance(spec, dict):
         spec = load_spec(spec)
     if address is not None:
-        raise NotImplementedError("running on a Ray cluster (--address) is not available in this build yet")
-    return run_local(spec, out, resume=resume, progress=progress)
+        # a Ray cluster: "HOST:PORT", "auto" (inside a submitted job) or "local" (embedded Ray)
+        return ray_driver.run_ray(spec, out, address=address, resume=resume, progress=progress)
+    # local mode: the same Ray driver on an embedded Ray, or in process for small jobs
+    return ray_driver.run_default(spec, out, resume=resume, progress=progress)
 
 
 def open_dataset(uri):

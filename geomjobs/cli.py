@@ -64,6 +64,43 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_submit(args) -> int:
+    from geomjobs import jobs_api
+
+    job_id = jobs_api.submit(args.spec, args.address, out=args.out, resume=args.resume,
+                             submission_id=args.submission_id)
+    print(job_id)
+    return 0
+
+
+def _cmd_status(args) -> int:
+    from geomjobs import jobs_api
+
+    st = jobs_api.wait(args.job_id, args.address, timeout=args.timeout) if args.wait else \
+        jobs_api.status(args.job_id, args.address)
+    if args.json:
+        print(json.dumps(st, indent=2))
+    else:
+        print(f"{st['job_id']}  {st['status']}" + (f"  {st['message']}" if st.get("message") else ""))
+        p = st.get("progress")
+        if p:
+            print(f"  {st['output']}: {p['committed']}/{p['shards']} shards committed, "
+                  f"{p['failed']} failed, {p['rows']}/{p['samples']} rows")
+    if args.wait:
+        return 0 if st["status"] == "SUCCEEDED" else 1
+    return 0
+
+
+def _cmd_logs(args) -> int:
+    from geomjobs import jobs_api
+
+    if args.follow:
+        jobs_api.follow_logs(args.job_id, args.address)
+    else:
+        print(jobs_api.logs(args.job_id, args.address), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="geomjobs", description="Local geometry of generative models, as batch jobs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -71,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("spec", help="job spec (YAML)")
     r.add_argument("--out", help="output dataset URI (overrides the spec's 'output')")
     r.add_argument("--resume", action="store_true", help="finish a job in --out, skipping committed shards")
-    r.add_argument("--address", help="Ray cluster address (default: local mode)")
+    r.add_argument("--address", help="Ray cluster address HOST:PORT, or 'auto' inside a Ray job (default: local mode)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.set_defaults(fn=_cmd_run)
     i = sub.add_parser("inspect", help="print a dataset's rows, shards, failures, schema version and spec")
@@ -79,10 +116,31 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--errors", type=int, default=10, metavar="N", help="list up to N samples with status 'error'")
     i.set_defaults(fn=_cmd_inspect)
+    addr_help = "Ray Jobs API address http://HOST:8265 (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)"
+    s = sub.add_parser("submit", help="submit a job to a Ray cluster through the Ray Jobs API; prints the job id")
+    s.add_argument("spec", help="job spec (YAML)")
+    s.add_argument("--address", help=addr_help)
+    s.add_argument("--out", help="output dataset URI (overrides the spec's 'output'; use gs:// for a remote cluster)")
+    s.add_argument("--resume", action="store_true", help="finish a job in --out, skipping committed shards")
+    s.add_argument("--submission-id", help="Ray submission id (default: generated)")
+    s.set_defaults(fn=_cmd_submit)
+    st = sub.add_parser("status", help="status of a submitted job and its dataset's progress")
+    st.add_argument("job_id")
+    st.add_argument("--address", help=addr_help)
+    st.add_argument("--wait", action="store_true", help="wait until the job ends; exit 0 only if it succeeded")
+    st.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(fn=_cmd_status)
+    lg = sub.add_parser("logs", help="logs of a submitted job")
+    lg.add_argument("job_id")
+    lg.add_argument("--address", help=addr_help)
+    lg.add_argument("-f", "--follow", action="store_true", help="stream the logs until the job ends")
+    lg.set_defaults(fn=_cmd_logs)
     return p
 
 
 def main(argv=None) -> int:
+    from geomjobs.runner.ray_driver import WorkerPoolError
     from geomjobs.sink.dataset import DatasetError
     from geomjobs.spec import SpecError
 
@@ -92,6 +150,9 @@ def main(argv=None) -> int:
     except (SpecError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WorkerPoolError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: committed shards are kept; rerun with --resume to finish", file=sys.stderr)
         return 130

@@ -1,0 +1,202 @@
+"""Helpers for the Ray and GCS tests: a real Ray cluster on 127.0.0.1 (token auth on, as real
+clusters have it), a GCS emulator, and test generators that are slow or kill their worker.
+
+Everything listens on and talks to 127.0.0.1 only. The cluster is started once per test
+process (``shared_cluster()``) and stopped at exit by the ids of the processes it started.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Before ray is imported anywhere in this process: keep every Ray address on loopback.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+TESTS = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 60.0) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def _kill_tree(proc: subprocess.Popen, grace: float = 0.0) -> None:
+    """Stop a process we started, every process below it and its process group (it was started
+    in a session of its own), by pid, never by name. ``grace`` seconds after SIGTERM, SIGKILL."""
+    import psutil
+
+    try:
+        root = psutil.Process(proc.pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for sig in ([signal.SIGTERM] if grace else []) + [signal.SIGKILL]:
+        for p in procs:
+            try:
+                p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        _, procs = psutil.wait_procs(procs, timeout=grace or 5)
+    proc.wait(timeout=10)
+
+
+class RayCluster:
+    """``ray start --head --block`` on 127.0.0.1 with 2 CPUs, the dashboard (Jobs API) and
+    token authentication, in its own temp dir; clients find the token via RAY_AUTH_TOKEN_PATH."""
+
+    def __init__(self, num_cpus: int = 2):
+        self.dir = Path(tempfile.mkdtemp(prefix="gjray-", dir="/tmp"))   # short: unix socket paths
+        self.token_path = self.dir / "auth_token"
+        self.token_path.write_text(secrets.token_hex(32))
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+                           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        env = {**os.environ, **self.client_env, "JAX_PLATFORMS": "cpu",
+               # workers import the test generators below; `python` in a job entrypoint is this venv's
+               "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+               "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        env.pop("RAY_ADDRESS", None)
+        self.env = env
+        cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={self.port}", f"--num-cpus={num_cpus}",
+               "--num-gpus=0", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+               f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+               f"--temp-dir={self.dir / 'ray'}", f"--object-store-memory={200 * 1024 * 1024}"]
+        self.log = open(self.dir / "ray-start.log", "wb")
+        t0 = time.time()
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_port(self.port, 90)
+            wait_port(self.dashboard_port, 90)
+            self._wait_jobs_api(90)
+        except Exception:
+            self.stop()
+            raise
+        self.start_seconds = time.time() - t0
+
+    def _wait_jobs_api(self, timeout: float) -> None:
+        import urllib.request
+
+        t0 = time.time()
+        req = urllib.request.Request(self.dashboard + "/api/jobs/",
+                                     headers={"Authorization": f"Bearer {self.token_path.read_text()}"})
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited: {(self.dir / 'ray-start.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError("the Ray Jobs API did not come up")
+
+    def apply_client_env(self) -> None:
+        """Make this process a client of the cluster (token auth, loopback)."""
+        os.environ.update(self.client_env)
+        try:   # Ray caches its config: refresh it if ray is already imported
+            from ray._raylet import Config
+
+            Config.initialize("")
+        except Exception:  # noqa: BLE001
+            pass
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _kill_tree(self.proc)
+            self.proc = None
+            self.log.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_CLUSTER: RayCluster | None = None
+
+
+def shared_cluster() -> RayCluster:
+    """One cluster per test process, stopped at exit."""
+    global _CLUSTER
+    if _CLUSTER is None:
+        _CLUSTER = RayCluster()
+        atexit.register(_CLUSTER.stop)
+    _CLUSTER.apply_client_env()
+    return _CLUSTER
+
+
+class GcsEmulator:
+    """``gcp-storage-emulator`` on 127.0.0.1 (in memory) with one bucket."""
+
+    def __init__(self, bucket: str = "geomjobs-test"):
+        self.port = free_port()
+        self.bucket = bucket
+        self.host = f"http://127.0.0.1:{self.port}"
+        exe = shutil.which("gcp-storage-emulator", path=str(BIN)) or "gcp-storage-emulator"
+        self.proc = subprocess.Popen([exe, "start", "--host=127.0.0.1", f"--port={self.port}", "--in-memory",
+                                      f"--default-bucket={bucket}"], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_port(self.port, 30)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _kill_tree(self.proc)
+            self.proc = None
+
+
+# ---- test generators (kind: python, entrypoint ray_cluster:slow_mlp) -------------------------
+def _claim(token: str) -> bool:
+    try:
+        os.rename(token, token + ".claimed")   # atomic: exactly one process claims it
+        return True
+    except OSError:
+        return False
+
+
+def slow_mlp(weights: str, delay: float = 0.0, kill_token: str | None = None):
+    """The MLP of ``weights`` whose every batch takes ``delay`` more seconds. If the file
+    ``kill_token`` exists, the first worker process to run a batch after it appeared claims it and
+    kills itself with SIGKILL, mid-shard (a worker process lost, as to the OOM killer)."""
+    import jax
+    import jax.numpy as jnp
+
+    from geomjobs.generators.mlp import load_mlp_weights, mlp_apply
+
+    layers = [(jnp.asarray(w), jnp.asarray(b)) for w, b in load_mlp_weights(weights)]
+
+    def pause():
+        if kill_token and _claim(kill_token):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if delay:
+            time.sleep(delay)
+
+    def apply(params, z):
+        jax.debug.callback(pause)
+        return mlp_apply(params, z)
+
+    return apply, layers
