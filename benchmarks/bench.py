@@ -88,15 +88,57 @@ def bench_projection_vs_dense(batch: int, rounds: int):
             "batched_s": t2["batched"], "separate_s": t2["separate"]}
 
 
+def foundation_section(args) -> str:
+    r = bench_projection_vs_dense(args.batch, args.rounds)
+    return "\n".join([
+        f"### psi + nu: projection (k = {r['k']}) against the dense Jacobian", "",
+        f"MLP generator d = {r['d']} -> 256 -> 256 -> n = {r['n']} (ReLU, float32), batches of {r['batch']} samples.", "",
+        "| path | samples/s | ratio |", "|---|---|---|",
+        f"| projection, one linearization, k = {r['k']} VJPs | {r['projection_sps']:.1f} | "
+        f"{r['projection_sps'] / r['dense_sps']:.2f} x dense |",
+        f"| dense Jacobian (jacfwd, {r['d']} JVPs) + SVD of {r['n']} x {r['d']} | {r['dense_sps']:.1f} | 1.00 |", "",
+        f"### W A by one linearization against {r['k']} separate VJP calls (one sample)", "",
+        "| path | ms/sample | speed-up |", "|---|---|---|",
+        f"| one `jax.vjp`, {r['k']} cotangents vmapped | {r['batched_s'] * 1e3:.2f} | "
+        f"{r['separate_s'] / r['batched_s']:.1f} x |",
+        f"| {r['k']} jitted calls of `jax.vjp(g, z)[1](w_i)` | {r['separate_s'] * 1e3:.2f} | 1.0 |",
+    ])
+
+
+def sections(names):
+    """(title, run(args) -> markdown, parse(argv) -> args) of each benchmark section."""
+    import importlib
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    table = {
+        "foundation": ("Descriptor engine (issue 2)", None),
+        "ray": ("Ray pipeline overhead (issue 3)", "bench_ray"),
+        "estimators": ("psi estimators: error, rank correlation and cost (issue 4)", "estimators"),
+        "sd": ("Stable-Diffusion-shaped VAE decoder (issue 4)", "bench_sd"),
+    }
+    for name in names:
+        title, module = table[name]
+        if module is None:
+            yield name, title, foundation_section, None
+            continue
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            print(f"skipping section {name}: {e}", file=sys.stderr)
+            continue
+        yield name, title, mod.run, mod.parse
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--only", nargs="+", default=["foundation", "ray", "estimators", "sd"],
+                    help="sections to run (default: all)")
     args = ap.parse_args(argv)
     cmd = "make bench  # " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    r = bench_projection_vs_dense(args.batch, args.rounds)
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
@@ -106,19 +148,15 @@ def main(argv=None):
         f"Written by `{cmd}` on {when} at commit {rev}.",
         f"Machine: {machine()}.", "",
         "Each comparison interleaves its variants in rounds and reports medians; the ratio is the figure",
-        "to trust on a shared machine, absolute times only on a quiet accelerator.", "",
-        f"## psi + nu: projection (k = {r['k']}) against the dense Jacobian", "",
-        f"MLP generator d = {r['d']} -> 256 -> 256 -> n = {r['n']} (ReLU, float32), batches of {r['batch']} samples.", "",
-        "| path | samples/s | ratio |", "|---|---|---|",
-        f"| projection, one linearization, k = {r['k']} VJPs | {r['projection_sps']:.1f} | "
-        f"{r['projection_sps'] / r['dense_sps']:.2f} x dense |",
-        f"| dense Jacobian (jacfwd, {r['d']} JVPs) + SVD of {r['n']} x {r['d']} | {r['dense_sps']:.1f} | 1.00 |", "",
-        f"## W A by one linearization against {r['k']} separate VJP calls (one sample)", "",
-        "| path | ms/sample | speed-up |", "|---|---|---|",
-        f"| one `jax.vjp`, {r['k']} cotangents vmapped | {r['batched_s'] * 1e3:.2f} | "
-        f"{r['separate_s'] / r['batched_s']:.1f} x |",
-        f"| {r['k']} jitted calls of `jax.vjp(g, z)[1](w_i)` | {r['separate_s'] * 1e3:.2f} | 1.0 |", "",
+        "to trust on a shared machine, absolute times only on a quiet accelerator.",
+        *(["Every figure here is from the CPU named above (no accelerator)."] if jax.devices()[0].platform == "cpu" else []),
+        "",
     ]
+    for name, title, run, parse in sections(args.only):
+        t = time.perf_counter()
+        body = run(args if parse is None else parse([]))
+        lines += [f"## {title}", "", body, "", f"_(section `{name}`: {time.perf_counter() - t:.0f} s)_", ""]
+        print(f"section {name} done in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     with open(args.out, "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))

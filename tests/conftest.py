@@ -4,6 +4,9 @@ tight tolerances (jobs still run in their spec's dtype, float32 by default). Sub
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Before any test module imports ray: keep every Ray address on loopback (otherwise Ray rewrites
+# 127.0.0.1 to the machine's interface address when a client connects, and the client hangs).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
