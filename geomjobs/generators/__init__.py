@@ -22,7 +22,12 @@ def _python(model, dtype):
     return python_generator(model, dtype)
 
 
-BUILDERS = {"mlp": _mlp, "python": _python, "zoo": _zoo}
+def _diffusers_vae(model, dtype):
+    from geomjobs.generators.diffusers_vae import vae_decoder_generator
+    return vae_decoder_generator(model, dtype)
+
+
+BUILDERS = {"mlp": _mlp, "python": _python, "zoo": _zoo, "diffusers-vae-decoder": _diffusers_vae}
 
 
 def build_generator(model: dict, dtype: str = "float32") -> Generator:
