@@ -23,11 +23,17 @@ def _python(model, dtype):
 
 
 def _diffusers_vae(model, dtype):
-    from geomjobs.generators.diffusers_vae import vae_decoder_generator
+    from geomjobs.generators.diffusers_models import vae_decoder_generator
     return vae_decoder_generator(model, dtype)
 
 
-BUILDERS = {"mlp": _mlp, "python": _python, "zoo": _zoo, "diffusers-vae-decoder": _diffusers_vae}
+def _diffusers_unet(model, dtype):
+    from geomjobs.generators.diffusers_models import unet_generator
+    return unet_generator(model, dtype)
+
+
+BUILDERS = {"mlp": _mlp, "python": _python, "zoo": _zoo, "diffusers-vae-decoder": _diffusers_vae,
+            "diffusers-unet": _diffusers_unet}
 
 
 def build_generator(model: dict, dtype: str = "float32") -> Generator:

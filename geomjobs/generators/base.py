@@ -24,6 +24,7 @@ class Generator:
     output_shape: tuple[int, ...]
     timestep: int | None = None        # diffusion timestep where it applies
     dtype: Any = jnp.float32           # dtype of latents fed to ``apply``
+    prompt_id: int | None = None       # conditioning prompt of a conditioned generator (diffusers-unet)
 
     @property
     def latent_dim(self) -> int:

@@ -38,6 +38,7 @@ def compute_shard(plan: Plan, shard: int, engine: Engine | None = None) -> pa.Ta
         "shard_id": np.full(n, shard, np.int32),
         "model_id": [gen.model_id] * n,
         "timestep": [gen.timestep] * n,
+        "prompt_id": [gen.prompt_id] * n,
         "status": ["ok" if o else "error" for o in ok],
         "error": errors,
     }

@@ -1,0 +1,350 @@
+"""kinds diffusers-vae-decoder and diffusers-unet on tiny random-weight models written with the real
+``save_pretrained`` and loaded through the real ``from_pretrained`` (tests/diffusers_tiny.py).
+Nothing is downloaded.
+
+References: the generators against the diffusers modules called directly; singular values against
+NumPy's SVD of the dense float64 Jacobian (itself checked against central finite differences); delta
+against a brute-force count of SiLU inputs captured by patching flax's ``swish``; whole jobs read
+back with pandas.
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_descriptors import ref_psi_nu
+
+from geomjobs.generators import build_generator
+from geomjobs.geometry import exact_singular_values, local_rank, local_scaling, orthonormal_rows
+from geomjobs.geometry.spectrum import projected_rows, projected_singular_values
+from geomjobs.spec import SpecError, validate_spec
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers_tiny import SD_SCHEDULER, quiet, write_pipeline  # noqa: E402
+
+VAE = "diffusers-vae-decoder"
+UNET = "diffusers-unet"
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    quiet()
+    return write_pipeline(tmp_path_factory.mktemp("pipe"))
+
+
+def vae_spec(pipe, **kw):
+    return {"kind": VAE, "path": str(pipe["root"]), "subfolder": "vae", **kw}
+
+
+def unet_spec(pipe, **kw):
+    return {"kind": UNET, "path": str(pipe["root"]), "subfolder": "unet", "timestep": 400,
+            "prompt_embeddings": str(pipe["root"] / "prompts.npz"), **kw}
+
+
+def abar(t):
+    """alpha-bar from diffusers' own Flax scheduler (float32)."""
+    state = diffusers.FlaxDDPMScheduler.from_config(SD_SCHEDULER).create_state()
+    return float(state.common.alphas_cumprod[t])
+
+
+def dense_reference(gen, z):
+    """float64 Jacobian of the generator by jacfwd, checked against central differences."""
+    g = gen.flat_fn()
+    h, step = 1e-6, max(1, len(z) // 16)                 # 16 columns are enough to catch a wrong path
+    e = jnp.eye(len(z), dtype=z.dtype)[::step] * h
+    a, plus, minus = jax.jit(lambda x: (jax.jacfwd(g)(x), jax.vmap(g)(x + e), jax.vmap(g)(x - e)))(z)
+    a = np.asarray(a)
+    fd = (np.asarray(plus) - np.asarray(minus)).T / (2 * h)
+    np.testing.assert_allclose(a[:, ::step], fd, rtol=1e-6, atol=1e-7 * np.abs(a).max())
+    return a
+
+
+# ------------------------------------------------------------------------------------------------
+# (a) the generators are the diffusers modules
+# ------------------------------------------------------------------------------------------------
+
+def test_vae_decoder_is_diffusers_decode_and_latents_are_channels_first(pipe):
+    vae, params = pipe["vae"]
+    gen = build_generator(vae_spec(pipe))
+    assert (gen.latent_shape, gen.output_shape) == ((4, 4, 4), (3, 8, 8))     # sample_size 8 / 2**(2-1)
+    assert set(gen.params) == {"post_quant_conv", "decoder"}                  # the encoder is not carried
+    z = jax.random.normal(jax.random.PRNGKey(1), (4, 4, 4), jnp.float32)
+    out = jax.jit(gen.apply)(gen.params, z)
+    assert out.dtype == jnp.float32
+    # diffusers' documented NCHW call, on a latent whose width (5) differs from its 4 channels:
+    # decode transposes NCHW -> NHWC only when latents.shape[-1] != latent_channels.
+    gen35 = build_generator(vae_spec(pipe, latent_shape=[4, 3, 5]))
+    z35 = jax.random.normal(jax.random.PRNGKey(2), (4, 3, 5), jnp.float32)
+    direct = vae.apply({"params": params}, (z35 / 0.18215)[None], method=vae.decode).sample[0]
+    np.testing.assert_allclose(jax.jit(gen35.apply)(gen35.params, z35), direct, rtol=1e-5, atol=1e-5)
+    assert gen35.output_shape == (3, 6, 10)
+    # 4 x 4 x 4: the NCHW call would be misread as NHWC; the explicit NHWC call is the reference
+    nhwc = vae.apply({"params": params}, jnp.transpose(z / 0.18215, (1, 2, 0))[None], method=vae.decode).sample[0]
+    np.testing.assert_allclose(out, nhwc, rtol=1e-5, atol=1e-5)
+
+
+def test_unet_eps_x0_and_guidance_are_the_diffusers_unet(pipe):
+    unet, params = pipe["unet"]
+    emb = pipe["prompts"]
+    t = 400
+    z = jax.random.normal(jax.random.PRNGKey(3), (4, 4, 4), jnp.float32)
+    e_cond, e_neg = jax.jit(lambda c: unet.apply({"params": params}, jnp.stack([z, z]), t, c).sample)(emb[1:3])
+
+    eps = build_generator(unet_spec(pipe, prompt_index=1))
+    assert eps.timestep == t and eps.prompt_id == 1 and eps.output_shape == (4, 4, 4)
+    np.testing.assert_allclose(jax.jit(eps.apply)(eps.params, z), e_cond, rtol=1e-5, atol=1e-5)
+
+    a = abar(t)
+    x0 = build_generator(unet_spec(pipe, prompt_index=1, prediction="x0", guidance_scale=7.5, negative_embedding_index=2))
+    guided = e_neg + 7.5 * (e_cond - e_neg)
+    np.testing.assert_allclose(jax.jit(x0.apply)(x0.params, z), (z - np.sqrt(1 - a) * guided) / np.sqrt(a),
+                               rtol=1e-4, atol=1e-4)
+
+    # a v-prediction model (scheduler config given inline): x0 = sqrt(abar) z - sqrt(1 - abar) v
+    v = build_generator(unet_spec(pipe, prompt_index=1, prediction="x0",
+                                  scheduler_config={**SD_SCHEDULER, "prediction_type": "v_prediction"}))
+    np.testing.assert_allclose(jax.jit(v.apply)(v.params, z), np.sqrt(a) * z - np.sqrt(1 - a) * e_cond,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_alphas_cumprod_match_diffusers_flax_schedulers():
+    from geomjobs.generators.diffusers_models import alphas_cumprod
+    for sched in ({**SD_SCHEDULER}, {"beta_schedule": "linear", "num_train_timesteps": 100},
+                  {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 50}):
+        ref = diffusers.FlaxDDPMScheduler.from_config(sched).create_state().common.alphas_cumprod
+        np.testing.assert_allclose(alphas_cumprod(sched), ref, rtol=2e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# (b) psi and nu against the dense Jacobian
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vae64(pipe):
+    """The tiny decoder in float64 with remat: dots, a latent z and the dense Jacobian there."""
+    gen = build_generator(vae_spec(pipe, dtype="float64", remat="dots"), "float64")
+    z = jax.random.normal(jax.random.PRNGKey(4), (gen.latent_dim,), jnp.float64)
+    return gen, z, dense_reference(gen, z)
+
+
+@pytest.mark.parametrize("kind", [VAE, UNET])
+def test_psi_nu_equal_numpy_svd_of_the_dense_jacobian(pipe, vae64, kind):
+    """float64 model (x64 is on in tests): spectra agree with NumPy to ~1e-10. The VAE runs with
+    remat: dots (jax.checkpoint must not change a number); exact mode is checked on the VAE
+    (for the UNet it would only recompile the same jacfwd)."""
+    if kind == VAE:
+        gen, z, a = vae64
+    else:
+        gen = build_generator(unet_spec(pipe, dtype="float64", prediction="x0", guidance_scale=3.0,
+                                        negative_embedding_index=0), "float64")
+        z = jax.random.normal(jax.random.PRNGKey(4), (gen.latent_dim,), jnp.float64)
+        a = dense_reference(gen, z)
+    assert jax.tree_util.tree_leaves(gen.params)[0].dtype == jnp.float64
+    assert a.shape == (gen.output_dim, gen.latent_dim)
+    g = gen.flat_fn()
+    if kind == VAE:
+        psi, nu, _ = ref_psi_nu(a)
+        s = jax.jit(lambda x: exact_singular_values(g, x))(z)
+        np.testing.assert_allclose(local_scaling(s, *a.shape), psi, rtol=1e-9)
+        np.testing.assert_allclose(local_rank(s, *a.shape), nu, rtol=1e-9)
+    k = 8
+    w = orthonormal_rows(k, gen.output_dim, seed=0, stream="W")
+    chunk = 3 if kind == VAE else None                   # 3 chunks, the last one padded
+    sp = jax.jit(lambda x: projected_singular_values(g, x, jnp.asarray(w), chunk=chunk))(z)
+    psi_w, nu_w, _ = ref_psi_nu(w @ a)
+    np.testing.assert_allclose(local_scaling(sp, k, gen.latent_dim), psi_w, rtol=1e-9)
+    np.testing.assert_allclose(local_rank(sp, k, gen.latent_dim), nu_w, rtol=1e-9)
+
+
+def test_bfloat16_decoder_runs_bf16_and_returns_float32_singular_values(pipe, vae64):
+    """bf16 params/activations, float32 output, VJP rows and SVD. bf16 keeps 8 bits of mantissa
+    (relative rounding 2^-9 = 0.2% per op); through ~15 layers the decoder's output and the
+    projected singular values move by about 1%, so psi (a sum of 8 logs) by a few 0.01: we allow
+    5% on each singular value and 0.15 on psi (against the float64 dense reference), and check
+    the bf16 values are not float32-accurate."""
+    _, z64, a = vae64
+    g16 = build_generator(vae_spec(pipe, dtype="bfloat16"))
+    assert {a.dtype for a in jax.tree_util.tree_leaves(g16.params)} == {jnp.dtype(jnp.bfloat16)}
+    w = orthonormal_rows(8, g16.output_dim, seed=0, stream="W")
+    z = jnp.asarray(z64, jnp.float32)
+    rows = jax.jit(lambda x: projected_rows(g16.flat_fn(), x, jnp.asarray(w, jnp.float32)))(z)
+    assert rows.dtype == jnp.float32 and jax.eval_shape(g16.flat_fn(), z).dtype == jnp.float32
+    s16 = jnp.linalg.svd(rows, compute_uv=False)
+    s64 = np.linalg.svd(w @ a, compute_uv=False)
+    np.testing.assert_allclose(s16, s64, rtol=5e-2)
+    assert abs(float(local_scaling(s16, 8, 64)) - ref_psi_nu(w @ a)[0]) < 0.15
+    assert np.max(np.abs(s16 / s64 - 1)) > 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# (c) local complexity against a brute-force count
+# ------------------------------------------------------------------------------------------------
+
+def silu_inputs(gen, monkeypatch):
+    """A jitted fn z -> inputs of every SiLU the diffusers modules call (their nn.swish / nn.silu
+    are looked up on flax.linen at call time, so patching the attribute records them)."""
+    import flax.linen as nn
+
+    rec = []
+
+    def recording(x):
+        rec.append(x)
+        return jax.nn.silu(x)
+
+    def taps(z):
+        rec.clear()
+        with monkeypatch.context() as m:
+            m.setattr(nn, "swish", recording)
+            m.setattr(nn, "silu", recording)
+            gen.apply(gen.params, z)
+        return list(rec)
+
+    return taps
+
+
+def test_local_complexity_of_the_decoder_equals_a_brute_force_count(pipe, monkeypatch):
+    """delta is counted on the generator with remat: full (the counter must see through
+    jax.checkpoint); the brute force taps the same decoder without it."""
+    cx = pytest.importorskip("geomjobs.geometry.complexity")
+    gen = build_generator(vae_spec(pipe, dtype="float64"), "float64")
+    z = jax.random.normal(jax.random.PRNGKey(7), gen.latent_shape, jnp.float64)
+    P, r = 4, 0.05
+    B = orthonormal_rows(P, gen.latent_dim, seed=0, stream="B")
+    verts = np.concatenate([np.asarray(z).reshape(-1) + r * B, np.asarray(z).reshape(-1) - r * B])
+    taps = jax.jit(jax.vmap(silu_inputs(gen, monkeypatch)))(jnp.asarray(verts).reshape(2 * P, *gen.latent_shape))
+    per_call = [int(np.sum(~(np.all(t > 0, 0) | np.all(t <= 0, 0)))) for t in map(np.asarray, taps)]
+    brute = sum(per_call)
+    assert brute > 0
+
+    remat = build_generator(vae_spec(pipe, dtype="float64", remat="full"), "float64")
+    fn = lambda x: remat.apply(remat.params, x)  # noqa: E731
+    sites = cx.trace_sites(fn, z)
+    silu = [s.index for s in sites if s.name == "silu"]
+    assert len(silu) == len(taps) == 2 * (2 + 2 * 2) + 1    # 6 resnets x 2 SiLUs + norm_out
+    total, per_site = jax.jit(lambda x: cx.local_complexity(fn, x, B, r))(z)
+    assert int(total) == brute               # GroupNorm's max(var, 0) sites are counted too, never flip
+    _, per_silu = jax.jit(lambda x: cx.local_complexity(fn, x, B, r, sites=silu))(z)
+    assert [int(c) for c in per_silu] == per_call
+
+
+# ------------------------------------------------------------------------------------------------
+# (d) whole jobs
+# ------------------------------------------------------------------------------------------------
+
+def test_a_vae_decoder_job_reads_back_with_pandas(pipe, tmp_path):
+    import pandas as pd
+
+    from geomjobs import run_job
+    spec = {"model": vae_spec(pipe),
+            "latents": {"kind": "gaussian", "count": 6, "shape": [4, 4, 4], "seed": 1},
+            "descriptors": {"local_scaling": {"mode": "projection", "k": 8, "chunk": 4}, "local_rank": {},
+                            "local_complexity": {"directions": 2, "radius": 0.05}},
+            "execution": {"shard_size": 3, "batch_size": 3}}
+    res = run_job(spec, str(tmp_path / "out"))
+    assert res.ok, res
+    df = pd.read_parquet(tmp_path / "out").sort_values("sample_id").reset_index(drop=True)
+    assert list(df.sample_id) == list(range(6)) and (df.status == "ok").all()
+    assert df.model_id.iloc[0].startswith("diffusers-vae:") and df.prompt_id.isna().all()
+    assert np.isfinite(df.local_scaling).all() and (df.local_rank > 1).all() and (df.local_complexity >= 0).all()
+    assert np.load(tmp_path / "out" / "_artifacts" / "projections.npz")["W"].shape == (8, 192)
+
+
+def test_a_unet_job_keeps_timestep_and_prompt_id(pipe, tmp_path):
+    import pandas as pd
+
+    from geomjobs import run_job
+    spec = {"model": unet_spec(pipe, prompt_index=2, prediction="x0"),
+            "latents": {"kind": "gaussian", "count": 2, "shape": [4, 4, 4]},
+            "descriptors": {"local_scaling": {"mode": "projection", "k": 4, "chunk": 4}, "local_rank": {}},
+            "execution": {"shard_size": 2, "batch_size": 2}}
+    res = run_job(spec, str(tmp_path / "out"))
+    assert res.ok, res
+    df = pd.read_parquet(tmp_path / "out")
+    assert list(df.timestep) == [400, 400] and list(df.prompt_id) == [2, 2]
+    assert np.isfinite(df.local_scaling).all()
+
+
+def test_a_remote_model_folder_is_copied_once_into_the_cache(pipe, tmp_path, monkeypatch):
+    """gs:// goes through fsspec like any remote URI; memory:// exercises the same copy path."""
+    import fsspec
+    monkeypatch.setenv("GEOMJOBS_CACHE_DIR", str(tmp_path / "cache"))
+    fs = fsspec.filesystem("memory")
+    base = f"/geomjobs-test-{os.getpid()}"
+    for sub in ("vae", "scheduler"):
+        fs.put(str(pipe["root"] / sub), f"{base}/{sub}", recursive=True)
+    try:
+        spec = {"kind": VAE, "path": f"memory://{base}", "subfolder": "vae"}
+        gen = build_generator(spec)
+        entries = os.listdir(tmp_path / "cache")
+        assert len(entries) == 1 and os.listdir(tmp_path / "cache" / entries[0] / "vae")
+        assert not os.path.exists(tmp_path / "cache" / entries[0] / "scheduler")   # only what is needed
+        ref = build_generator(vae_spec(pipe)).params
+        jax.tree_util.tree_map(np.testing.assert_array_equal, gen.params, ref)
+        build_generator(spec)
+        assert os.listdir(tmp_path / "cache") == entries            # reused
+        cfg = json.loads(fs.cat(f"{base}/vae/config.json"))
+        fs.pipe(f"{base}/vae/config.json", json.dumps({**cfg, "scaling_factor": 0.5}).encode())
+        build_generator(spec)
+        assert len(os.listdir(tmp_path / "cache")) == 2            # a changed file is fetched again
+        with pytest.raises(SpecError, match=r"model.subfolder'.*no subfolder 'unet'"):
+            build_generator({**spec, "subfolder": "unet"})
+        with pytest.raises(SpecError, match=r"model.path'.*does not exist"):
+            build_generator({**spec, "path": "memory:///nowhere"})
+    finally:
+        fs.rm(base, recursive=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# (e) spec problems name the key
+# ------------------------------------------------------------------------------------------------
+
+def job(model):
+    return {"model": model, "latents": {"kind": "gaussian", "count": 1, "shape": [4, 4, 4]},
+            "descriptors": {"local_scaling": {}}}
+
+
+def test_bad_paths_subfolders_and_dtypes_name_the_key(pipe, tmp_path):
+    root = pipe["root"]
+    cases = [
+        (vae_spec(pipe, subfolder="vea"), r"model.subfolder'.*no subfolder 'vea'"),
+        ({"kind": VAE, "path": str(root)}, r"model.path'.*no config.json.*subfolder: vae"),
+        ({"kind": VAE, "path": str(tmp_path / "none")}, r"model.path'.*does not exist"),
+        (vae_spec(pipe, dtype="int8"), r"model.dtype'"),
+        (vae_spec(pipe, latent_shape=[3, 4, 4]), r"model.latent_shape'.*4 latent channels"),
+        (vae_spec(pipe, remat="some"), r"model.remat'"),
+        (unet_spec(pipe, prompt_index=3), r"model.prompt_index'.*0..2"),
+        (unet_spec(pipe, guidance_scale=5.0), r"model.negative_embedding_index'.*required"),
+        (unet_spec(pipe, prompt_embeddings=str(tmp_path / "no.npz")), r"model.prompt_embeddings'.*does not exist"),
+        (unet_spec(pipe, timestep=1000), r"model.timestep'.*0..999"),
+        (unet_spec(pipe, path=str(tmp_path), subfolder="unet"), r"model.subfolder'"),
+        (unet_spec(pipe, scheduler_config={"beta_schedule": "cubic"}), r"model.scheduler_config'.*cubic"),
+    ]
+    for model, msg in cases:
+        with pytest.raises(SpecError, match=msg):
+            build_generator(model)
+    # the same through the job schema, before anything is loaded
+    for model, key in [(vae_spec(pipe, dtype="int8"), "model.dtype"), ({"kind": VAE}, "model.path"),
+                       (vae_spec(pipe, subfolder=""), "model.subfolder"),
+                       (unet_spec(pipe, prediction="v"), "model.prediction"),
+                       ({k: v for k, v in unet_spec(pipe).items() if k != "timestep"}, "model.timestep"),
+                       (unet_spec(pipe, scheduler="x"), "model.scheduler")]:
+        with pytest.raises(SpecError) as e:
+            validate_spec(job(model))
+        assert e.value.key == key, (model, e.value)
+
+
+def test_folders_with_the_wrong_embeddings_or_only_pytorch_weights_are_refused(pipe, tmp_path):
+    np.savez(tmp_path / "e.npz", embeddings=np.zeros((2, 5, 16), np.float32))
+    with pytest.raises(SpecError, match=r"model.prompt_embeddings'.*dim 16.*cross_attention_dim is 8"):
+        build_generator(unet_spec(pipe, prompt_embeddings=str(tmp_path / "e.npz")))
+    np.savez(tmp_path / "f.npz", hidden=np.zeros((2, 5, 8), np.float32))
+    with pytest.raises(SpecError, match=r"model.prompt_embeddings'.*no array 'embeddings'"):
+        build_generator(unet_spec(pipe, prompt_embeddings=str(tmp_path / "f.npz")))
+    pt = tmp_path / "pt" / "vae"
+    pt.mkdir(parents=True)
+    (pt / "config.json").write_text((pipe["root"] / "vae" / "config.json").read_text())
+    (pt / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    with pytest.raises(SpecError, match=r"model.subfolder'.*no Flax weights.*safetensors.*from_pt=True"):
+        build_generator({"kind": VAE, "path": str(tmp_path / "pt"), "subfolder": "vae"})
