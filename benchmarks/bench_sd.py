@@ -101,13 +101,21 @@ def forward_fn(gen):
     return jax.jit(jax.vmap(lambda p, z: gen.apply(p, z.reshape(shape)).reshape(-1), in_axes=(None, 0)))
 
 
-def psi_nu_fn(gen, chunk):
-    """(params, w, z batch) -> (psi, nu): what the engine's step runs for mode projection."""
+def psi_nu_fn(gen, chunk, *, one_trip_loop=False):
+    """(params, w, z batch) -> (psi, nu): what the engine's step runs for mode projection.
+
+    ``one_trip_loop``: all k rows in ONE ``lax.map`` iteration; the same arithmetic as chunk = k,
+    inside a while loop, to separate the cost of the loop from the cost of smaller chunks."""
     apply, shape, d = gen.apply, gen.latent_shape, gen.latent_dim
 
     def one(p, w, z):
         g = lambda x: apply(p, x.reshape(shape)).reshape(-1)  # noqa: E731
-        s = projected_singular_values(g, z, w, chunk=chunk)
+        if one_trip_loop:
+            out, vjp = jax.vjp(g, z)
+            m = jax.lax.map(jax.vmap(lambda c: vjp(c)[0]), w.astype(out.dtype)[None])[0]
+            s = jnp.linalg.svd(m, compute_uv=False)
+        else:
+            s = projected_singular_values(g, z, w, chunk=chunk)
         return local_scaling(s, w.shape[0], d), local_rank(s, w.shape[0], d)
 
     return jax.jit(jax.vmap(one, in_axes=(None, None, 0)))
@@ -169,17 +177,20 @@ def run(args) -> str:
         fwd = forward_fn(gens["none"]).lower(params, z).compile()
         f_fwd = cost(fwd)[0] / bsz
         variants, info = {}, {}
-        for remat, chunk in progs:
-            name = f"psi+nu, chunk {chunk}" + (f", remat {remat}" if remat != "none" else "")
+        for remat, chunk in progs + ([("loop", k)] if args.loop_check else []):
+            name = (f"psi+nu, chunk {chunk}" + (f", remat {remat}" if remat not in ("none", "loop") else "")
+                    + (" in a 1-trip lax.map" if remat == "loop" else ""))
             t0 = time.perf_counter()
-            c = psi_nu_fn(gens[remat], None if chunk >= k else chunk).lower(params, w, z).compile()
+            fn = psi_nu_fn(gens["none"], None, one_trip_loop=True) if remat == "loop" else \
+                psi_nu_fn(gens[remat], None if chunk >= k else chunk)
+            c = fn.lower(params, w, z).compile()
             flops, temp = cost(c)
             info[name] = dict(remat=remat, chunk=chunk, raw=flops / bsz, temp=temp, compile=time.perf_counter() - t0)
             variants[name] = (c, (params, w, z))
             print(f"[bench_sd] {dt} {name}: compiled in {info[name]['compile']:.0f} s", file=sys.stderr)
         vjp = (info[f"psi+nu, chunk {k}"]["raw"] - f_fwd) / k     # FLOPs of one VJP row (+ its SVD share)
         for v in info.values():
-            trips = math.ceil(k / v["chunk"])
+            trips = 1 if v["remat"] == "loop" else math.ceil(k / v["chunk"])
             rows_done = trips * v["chunk"]                          # the last chunk is padded
             # XLA counts a while-loop body once: model the chunked programs' FLOPs instead;
             # remat full re-runs the forward pass in every chunk
@@ -228,6 +239,66 @@ def run(args) -> str:
         out.append(f"- This run is at {img} x {img}: every activation is {scale:.0f}x smaller than at 512 x 512, so "
                    f"FLOPs grow about {scale:.0f}x at full size (the mid-block attention, quadratic in tokens, a "
                    f"little more). Full size on a GPU: `python benchmarks/bench_sd.py --latent 64`.")
+    if args.loop_check:
+        out.append(f"- `chunk {k} in a 1-trip lax.map` is the unchunked arithmetic inside a while loop: where it is as slow as "
+                   "the chunked programs, the loop itself is the cost (XLA:CPU runs convolutions inside while loops on a "
+                   "slow path, jax-ml/jax#12868); this is why `chunk: auto` is one pass on a CPU.")
+    if args.plan_latent:
+        out += ["", memory_plan(vae, params32, args)]
+    return "\n".join(out)
+
+
+def memory_plan(vae, params32, args) -> str:
+    """XLA's memory plan of the psi+nu and delta programs at latent ``args.plan_latent`` (64:
+    512 x 512 images), compiled but never run: does k = 120 fit on one accelerator, and at which
+    chunk? Compiled for this machine's backend; on a CPU that is XLA:CPU's buffer assignment."""
+    lat, k, P = args.plan_latent, args.k, args.directions
+    d, n = 4 * lat * lat, 3 * (8 * lat) ** 2
+    dev = jax.devices()[0]
+    z = jax.ShapeDtypeStruct((1, d), jnp.float32)
+    w = jax.ShapeDtypeStruct((k, n), jnp.float32)
+    b = jax.ShapeDtypeStruct((P, d), jnp.float32)
+    rows, f_vjp = [], {}
+    for dt in args.plan_dtypes:
+        dtype = jnp.dtype(dt)
+        progs = [("none", c) for c in args.plan_chunks] + [(r, args.plan_remat_chunk) for r in ("dots", "full")]
+        gens = {}
+        for remat, chunk in progs:
+            gen = gens.setdefault(remat, sd_vae_decoder(vae, params32, lat, dtype, remat))
+            t0 = time.perf_counter()
+            c = psi_nu_fn(gen, None if chunk >= k else chunk).lower(gen.params, w, z).compile()
+            m = c.memory_analysis()
+            if chunk >= k and remat == "none":
+                fwd = forward_fn(gen).lower(gen.params, z).compile()
+                f_vjp[dt] = (cost(c)[0] - cost(fwd)[0]) / k, cost(fwd)[0]
+            rows.append((dt, f"psi+nu, chunk {min(chunk, k)}" + (f", remat {remat}" if remat != "none" else ""),
+                         m.temp_size_in_bytes, m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes,
+                         time.perf_counter() - t0))
+            print(f"[bench_sd] memory plan {dt} {rows[-1][1]}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        gen = gens["none"]
+        t0 = time.perf_counter()
+        m = delta_fn(gen, args.radius).lower(gen.params, b, z).compile().memory_analysis()
+        rows.append((dt, f"delta, P = {P}", m.temp_size_in_bytes,
+                     m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes, time.perf_counter() - t0))
+    cap = args.plan_capacity_gib
+    img = 8 * lat
+    out = [f"### Memory plan at {img} x {img} (compiled, not run)", "",
+           f"XLA's memory analysis of the same programs at latent 4 x {lat} x {lat} -> 3 x {img} x {img} (d = {d}, "
+           f"n = {n}), k = {k}, one sample per program, compiled for {dev.platform.upper()} ({dev.device_kind}). "
+           f"`fits` compares temporaries + arguments with {cap:g} GiB (one H100 80 GB).", "",
+           "| dtype | program | XLA temp memory | arguments + outputs | fits | compile s |", "|---|---|---|---|---|---|"]
+    for dt, name, temp, io, comp in rows:
+        out.append(f"| {dt} | {name} | {temp / 2**30:.2f} GiB | {io / 2**30:.2f} GiB | "
+                   f"{'yes' if (temp + io) / 2**30 <= cap else 'no'} | {comp:.0f} |")
+    out.append("")
+    for dt, (vjp, fwd) in f_vjp.items():
+        out.append(f"- {dt}: one forward pass = {fmt_flops(fwd)}FLOP, one VJP row = {fmt_flops(vjp)}FLOP, so psi + nu "
+                   f"with k = {k} is about {fmt_flops(fwd + k * vjp)}FLOP per sample (XLA's count).")
+    if dev.platform == "cpu":
+        out.append("- Compiled for the CPU: this is XLA:CPU's buffer assignment. A GPU compile fuses differently and adds "
+                   "cuDNN workspace, and XLA:CPU may compute bfloat16 convolutions in float32, so read the bfloat16 rows "
+                   "as an upper bound and re-run on the accelerator (`python benchmarks/bench_sd.py --latent 64`, whose "
+                   "table has the device's own memory column) before trusting a chunk near the limit.")
     return "\n".join(out)
 
 
@@ -245,6 +316,14 @@ def parse(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for the dtype (default: a table)")
+    ap.add_argument("--loop-check", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time chunk = k inside a one-trip lax.map (the cost of the loop itself)")
+    ap.add_argument("--plan-latent", type=int, default=64,
+                    help="also compile (not run) the programs at this latent size and report XLA's memory plan; 0: skip")
+    ap.add_argument("--plan-dtypes", nargs="+", default=["bfloat16", "float32"])
+    ap.add_argument("--plan-chunks", type=int, nargs="+", default=[8, 16, 32, 60, 120])
+    ap.add_argument("--plan-remat-chunk", type=int, default=32)
+    ap.add_argument("--plan-capacity-gib", type=float, default=78.0)
     return ap.parse_args(argv)
 
 

@@ -70,6 +70,8 @@ def _explain(err: jsonschema.ValidationError) -> SpecError:
                               f"got {len(err.instance)}")
     if v == "minProperties":
         return SpecError(key, f"expected at least one of {sorted(err.schema.get('properties', {}))}, got none")
+    if v in ("oneOf", "anyOf") and "description" in err.schema:
+        return SpecError(key, f"expected {err.schema['description']}, got {err.instance!r}")
     return SpecError(key, err.message)
 
 

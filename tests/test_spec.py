@@ -22,6 +22,10 @@ from geomjobs.spec import SpecError, load_spec, validate_spec
     (lambda s: s["descriptors"].update(local_scaling={"mode": "fast"}), "descriptors.local_scaling.mode", "expected one of"),
     (lambda s: s["descriptors"].update(local_complexity={"radius": -1.0}), "descriptors.local_complexity.radius", "> 0"),
     (lambda s: s.update(execution={"shard_size": 0}), "execution.shard_size", ">= 1"),
+    (lambda s: s["descriptors"].update(local_scaling={"mode": "projection", "chunk": "big"}),
+     "descriptors.local_scaling.chunk", "expected a positive integer or 'auto', got 'big'"),
+    (lambda s: s["descriptors"].update(local_scaling={"mode": "projection", "chunk": 0}),
+     "descriptors.local_scaling.chunk", ">= 1"),
     (lambda s: s.update(descriptors={}), "descriptors", "expected at least one of ['local_complexity', 'local_rank', 'local_scaling']"),
 ])
 def test_schema_errors_name_the_key(tmp_path, mutate, key, expected):
@@ -109,3 +113,25 @@ def test_cli_run_then_inspect(tmp_path):
     assert "3 committed, 0 failed, 0 pending, of 3" in r.stdout and "record schema v1" in r.stdout
     r = run_cli("run", "job.yaml", "--out", str(tmp_path / "out"), "-q", cwd=tmp_path)
     assert r.returncode == 2 and "--resume" in r.stderr
+
+
+def test_chunk_auto_is_the_default_and_resolves_per_platform(tmp_path):
+    """projection's chunk defaults to 'auto' (stored so, identical on every platform): one pass
+    on a CPU, where XLA runs convolutions inside lax.map's while loop slowly, 32 rows at a time
+    on an accelerator; an explicit chunk is kept; slq's 'auto' is its memory-bounded default."""
+    from geomjobs.geometry.spectrum import default_chunk
+    from geomjobs.runner.engine import Engine
+
+    assert default_chunk("auto", 120, "cpu") is None and default_chunk(None, 120, "cpu") is None
+    assert default_chunk("auto", 120, "gpu") == 32 and default_chunk("auto", 20, "tpu") == 20
+    assert default_chunk(7, 120, "cpu") == 7 and default_chunk(7, 120, "gpu") == 7
+    with pytest.raises(ValueError, match="positive integer or 'auto'"):
+        default_chunk("big", 120, "gpu")
+    w = write_mlp(tmp_path)  # d = 6, n = 10
+    plan = plan_job(mlp_spec(w, local_scaling={"mode": "projection", "k": 8}))
+    assert plan.spec["descriptors"]["local_scaling"]["chunk"] == "auto"
+    assert Engine(plan).chunk is None    # the suite runs on the CPU (JAX_PLATFORMS=cpu)
+    plan = plan_job(mlp_spec(w, local_scaling={"mode": "projection", "k": 8, "chunk": 3}))
+    assert plan.spec["descriptors"]["local_scaling"]["chunk"] == 3 and Engine(plan).chunk == 3
+    slq = plan_job(mlp_spec(w, local_scaling={"mode": "slq", "num_probes": 4, "steps": 3, "chunk": "auto"}))
+    assert slq.spec["descriptors"]["local_scaling"]["chunk"] == 4

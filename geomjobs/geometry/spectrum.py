@@ -7,6 +7,14 @@ keeps the residuals of one forward pass) and all k cotangents are pushed through
 linearization in chunks of ``chunk`` rows (``lax.map`` over chunks, ``vmap`` inside), which
 bounds memory at chunk x (activation size) instead of k x (activation size).
 Both functions take ONE flat latent; vmap them over a batch.
+
+Chunking has a price on XLA:CPU: a convolution inside a while loop (which ``lax.map`` is)
+misses the fast convolution path (jax-ml/jax#12868). Measured on this project's 2-core CPU
+(``make bench``, sd section): the SD-shaped VAE decoder at 32 x 32 takes ~4x longer per
+sample with any chunking, even one chunk of all k rows, and a ReLU MLP ~1.4x longer with
+chunk 32. So ``chunk: auto`` (the job default, :func:`default_chunk`) pushes all k rows in
+one vmapped pass on a CPU, where host memory is plentiful, and chunks of 32 on an
+accelerator, where memory bounds the sweep.
 """
 from __future__ import annotations
 
@@ -29,6 +37,19 @@ def exact_singular_values(g: Callable, z, *, svd_dtype=None):
     if svd_dtype is not None:
         a = a.astype(svd_dtype)
     return jnp.linalg.svd(a, compute_uv=False)
+
+
+AUTO_CHUNK_ACCELERATOR = 32
+
+
+def default_chunk(chunk, k: int, platform: str) -> int | None:
+    """The chunk size to run: ``chunk`` as given if it is an int, or for ``"auto"``/None no
+    chunking (None) on ``platform == "cpu"`` and ``min(k, 32)`` rows at a time elsewhere."""
+    if isinstance(chunk, int):
+        return chunk
+    if chunk not in (None, "auto"):
+        raise ValueError(f"chunk: expected a positive integer or 'auto', got {chunk!r}")
+    return None if platform == "cpu" else min(k, AUTO_CHUNK_ACCELERATOR)
 
 
 def projected_rows(g: Callable, z, w, *, chunk: int | None = None):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from geomjobs.geometry.descriptors import local_rank, local_scaling
-from geomjobs.geometry.spectrum import exact_singular_values, projected_singular_values
+from geomjobs.geometry.spectrum import default_chunk, exact_singular_values, projected_singular_values
 from geomjobs.runner.plan import Plan
 
 
@@ -45,6 +45,9 @@ class Engine:
         sites = plan.sites
         radius = lc.get("radius", 0.0)
         chunk = ls.get("chunk")
+        if mode == "projection":
+            chunk = default_chunk(chunk, ls["k"], jax.default_backend())
+        self.chunk = chunk
         apply, shape = gen.apply, gen.latent_shape
 
         def one(params, w, b, z_flat):

@@ -89,7 +89,9 @@ def plan_job(raw_spec: dict) -> Plan:
             ls.setdefault("k", min(DEFAULT_K, n))
             if ls["k"] > n:
                 raise SpecError("descriptors.local_scaling.k", f"expected k <= n = {n} (rows of W are orthonormal in R^n), got {ls['k']}")
-            ls.setdefault("chunk", min(ls["k"], 32))
+            # "auto": resolved where the step compiles (spectrum.default_chunk): one pass on a CPU,
+            # 32 rows at a time on an accelerator
+            ls.setdefault("chunk", "auto")
             W = orthonormal_rows(ls["k"], n, ls["seed"], stream="W")
         elif ls["mode"] in ("slq", "lanczos"):
             _estimator_defaults(ls, n, d)
@@ -129,6 +131,8 @@ def _estimator_defaults(ls: dict, n: int, d: int) -> None:
             raise SpecError("descriptors.local_scaling.save_singular_values",
                             "mode slq estimates sum log s_i without individual singular values; use mode lanczos or exact to save them")
         ls.setdefault("num_probes", DEFAULT_PROBES)
+        if ls.get("chunk") == "auto":   # slq's auto is the memory bound below
+            del ls["chunk"]
         ls.setdefault("steps", min(c, DEFAULT_SLQ_STEPS))
         # probes run side by side in chunks whose Krylov bases (chunk x steps x (n + d)) stay <= 16M values
         ls.setdefault("chunk", max(1, min(ls["num_probes"], (1 << 24) // (ls["steps"] * (n + d)))))
