@@ -92,6 +92,7 @@ def test_actor_options_and_worker_env():
                    "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"}
     assert ray_driver.worker_env({"XLA_PYTHON_CLIENT_MEM_FRACTION": ".5"})["XLA_PYTHON_CLIENT_MEM_FRACTION"] == ".5"
     assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in ray_driver.worker_env({"XLA_PYTHON_CLIENT_MEM_FRACTION": ".5"})
+    assert ray_driver.worker_env({"GEOMJOBS_MEMORY_BUDGET_GIB": "12"})["GEOMJOBS_MEMORY_BUDGET_GIB"] == "12"
 
 
 def test_local_mode_runs_small_jobs_in_process(tmp_path, monkeypatch):

@@ -7,7 +7,9 @@ does not fold a large model's weights into the program as constants. Every batch
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 import traceback
 
 import jax
@@ -17,6 +19,8 @@ import numpy as np
 from geomjobs.geometry.descriptors import local_rank, local_scaling
 from geomjobs.geometry.spectrum import default_chunk, exact_singular_values, projected_singular_values
 from geomjobs.runner.plan import Plan
+
+log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -44,13 +48,9 @@ class Engine:
             rows = est.krylov_dim(n, d) if mode == "lanczos" else rows
         sites = plan.sites
         radius = lc.get("radius", 0.0)
-        chunk = ls.get("chunk")
-        if mode == "projection":
-            chunk = default_chunk(chunk, ls["k"], jax.default_backend())
-        self.chunk = chunk
         apply, shape = gen.apply, gen.latent_shape
 
-        def one(params, w, b, z_flat):
+        def one(params, w, b, z_flat, chunk):
             g = lambda zf: apply(params, zf.reshape(shape)).reshape(-1)  # noqa: E731
             out = {}
             if self.want_sv:
@@ -76,11 +76,52 @@ class Engine:
                 out["local_complexity_per_layer"] = per
             return out
 
-        self._step = jax.jit(jax.vmap(one, in_axes=(None, None, None, 0)))
+        def build(chunk):
+            return jax.jit(jax.vmap(lambda p, w, b, z: one(p, w, b, z, chunk), in_axes=(None, None, None, 0)))
+
         self._params = gen.params
         self._w = jnp.asarray(plan.W, self.dtype) if plan.W is not None else jnp.zeros((1, n), self.dtype)
         self._b = jnp.asarray(plan.B, self.dtype) if plan.B is not None else jnp.zeros((1, d), self.dtype)
         self._split_across_devices()
+        self.chunk = ls.get("chunk")
+        self.memory_bytes = None    # XLA's footprint of the step, when chunk: auto measured it
+        if mode == "projection":
+            self.chunk = default_chunk(self.chunk, ls["k"], jax.default_backend())
+            if ls["chunk"] == "auto":
+                self._step = self._fit_chunk(build, ls["k"])
+                return
+        self._step = build(self.chunk)
+
+    def _example_args(self):
+        z = np.zeros((self.batch_size, self.plan.generator.latent_dim), self.dtype)
+        z = jnp.asarray(z) if self._z_sharding is None else jax.device_put(z, self._z_sharding)
+        return self._params, self._w, self._b, z
+
+    def _fit_chunk(self, build, k: int):
+        """``chunk: auto``: start from the platform's default (spectrum.default_chunk) and halve
+        the chunk until XLA's memory plan of the whole step (temporaries + arguments + outputs,
+        from compiling it, before any sample runs) fits :func:`memory_budget`. Sets
+        ``self.chunk``/``self.memory_bytes``; returns the jitted step. Where the backend reports
+        no memory plan the default stands."""
+        budget = memory_budget()
+        tries = [self.chunk] + [c for c in (32, 16, 8, 4, 2, 1) if c < (self.chunk or k)]
+        step = need = None
+        for chunk in tries:
+            step = build(chunk)
+            try:
+                need = program_bytes(step.lower(*self._example_args()).compile())
+            except Exception:  # noqa: BLE001 - no memory analysis here: keep the default
+                need = None
+            if need is None or budget is None or need <= budget:
+                break
+        if need is not None and budget is not None and need > budget:
+            log.warning("chunk auto: even chunk %s needs %.2f GiB, over the %.2f GiB budget", chunk,
+                        need / 2**30, budget / 2**30)
+        self.chunk, self.memory_bytes = chunk, need
+        log.info("chunk auto -> %s (XLA memory plan %s, budget %s)", chunk,
+                 "n/a" if need is None else f"{need / 2**30:.2f} GiB",
+                 "n/a" if budget is None else f"{budget / 2**30:.2f} GiB")
+        return step
 
     def _split_across_devices(self) -> None:
         """A process that sees several local devices (a TPU host, a multi-GPU worker) splits
@@ -164,6 +205,34 @@ class Engine:
 
 def format_exception(e: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(e), e)).strip()
+
+
+def memory_budget() -> int | None:
+    """Bytes one engine's step may use: ``GEOMJOBS_MEMORY_BUDGET_GIB`` if set; else 90 % of what
+    the first local device's allocator may hand out (GPU/TPU ``memory_stats()['bytes_limit']``);
+    else, on a CPU, a quarter of the host's physical memory (Ray may run several workers per
+    host); None if none of these is known."""
+    env = os.environ.get("GEOMJOBS_MEMORY_BUDGET_GIB")
+    if env:
+        return int(float(env) * 2**30)
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - not every backend has memory stats
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(0.9 * stats["bytes_limit"])
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def program_bytes(compiled) -> int | None:
+    """Peak device bytes of a compiled program by XLA's memory analysis, or None."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
 
 
 def ceil_div(a: int, b: int) -> int:

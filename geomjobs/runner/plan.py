@@ -89,8 +89,8 @@ def plan_job(raw_spec: dict) -> Plan:
             ls.setdefault("k", min(DEFAULT_K, n))
             if ls["k"] > n:
                 raise SpecError("descriptors.local_scaling.k", f"expected k <= n = {n} (rows of W are orthonormal in R^n), got {ls['k']}")
-            # "auto": resolved where the step compiles (spectrum.default_chunk): one pass on a CPU,
-            # 32 rows at a time on an accelerator
+            # "auto": resolved where the step compiles (Engine._fit_chunk): one pass on a CPU, 32
+            # rows at a time on an accelerator, halved until XLA's memory plan fits the budget
             ls.setdefault("chunk", "auto")
             W = orthonormal_rows(ls["k"], n, ls["seed"], stream="W")
         elif ls["mode"] in ("slq", "lanczos"):

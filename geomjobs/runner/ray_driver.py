@@ -167,15 +167,17 @@ def worker_env(environ=None) -> dict[str, str]:
     JAX preallocates 75 % of an accelerator's memory by default; workers allocate on demand
     unless the driver's environment says otherwise (XLA_PYTHON_CLIENT_MEM_FRACTION / _PREALLOCATE
     are passed through). gcsfs's bucket-type probe is turned off (it stalls for a minute against
-    emulators and some proxies) and STORAGE_EMULATOR_HOST is passed through.
+    emulators and some proxies). STORAGE_EMULATOR_HOST and GEOMJOBS_MEMORY_BUDGET_GIB (the
+    budget of ``chunk: auto``, runner/engine.py) are passed through.
     """
     environ = os.environ if environ is None else environ
     env = {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": environ.get("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")}
     mem = {k: environ[k] for k in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
                                    "XLA_PYTHON_CLIENT_ALLOCATOR") if k in environ}
     env.update(mem or {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
-    if "STORAGE_EMULATOR_HOST" in environ:
-        env["STORAGE_EMULATOR_HOST"] = environ["STORAGE_EMULATOR_HOST"]
+    for key in ("STORAGE_EMULATOR_HOST", "GEOMJOBS_MEMORY_BUDGET_GIB"):
+        if key in environ:
+            env[key] = environ[key]
     return env
 
 
