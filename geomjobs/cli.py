@@ -27,6 +27,17 @@ def _cmd_run(args) -> int:
     return res.exit_code
 
 
+def _engines(committed: dict) -> list[dict]:
+    """Distinct engine settings over the committed shards' markers, with their shard counts."""
+    seen: dict = {}
+    for m in committed.values():
+        e = m.get("engine")
+        if e:
+            key = json.dumps(e, sort_keys=True)
+            seen.setdefault(key, {**e, "shards": 0})["shards"] += 1
+    return list(seen.values())
+
+
 def _cmd_inspect(args) -> int:
     from geomjobs.sink.dataset import Dataset
 
@@ -43,7 +54,8 @@ def _cmd_inspect(args) -> int:
             "model_id": job.get("model_id"), "samples": job["count"], "rows": rows, "error_rows": errors,
             "shards": {"total": job["num_shards"], "committed": len(committed), "failed": len(failures),
                        "pending": job["num_shards"] - len(committed) - len(failures)},
-            "failures": [{"shard": k, "attempts": v.get("attempts"), "error": v["error"]} for k, v in sorted(failures.items())]}
+            "failures": [{"shard": k, "attempts": v.get("attempts"), "error": v["error"]} for k, v in sorted(failures.items())],
+            "engines": _engines(committed)}
     if args.json:
         info["spec"] = ds.spec()
         print(json.dumps(info, indent=2))
@@ -55,6 +67,12 @@ def _cmd_inspect(args) -> int:
     print(f"shards         {s['committed']} committed, {s['failed']} failed, {s['pending']} pending, of {s['total']}")
     for f in info["failures"]:
         print(f"  failed shard {f['shard']} after {f['attempts']} attempts: {f['error']}")
+    for e in info["engines"]:
+        mem = "" if e.get("xla_memory_bytes") is None else f", XLA memory plan {e['xla_memory_bytes'] / 2**30:.2f} GiB"
+        how = f"local_scaling mode {e['mode']}" if e.get("mode") else "no local_scaling"
+        if e.get("mode") in ("projection", "slq"):
+            how += ", " + ("all rows in one pass" if e.get("chunk") is None else f"chunks of {e['chunk']}")
+        print(f"engine         {how}{mem}, {e['devices']} device(s): {e['shards']} shards")
     if errors and args.errors:
         df = ds.read_table().to_pandas()
         for _, r in df[df.status != "ok"].head(args.errors).iterrows():

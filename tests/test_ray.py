@@ -164,6 +164,9 @@ def test_cluster_and_embedded_give_the_records_of_local_mode(cluster, tmp_path, 
         df = read_sorted(tmp_path / other)
         pd.testing.assert_frame_equal(df[RECORD_COLUMNS], local, check_exact=True)
         assert all(m["worker"].startswith("ray:") for m in markers(tmp_path / other).values())
+        # each worker fitted chunk: auto itself (one pass on these CPUs) and says so in its markers
+        assert all(m["engine"]["chunk"] is None and m["engine"]["xla_memory_bytes"] > 0
+                   for m in markers(tmp_path / other).values())
         assert parquet_files(tmp_path / other) == parquet_files(tmp_path / "local")
     assert all(m["worker"] == "local" for m in markers(tmp_path / "local").values())
     assert np.load(tmp_path / "cluster/_artifacts/projections.npz")["W"].tobytes() == \

@@ -111,6 +111,9 @@ def test_cli_run_then_inspect(tmp_path):
     assert r.returncode == 0
     assert "rows           40 of 40 samples (0 with status 'error')" in r.stdout
     assert "3 committed, 0 failed, 0 pending, of 3" in r.stdout and "record schema v1" in r.stdout
+    # how the step ran, from the shards' markers: chunk auto on a CPU is one pass, sized by XLA
+    assert "engine         local_scaling mode projection, all rows in one pass, XLA memory plan" in r.stdout
+    assert "1 device(s): 3 shards" in r.stdout
     r = run_cli("run", "job.yaml", "--out", str(tmp_path / "out"), "-q", cwd=tmp_path)
     assert r.returncode == 2 and "--resume" in r.stderr
 

@@ -35,7 +35,7 @@ class Engine:
         ls = desc.get("local_scaling", {})
         lc = desc.get("local_complexity", {})
         d, n = gen.latent_dim, gen.output_dim
-        mode = ls.get("mode")
+        mode = self.mode = ls.get("mode")
         # rows of M for the rank tolerance (lanczos: floored, see estimators.krylov_dim)
         rows = ls.get("k", 0) if mode == "projection" else n
         if mode in ("slq", "lanczos"):  # fixed per job from the seed, like W (estimators.py)
@@ -140,6 +140,12 @@ class Engine:
         self._z_sharding = NamedSharding(mesh, PartitionSpec("batch"))
         replicated = NamedSharding(mesh, PartitionSpec())
         self._params, self._w, self._b = jax.device_put((self._params, self._w, self._b), replicated)
+
+    def describe(self) -> dict:
+        """How this process runs the step (kept in each shard's commit marker): the cotangent
+        chunk (None: all k rows in one pass), XLA's memory plan in bytes when ``chunk: auto``
+        measured it, and the local device count."""
+        return {"mode": self.mode, "chunk": self.chunk, "xla_memory_bytes": self.memory_bytes, "devices": self.num_devices}
 
     def compiled_count(self) -> int:
         """How many programs the step has compiled (1 after any number of batches)."""

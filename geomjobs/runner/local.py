@@ -96,7 +96,7 @@ def run_local(spec: dict, out: str | None = None, *, resume: bool = False, progr
         for attempt in range(1, retries + 2):
             try:
                 table = compute_shard(plan, shard, engine)
-                ds.commit_shard(shard, table, worker="local")
+                ds.commit_shard(shard, table, worker="local", engine=engine.describe())
                 computed += 1
                 break
             except Exception as e:  # noqa: BLE001 - a shard failure is recorded, the job goes on

@@ -108,14 +108,14 @@ class ShardWorker:
         import jax
 
         return {"worker": self.name, "pid": os.getpid(), "devices": [str(d) for d in jax.local_devices()],
-                "batch_size": self.engine.batch_size}
+                "batch_size": self.engine.batch_size, **self.engine.describe()}
 
     def run(self, shard: int) -> dict:
         from geomjobs.runner.shards import compute_shard
 
         t0 = time.time()
         table = compute_shard(self.plan, shard, self.engine)
-        marker = self.ds.commit_shard(shard, table, worker=self.name)
+        marker = self.ds.commit_shard(shard, table, worker=self.name, engine=self.engine.describe())
         return {**marker, "seconds": time.time() - t0}
 
 

@@ -123,8 +123,9 @@ class Dataset:
                 out[int(name[:-5])] = json.loads(self._get(f"_geomjobs/failures/{name}"))
         return out
 
-    def commit_shard(self, shard: int, table: pa.Table, *, worker: str = "") -> dict:
-        """Write shard's records, then its marker. Safe to repeat for the same shard."""
+    def commit_shard(self, shard: int, table: pa.Table, *, worker: str = "", engine: dict | None = None) -> dict:
+        """Write shard's records, then its marker. Safe to repeat for the same shard.
+        ``engine``: how the step ran (Engine.describe), kept in the marker."""
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         self._put(part_name(shard), buf.getvalue())
@@ -132,7 +133,7 @@ class Dataset:
         marker = {"shard": shard, "file": part_name(shard), "rows": table.num_rows,
                   "errors": sum(s != "ok" for s in status),
                   "first_sample": int(table.column("sample_id")[0].as_py()) if table.num_rows else None,
-                  "committed_at": time.time(), "worker": worker}
+                  "committed_at": time.time(), "worker": worker, **({"engine": engine} if engine else {})}
         self._put(f"_geomjobs/shards/{shard:06d}.json", json.dumps(marker).encode())
         self._rm(f"_geomjobs/failures/{shard:06d}.json")
         return marker
