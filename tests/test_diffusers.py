@@ -109,6 +109,35 @@ def test_unet_eps_x0_and_guidance_are_the_diffusers_unet(pipe):
                                rtol=1e-4, atol=1e-4)
 
 
+def test_prompt_embeddings_from_parquet_keep_the_files_prompt_ids(pipe, tmp_path):
+    """A Parquet file of text-encoder hidden states (one (seq, dim) list of lists per row, with a
+    prompt_id column) gives the same UNet as the .npz, and records keep the file's prompt id."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    emb = np.asarray(pipe["prompts"], np.float32)
+    ids = [70, 71, 72]
+    pq.write_table(pa.table({"prompt_id": ids, "embedding": [e.tolist() for e in emb]}), tmp_path / "p.parquet")
+    z = jax.random.normal(jax.random.PRNGKey(4), (4, 4, 4), jnp.float32)
+    ref = build_generator(unet_spec(pipe, prompt_index=1, guidance_scale=3.0, negative_embedding_index=0))
+    got = build_generator(unet_spec(pipe, prompt_index=1, guidance_scale=3.0, negative_embedding_index=0,
+                                    prompt_embeddings=str(tmp_path / "p.parquet")))
+    assert ref.prompt_id == 1 and got.prompt_id == 71
+    np.testing.assert_array_equal(jax.jit(got.apply)(got.params, z), jax.jit(ref.apply)(ref.params, z))
+    # without a prompt_id column the ids are the row numbers
+    pq.write_table(pa.table({"embedding": [e.tolist() for e in emb]}), tmp_path / "q.parquet")
+    assert build_generator(unet_spec(pipe, prompt_index=2, prompt_embeddings=str(tmp_path / "q.parquet"))).prompt_id == 2
+    # bad files name the key and say what was expected
+    pq.write_table(pa.table({"hidden": [e.tolist() for e in emb]}), tmp_path / "r.parquet")
+    pq.write_table(pa.table({"embedding": [emb[0].tolist(), emb[1][:3].tolist()]}), tmp_path / "s.parquet")
+    pq.write_table(pa.table({"embedding": [1.0, 2.0]}), tmp_path / "t.parquet")
+    (tmp_path / "u.parquet").write_bytes(b"not parquet")
+    for name, msg in [("r", "no column 'embedding'"), ("s", r"same \(seq, dim\) shape"),
+                      ("t", "lists of lists"), ("u", "not a readable Parquet file"), ("v", "does not exist")]:
+        with pytest.raises(SpecError, match=r"model.prompt_embeddings'.*" + msg):
+            build_generator(unet_spec(pipe, prompt_embeddings=str(tmp_path / f"{name}.parquet")))
+
+
 def test_alphas_cumprod_match_diffusers_flax_schedulers():
     from geomjobs.generators.diffusers_models import alphas_cumprod
     for sched in ({**SD_SCHEDULER}, {"beta_schedule": "linear", "num_train_timesteps": 100},
