@@ -33,6 +33,7 @@ class SpecError(ValueError):
 
     def __init__(self, key: str, message: str):
         self.key = key
+        self.message = message
         super().__init__(f"spec key '{key}': {message}" if key else message)
 
 
@@ -58,6 +59,8 @@ def _explain(err: jsonschema.ValidationError) -> SpecError:
         extra = sorted(set(err.instance) - set(allowed))
         where = _key(list(err.absolute_path) + [extra[0]]) if extra else key
         return SpecError(where, f"is not a known key here; expected one of {allowed}")
+    if v == "const":
+        return SpecError(key, f"expected {err.validator_value!r}, got {err.instance!r}")
     if v == "enum":
         return SpecError(key, f"expected one of {err.validator_value}, got {err.instance!r}")
     if v == "type":
@@ -132,6 +135,10 @@ def resolve_paths(spec: dict, base: str | Path) -> dict:
         v = spec.get(section, {}).get(key)
         if isinstance(v, str) and "://" not in v and not Path(v).is_absolute():
             spec[section][key] = str((Path(base) / v).resolve())
+    enc = spec.get("latents", {}).get("encoder")
+    if isinstance(enc, dict) and isinstance(enc.get("path"), str) and "://" not in enc["path"] \
+            and not Path(enc["path"]).is_absolute():
+        enc["path"] = str((Path(base) / enc["path"]).resolve())
     return spec
 
 

@@ -338,6 +338,8 @@ def test_bad_paths_subfolders_and_dtypes_name_the_key(pipe, tmp_path):
     root = pipe["root"]
     cases = [
         (vae_spec(pipe, subfolder="vea"), r"model.subfolder'.*no subfolder 'vea'"),
+        (vae_spec(pipe, subfolder="unet"), r"model.subfolder'.*is a UNet2DConditionModel folder; expected a folder of AutoencoderKL"),
+        (unet_spec(pipe, subfolder="vae"), r"model.subfolder'.*is a AutoencoderKL folder; expected a folder of UNet2DConditionModel"),
         ({"kind": VAE, "path": str(root)}, r"model.path'.*no config.json.*subfolder: vae"),
         ({"kind": VAE, "path": str(tmp_path / "none")}, r"model.path'.*does not exist"),
         (vae_spec(pipe, dtype="int8"), r"model.dtype'"),
@@ -377,3 +379,92 @@ def test_folders_with_the_wrong_embeddings_or_only_pytorch_weights_are_refused(p
     (pt / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     with pytest.raises(SpecError, match=r"model.subfolder'.*no Flax weights.*safetensors.*from_pt=True"):
         build_generator({"kind": VAE, "path": str(tmp_path / "pt"), "subfolder": "vae"})
+
+
+# ------------------------------------------------------------------------------------------------
+# (e) latents from images through the diffusers VAE's encoder: the paper's reward-data recipe
+# ------------------------------------------------------------------------------------------------
+
+def png_folder(tmp_path, n=5, size=8, seed=0):
+    from PIL import Image
+
+    px = np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    folder = tmp_path / "imgs"
+    folder.mkdir(exist_ok=True)
+    for i, p in enumerate(px):
+        Image.fromarray(p).save(folder / f"im{i}.png")
+    return folder, px
+
+
+def test_images_encoded_by_the_diffusers_vae_are_its_scaled_posterior_means(pipe, tmp_path):
+    from geomjobs.runner.plan import plan_job
+
+    vae, params = pipe["vae"]
+    folder, px = png_folder(tmp_path)
+    enc = {"kind": "diffusers-vae", "path": str(pipe["root"]), "subfolder": "vae"}
+    spec = {"model": vae_spec(pipe), "latents": {"kind": "images", "source": "folder", "uri": str(folder), "encoder": enc},
+            "descriptors": {"local_scaling": {"mode": "exact"}}}
+    plan = plan_job(spec)
+    assert plan.count == 5 and plan.latents.shape == (4, 4, 4)
+    z = plan.latents.latents(np.arange(5))
+    # reference: diffusers' own encode of NCHW pixels in [-1, 1]; latent = mean * scaling_factor, channels first
+    x = jnp.asarray(px / 255.0 * 2 - 1, jnp.float32).transpose(0, 3, 1, 2)
+    mean = vae.apply({"params": params}, x, method=vae.encode).latent_dist.mean
+    ref = np.transpose(np.asarray(mean), (0, 3, 1, 2)) * vae.config.scaling_factor
+    np.testing.assert_allclose(z, ref, rtol=1e-5, atol=1e-5)
+    # so the decoder generator, G(z) = decode(z / scaling_factor), sees diffusers' own decode of the mean
+    g = plan.generator
+    np.testing.assert_allclose(jax.jit(g.apply)(g.params, jnp.asarray(z[0], jnp.float32)),
+                               vae.apply({"params": params}, mean[:1], method=vae.decode).sample[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_job_encodes_diffuses_and_measures_the_unet(pipe, tmp_path):
+    """PNG images -> the VAE's encoder -> forward diffusion to t = 400 with SD's schedule -> psi, nu
+    and delta of the UNet's x0 prediction at t = 400; records keep image id, t, noise seed, prompt id."""
+    import pandas as pd
+
+    from geomjobs import run_job
+    folder, _ = png_folder(tmp_path, n=4)
+    sched = {"kind": "scaled_linear", "T": 1000, "beta_start": 0.00085, "beta_end": 0.012}
+    spec = {"model": unet_spec(pipe, prompt_index=1, prediction="x0"),
+            "latents": {"kind": "images", "source": "folder", "uri": str(folder),
+                        "encoder": {"kind": "diffusers-vae", "path": str(pipe["root"]), "subfolder": "vae"},
+                        "diffuse": {"t": 400, "seed": 7, "schedule": sched}},
+            "descriptors": {"local_scaling": {"mode": "projection", "k": 16}, "local_rank": {},
+                            "local_complexity": {"directions": 2, "radius": 1e-3, "layers": ["silu"]}},
+            "execution": {"shard_size": 2, "batch_size": 2}}
+    res = run_job(spec, str(tmp_path / "out"))
+    assert res.ok and res.rows == 4, res
+    df = pd.read_parquet(tmp_path / "out").sort_values("sample_id").reset_index(drop=True)
+    assert list(df.image_id) == [f"im{i}.png" for i in range(4)]
+    assert (df.diffusion_t == 400).all() and (df.noise_seed == 7).all() and (df.prompt_id == 1).all()
+    assert np.isfinite(df.local_scaling).all() and (df.local_rank >= 1).all() and (df.local_complexity >= 0).all()
+
+
+def test_a_bad_diffusers_encoder_names_its_key(pipe, tmp_path):
+    import re
+
+    from geomjobs.runner.plan import plan_job
+
+    folder, _ = png_folder(tmp_path)
+    (tmp_path / "big").mkdir()
+    big, _ = png_folder(tmp_path / "big", size=16)
+
+    def spec(enc, uri=folder):
+        return {"model": vae_spec(pipe), "latents": {"kind": "images", "source": "folder", "uri": str(uri), "encoder": enc},
+                "descriptors": {"local_scaling": {}}}
+    enc = {"kind": "diffusers-vae", "path": str(pipe["root"]), "subfolder": "vae"}
+    for bad, key, msg in [
+        ({"kind": "diffusers-vae"}, "latents.encoder.path", "is required"),
+        ({**enc, "kind": "taesd"}, "latents.encoder.kind", "expected 'diffusers-vae', got 'taesd'"),
+        ({**enc, "path": str(tmp_path / "nope")}, "latents.encoder.path", "does not exist"),
+        ({**enc, "subfolder": "unet"}, "latents.encoder.subfolder", "is a UNet2DConditionModel folder; expected a folder of AutoencoderKL"),
+        ({**enc, "image_size": 7}, "latents.encoder.image_size", "multiple of 2"),
+        ({**enc, "dtype": "float16"}, "latents.encoder.dtype", "expected one of"),
+        (5, "latents.encoder", "expected an encoder name"),
+    ]:
+        with pytest.raises(SpecError) as e:
+            plan_job(spec(bad))
+        assert e.value.key == key and re.search(msg, str(e.value)), (bad, e.value)
+    with pytest.raises(SpecError, match=r"latents.uri'.*16x16 pixels, expected 8x8"):
+        plan_job(spec(enc, uri=big))

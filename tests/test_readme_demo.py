@@ -24,6 +24,18 @@ def test_readme_spec_is_the_shipped_example():
     assert readme_blocks("yaml")[0] == (ROOT / "examples" / "quickstart.yaml").read_text()
 
 
+def test_every_readme_spec_passes_the_schema():
+    """The README's other specs (e.g. the Stable Diffusion recipe) name keys that exist."""
+    import yaml
+
+    from geomjobs.spec import validate_spec
+
+    blocks = readme_blocks("yaml")
+    assert len(blocks) >= 2
+    for block in blocks:
+        validate_spec(yaml.safe_load(block))
+
+
 def test_readme_quick_start_runs(tmp_path):
     out = tmp_path / "out" / "quickstart"
     r = subprocess.run([sys.executable, "-m", "geomjobs.cli", "run", str(ROOT / "examples" / "quickstart.yaml"),

@@ -208,6 +208,11 @@ def _model_folder(model: dict, kind: str, hint_sub: str, optional: tuple[str, ..
 
 def _load(cls, root: str, sub: str | None, where: str, dtype):
     kw = {"subfolder": sub} if sub else {}
+    with open(os.path.join(where, "config.json")) as f:
+        found = str(json.load(f).get("_class_name", "")).removeprefix("Flax")
+    want = cls.__name__.removeprefix("Flax")
+    if found and found != want:   # from_pretrained would load another model's config without a word
+        raise SpecError("model.subfolder" if sub else "model.path", f"'{where}' is a {found} folder; expected a folder of {want}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -284,6 +289,42 @@ def vae_decoder_from_module(vae, params, latent_shape, *, compute=jnp.float32, d
     shape = tuple(latent_shape)
     return Generator(model_id=model_id, apply=apply, params=params, latent_shape=shape,
                      output_shape=_shape_of(apply, params, shape, dtype), dtype=dtype)
+
+
+def vae_image_encoder(enc: dict):
+    """``latents: {kind: images, encoder: {kind: diffusers-vae, path, subfolder, dtype, image_size}}``:
+    the VAE's posterior mean of an (H, W, C) image in [0, 1] (PNG pixels / 255), as the latent the
+    decoder and the UNet take: z = (mean - shift_factor) * scaling_factor, channels first, the
+    inverse of ``diffusers-vae-decoder``'s G(z) = decode(z / scaling_factor + shift_factor).
+    The image enters the encoder as 2 x - 1 (diffusers' [-1, 1] convention), NCHW (what
+    ``FlaxAutoencoderKL.encode`` takes). Only the encoder half of the weights is kept."""
+    from geomjobs.latents.images import ImageEncoder
+
+    key = "latents.encoder"
+    diffusers = _diffusers("latents.encoder kind diffusers-vae")
+    try:
+        compute = _dtype(enc)
+        root, sub, where = _model_folder(enc, "AutoencoderKL", "vae")
+        vae, params, raw = _load(diffusers.FlaxAutoencoderKL, root, sub, where, compute)
+    except SpecError as e:   # the helpers name model.*; here the keys live under latents.encoder
+        raise SpecError(f"{key}.{e.key.split('.', 1)[-1]}", e.message) from None
+    cfg = vae.config
+    down = 2 ** (len(cfg.block_out_channels) - 1)
+    size = enc.get("image_size", cfg.sample_size)
+    if not isinstance(size, int) or isinstance(size, bool) or size < down or size % down:
+        raise SpecError(f"{key}.image_size", f"expected a positive multiple of {down} (the VAE downsamples {down}x), got {size!r}")
+    scale = float(raw.get("scaling_factor", cfg.scaling_factor))
+    shift = float(raw.get("shift_factor") or 0.0)
+    params = cast_params({k: params[k] for k in ("encoder", "quant_conv")}, compute)
+
+    def encode(p, x):
+        x = jnp.transpose(2.0 * x - 1.0, (2, 0, 1))[None].astype(compute)            # (1, C, H, W)
+        mean = vae.apply({"params": p}, x, method=vae.encode).latent_dist.mean[0]     # (h, w, C)
+        return (jnp.transpose(mean, (2, 0, 1)).astype(jnp.float32) - shift) * scale
+
+    h = size // down
+    return ImageEncoder(model_id=_model_id(enc, "diffusers-vae-encoder"), apply=encode, params=params,
+                        image_shape=(size, size, cfg.in_channels), latent_shape=(cfg.latent_channels, h, h))
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ Spec keys::
       uri: path/or/gs://...     # folder and parquet only: the folder / the Parquet dataset
       column: pixels            # parquet only: one image per row
       id_column: name           # parquet only, optional: image ids from this column (default 'row:<index>')
-      encoder: vae-digits       # a name in ENCODERS; the latent is the encoder mean
+      encoder: vae-digits       # a name in ENCODERS; the latent is the encoder mean; or a diffusers VAE:
+      # encoder: {kind: diffusers-vae, path: pipeline/or/gs://..., subfolder: vae, dtype: float32,
+      #           image_size: 512}   # z = (posterior mean - shift_factor) * scaling_factor, [C, h, w]
       count: 1000               # optional; default (and maximum): every image of the source
       diffuse:                  # optional; without it the latent is the encoding z_0 itself
         t: 100                  # an integer in [0, T-1], or "random": t_i ~ U{0..T-1} per sample
@@ -26,7 +28,9 @@ Sources. Sample i (i < count) is image i of the source:
   by the format's maximum (255, or 65535 for 16-bit) and colour images converted to grey (PIL's
   'L') when the encoder takes one channel; NPY arrays are taken as they are (so they must already
   be in the encoder's input scale: [0, 1] for vae-digits). Every image must hold exactly the
-  encoder's image shape (8x8 for vae-digits; NPY arrays may be any shape of that size).
+  encoder's image shape (8x8 for vae-digits; NPY arrays may be any shape of that size). A
+  diffusers VAE takes RGB (H, W, 3) images in [0, 1] (PNG / 255; it maps them to [-1, 1]
+  itself), H = W = ``image_size`` (default: the VAE config's sample_size).
 - ``parquet``: the rows of ``column``: lists of numbers (the image flattened row-major, taken as
   they are) or binary (the bytes of a PNG or NPY file, decoded as above).
 
@@ -101,7 +105,13 @@ ENCODERS: dict[str, Callable[[], ImageEncoder]] = {
 }
 
 
-def get_encoder(name: str) -> ImageEncoder:
+def get_encoder(name) -> ImageEncoder:
+    """A named encoder (``ENCODERS``), or a mapping ``{kind: diffusers-vae, path, ...}`` for a
+    diffusers VAE's encoder (generators.diffusers_models.vae_image_encoder)."""
+    if isinstance(name, dict):
+        from geomjobs.generators.diffusers_models import vae_image_encoder
+
+        return vae_image_encoder(name)
     if name not in ENCODERS:
         raise SpecError("latents.encoder", f"unknown encoder '{name}'; expected one of {sorted(ENCODERS)}")
     try:
