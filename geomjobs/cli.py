@@ -171,6 +171,11 @@ def main(argv=None) -> int:
     except WorkerPoolError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:   # e.g. `geomjobs inspect URI | head`: the reader is gone, not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("interrupted: committed shards are kept; rerun with --resume to finish", file=sys.stderr)
         return 130

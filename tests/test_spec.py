@@ -114,6 +114,10 @@ def test_cli_run_then_inspect(tmp_path):
     # how the step ran, from the shards' markers: chunk auto on a CPU is one pass, sized by XLA
     assert "engine         local_scaling mode projection, all rows in one pass, XLA memory plan" in r.stdout
     assert "1 device(s): 3 shards" in r.stdout
+    # piped into a reader that is gone before the first line (like head after its lines): exit 0, no traceback
+    r = subprocess.run(["bash", "-o", "pipefail", "-c", f"'{sys.executable}' -m geomjobs.cli inspect '{tmp_path / 'out'}' | true"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     r = run_cli("run", "job.yaml", "--out", str(tmp_path / "out"), "-q", cwd=tmp_path)
     assert r.returncode == 2 and "--resume" in r.stderr
 
