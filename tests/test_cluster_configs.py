@@ -143,6 +143,12 @@ def test_gpu_and_tpu_workers_match_the_example_specs():
         assert cfg["available_node_types"][cfg["head_node_type"]]["resources"] == {"CPU": 0}
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (CLUSTER / "jobs").glob("*.yaml")))
+def test_every_example_job_spec_passes_the_schema(name):
+    spec = load_spec(CLUSTER / "jobs" / name)
+    assert spec["output"].startswith("gs://") and spec["execution"]["resources"]
+
+
 def _containers(cluster_spec):
     pods = [cluster_spec["headGroupSpec"]["template"]] + [g["template"] for g in cluster_spec["workerGroupSpecs"]]
     return [c for p in pods for c in p["spec"]["containers"]]
