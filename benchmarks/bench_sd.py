@@ -142,6 +142,35 @@ def timed_rounds(variants: dict, rounds: int) -> dict[str, list[float]]:
     return times
 
 
+def device_limit(dev) -> int | None:
+    """Bytes the device's allocator may hand out (None on a CPU, which reports no limit)."""
+    try:
+        return (dev.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def warm_up(variants: dict, info: dict, limit: int | None) -> dict[str, str]:
+    """Call every compiled variant once. A program whose XLA memory plan exceeds the device's
+    limit is not run; one that fails (out of memory at run time) is dropped. Returns
+    {name: why} of the dropped ones, so a full-size run on one GPU reports "does not fit" for
+    chunk = k instead of crashing."""
+    failed = {}
+    for name, (fn, a) in list(variants.items()):
+        temp = info[name]["temp"]
+        if limit and temp > limit:
+            failed[name] = f"not run: XLA plan {temp / 2**30:.1f} GiB > {limit / 2**30:.1f} GiB"
+        else:
+            try:
+                jax.block_until_ready(fn(*a))
+                continue
+            except Exception as e:  # noqa: BLE001 - RESOURCE_EXHAUSTED and friends
+                failed[name] = f"failed: {str(e).splitlines()[0][:80]}"
+        print(f"[bench_sd] {name}: {failed[name]}", file=sys.stderr)
+        del variants[name]
+    return failed
+
+
 def fmt_flops(x):
     for unit, s in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
         if abs(x) >= s:
@@ -201,10 +230,14 @@ def run(args) -> str:
         dname = f"delta, P = {P} ({2 * P} forward passes)"
         info[dname] = dict(flops=flops / bsz, temp=temp, compile=time.perf_counter() - t0)
         variants[dname] = (c, (params, b, z))
-        jax.block_until_ready([fn(*a) for fn, a in variants.values()])   # warm-up, one call each
+        limit = int(args.device_limit_gib * 2**30) if args.device_limit_gib else device_limit(dev)
+        failed = warm_up(variants, info, limit)   # one call each; drops what does not fit
         times = timed_rounds(variants, args.rounds)
         peak = peak_for(dt)
         for name, v in info.items():
+            if name in failed:
+                rows.append((dt, name, None, v["flops"], failed[name], "", v["temp"], v["compile"]))
+                continue
             sec = statistics.median(times[name]) / bsz
             rate = v["flops"] / sec
             rows.append((dt, name, sec, v["flops"], rate, f"{100 * rate / peak:.0f} %" if peak else "n/a",
@@ -226,6 +259,9 @@ def run(args) -> str:
     ]
     for dt, name, sec, fl, rate, pk, temp, comp in rows:
         mem = f"{temp / 2**30:.2f} GiB" if temp >= 0 else "n/a"
+        if sec is None:    # did not run: rate holds why
+            out.append(f"| {dt} | {name} | {rate} | {fmt_flops(fl)} | | | {mem} | {comp:.0f} |")
+            continue
         out.append(f"| {dt} | {name} | {sec:.3f} | {fmt_flops(fl)} | {fmt_flops(rate)}FLOP/s | {pk} | {mem} | {comp:.0f} |")
     out += ["", *[f"- {x}" for x in notes]]
     out.append("- FLOP/sample: XLA's cost analysis counts a while-loop (`lax.map`) body once, so chunked programs are "
@@ -316,6 +352,8 @@ def parse(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for the dtype (default: a table)")
+    ap.add_argument("--device-limit-gib", type=float, default=None,
+                    help="skip programs whose XLA memory plan exceeds this (default: the device's allocator limit)")
     ap.add_argument("--loop-check", action=argparse.BooleanOptionalAction, default=True,
                     help="also time chunk = k inside a one-trip lax.map (the cost of the loop itself)")
     ap.add_argument("--plan-latent", type=int, default=64,
