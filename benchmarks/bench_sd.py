@@ -45,6 +45,9 @@ from geomjobs.geometry.spectrum import projected_singular_values
 SD_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
               up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
               layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
+SD_UNET = dict(sample_size=64, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+               up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, block_out_channels=(320, 640, 1280, 1280),
+               layers_per_block=2, cross_attention_dim=768, attention_head_dim=8)
 # dense peak FLOP/s by device kind (substring of jax's device_kind) and dtype
 PEAKS = {"H100": {"bfloat16": 989e12, "float32": 67e12}, "H200": {"bfloat16": 989e12, "float32": 67e12},
          "A100": {"bfloat16": 312e12, "float32": 19.5e12}, "TPU v3": {"bfloat16": 123e12, "float32": 123e12}}
@@ -65,6 +68,11 @@ def sd_vae(latent: int, seed: int = 0):
         vae = FlaxAutoencoderKL(**SD_VAE)
         shapes = jax.eval_shape(lambda: vae.init(jax.random.PRNGKey(0), jnp.zeros((1, latent, latent, 4)),
                                                  method=vae.decode)["params"])
+    return vae, random_params(shapes, seed)
+
+
+def random_params(shapes, seed: int = 0):
+    """Kernels N(0, 1/fan_in), norm scales 1, everything else 0 (float32), for a shape tree."""
     rng = np.random.default_rng(seed)
 
     def fill(path, s):
@@ -73,7 +81,25 @@ def sd_vae(latent: int, seed: int = 0):
             return (rng.standard_normal(s.shape, np.float32) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32)
         return np.ones(s.shape, np.float32) if name == "scale" else np.zeros(s.shape, np.float32)
 
-    return vae, jax.tree_util.tree_map_with_path(fill, shapes)
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def sd_unet(latent: int, dtype, timestep: int = 400):
+    """The SD-1.x-shaped UNet (860M params, random weights) as the ``diffusers-unet`` generator:
+    x0 prediction at ``timestep`` (abar of SD's scaled_linear schedule), one 77 x 768 prompt."""
+    import diffusers
+    from diffusers import FlaxUNet2DConditionModel
+
+    from geomjobs.generators.diffusers_models import alphas_cumprod, unet_from_module
+    diffusers.utils.logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unet = FlaxUNet2DConditionModel(**{**SD_UNET, "sample_size": latent})
+        shapes = jax.eval_shape(lambda: unet.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, latent, latent)),
+                                                  jnp.zeros((1,), jnp.int32), jnp.zeros((1, 77, 768)))["params"])
+    abar = alphas_cumprod({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})[timestep]
+    return unet_from_module(unet, random_params(shapes), np.zeros((1, 77, 768), np.float32), (4, latent, latent),
+                            timestep=timestep, abar=float(abar), prediction="x0", compute=dtype, model_id="sd-unet-random")
 
 
 def sd_vae_decoder(vae, params, latent: int, dtype, remat: str):
@@ -281,6 +307,8 @@ def run(args) -> str:
                    "slow path, jax-ml/jax#12868); this is why `chunk: auto` is one pass on a CPU.")
     if args.plan_latent:
         out += ["", memory_plan(vae, params32, args)]
+    if args.unet_plan_latent:
+        out += ["", unet_memory_plan(args)]
     return "\n".join(out)
 
 
@@ -338,6 +366,52 @@ def memory_plan(vae, params32, args) -> str:
     return "\n".join(out)
 
 
+def unet_memory_plan(args) -> str:
+    """The same memory plan for the SD-1.x-shaped UNet (``diffusers-unet``, x0 at t = 400): d = n =
+    4 x lat x lat, so W is k x d; compiled, not run."""
+    lat, k, P = args.unet_plan_latent, args.k, args.directions
+    d = 4 * lat * lat
+    dev = jax.devices()[0]
+    dt = args.plan_dtypes[0]
+    t0 = time.perf_counter()
+    gen = sd_unet(lat, jnp.dtype(dt))
+    print(f"[bench_sd] UNet built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    z = jax.ShapeDtypeStruct((1, d), jnp.float32)
+    w = jax.ShapeDtypeStruct((k, d), jnp.float32)
+    b = jax.ShapeDtypeStruct((P, d), jnp.float32)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(gen.params["unet"]))
+    fwd = cost(forward_fn(gen).lower(gen.params, z).compile())[0]
+    rows, vjp = [], None
+    for chunk in args.unet_plan_chunks:
+        t0 = time.perf_counter()
+        c = psi_nu_fn(gen, None if chunk >= k else chunk).lower(gen.params, w, z).compile()
+        m = c.memory_analysis()
+        if chunk >= k:
+            vjp = (cost(c)[0] - fwd) / k
+        rows.append((f"psi+nu, chunk {min(chunk, k)}", m.temp_size_in_bytes,
+                     m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes, time.perf_counter() - t0))
+        print(f"[bench_sd] UNet memory plan {rows[-1][0]}: {rows[-1][3]:.0f} s", file=sys.stderr)
+    t0 = time.perf_counter()
+    m = delta_fn(gen, args.radius).lower(gen.params, b, z).compile().memory_analysis()
+    rows.append((f"delta, P = {P}", m.temp_size_in_bytes, m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes,
+                 time.perf_counter() - t0))
+    cap = args.plan_capacity_gib
+    out = [f"### Memory plan of the SD-1.x-shaped UNet at latent 4 x {lat} x {lat} (compiled, not run)", "",
+           f"FlaxUNet2DConditionModel (block_out_channels (320, 640, 1280, 1280), cross-attention 768, "
+           f"{n_params / 1e6:.0f}M parameters, random weights) through the `diffusers-unet` generator: x0 prediction at "
+           f"t = 400, one 77 x 768 prompt, {dt} params and activations; d = n = {d}, k = {k}, one sample per program, "
+           f"compiled for {dev.platform.upper()} ({dev.device_kind}); `fits`: temporaries + arguments <= {cap:g} GiB.", "",
+           "| program | XLA temp memory | arguments + outputs | fits | compile s |", "|---|---|---|---|---|"]
+    for name, temp, io, comp in rows:
+        out.append(f"| {name} | {temp / 2**30:.2f} GiB | {io / 2**30:.2f} GiB | {'yes' if (temp + io) / 2**30 <= cap else 'no'} | {comp:.0f} |")
+    out.append("")
+    out.append(f"- One forward pass = {fmt_flops(fwd)}FLOP" + (f", one VJP row = {fmt_flops(vjp)}FLOP, so psi + nu with "
+               f"k = {k} is about {fmt_flops(fwd + k * vjp)}FLOP per sample" if vjp else "") + " (XLA's count).")
+    out.append("- `chunk: auto` starts at 32 on an accelerator and halves until the plan fits, so where 32 does not fit "
+               "it lands on 16 or 8 by itself.")
+    return "\n".join(out)
+
+
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latent", type=int, default=4, help="latent h = w (64 -> 512 x 512 images)")
@@ -362,6 +436,9 @@ def parse(argv=None):
     ap.add_argument("--plan-chunks", type=int, nargs="+", default=[8, 16, 32, 60, 120])
     ap.add_argument("--plan-remat-chunk", type=int, default=32)
     ap.add_argument("--plan-capacity-gib", type=float, default=78.0)
+    ap.add_argument("--unet-plan-latent", type=int, default=64,
+                    help="also compile (not run) the SD-shaped UNet's programs at this latent size; 0: skip")
+    ap.add_argument("--unet-plan-chunks", type=int, nargs="+", default=[8, 16, 32, 120])
     return ap.parse_args(argv)
 
 

@@ -487,13 +487,27 @@ def unet_generator(model: dict, dtype=jnp.float32) -> Generator:
 
     shape = _latent_shape(model, (cfg.in_channels, cfg.sample_size, cfg.sample_size), cfg.in_channels)
     rows = [idx] if neg is None else [neg, idx]
-    params = {"unet": cast_params(params, compute), "context": jnp.asarray(emb[rows], compute)}
+    return unet_from_module(unet, params, emb[rows], shape, timestep=t, abar=abar, output_kind=kind,
+                            prediction=prediction, guidance_scale=scale, compute=compute, dtype=dtype, remat=remat,
+                            model_id=_model_id(model, "diffusers-unet"), prompt_id=int(prompt_ids[idx]))
+
+
+def unet_from_module(unet, params, context, latent_shape, *, timestep: int, abar: float | None, output_kind="epsilon",
+                     prediction="eps", guidance_scale=None, compute=jnp.float32, dtype=jnp.float32, remat="none",
+                     model_id="diffusers-unet", prompt_id=None) -> Generator:
+    """The generator of an in-memory FlaxUNet2DConditionModel and its params: what ``kind:
+    diffusers-unet`` builds after loading (also used by benchmarks/bench_sd.py on random SD-shaped
+    weights). ``context``: (1, seq, dim) prompt hidden states, or (2, seq, dim) = (negative,
+    prompt) with ``guidance_scale``; ``output_kind``: the scheduler's prediction_type."""
+    t, kind = timestep, output_kind
+    params = {"unet": cast_params(params, compute), "context": jnp.asarray(context, compute)}
+    n_ctx = len(context)
     out_dtype = _out_dtype(compute, dtype)
-    s = None if scale is None else float(scale)
+    s = None if guidance_scale is None else float(guidance_scale)
     sa, s1a = (math.sqrt(abar), math.sqrt(1.0 - abar)) if abar is not None else (1.0, 0.0)
 
     def forward(p, z):
-        x = jnp.broadcast_to(z.astype(compute)[None], (len(rows), *z.shape))   # (1 or 2, C, h, w): NCHW
+        x = jnp.broadcast_to(z.astype(compute)[None], (n_ctx, *z.shape))   # (1 or 2, C, h, w): NCHW
         out = unet.apply({"params": p["unet"]}, x, t, p["context"]).sample.astype(out_dtype)
         o = out[0] if s is None else out[0] + s * (out[1] - out[0])
         zz = z.astype(out_dtype)
@@ -506,5 +520,6 @@ def unet_generator(model: dict, dtype=jnp.float32) -> Generator:
         return eps if prediction == "eps" else x0(eps)
 
     apply = with_remat(forward, remat)
-    return Generator(model_id=_model_id(model, "diffusers-unet"), apply=apply, params=params, latent_shape=shape,
-                     output_shape=_shape_of(apply, params, shape, dtype), timestep=t, dtype=dtype, prompt_id=int(prompt_ids[idx]))
+    shape = tuple(latent_shape)
+    return Generator(model_id=model_id, apply=apply, params=params, latent_shape=shape,
+                     output_shape=_shape_of(apply, params, shape, dtype), timestep=t, dtype=dtype, prompt_id=prompt_id)
