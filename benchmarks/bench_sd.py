@@ -168,6 +168,18 @@ def timed_rounds(variants: dict, rounds: int) -> dict[str, list[float]]:
     return times
 
 
+def plan_bytes(compiled) -> tuple[int, int]:
+    """(temporaries, arguments + outputs - aliased) of a compiled program: XLA's memory plan."""
+    m = compiled.memory_analysis()
+    return m.temp_size_in_bytes, m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+
+
+def plan_row(cells: list[str], temp: int, io: int, cap_gib: float, compile_s: float) -> str:
+    """A memory-plan table row: the leading cells, then temp, io, whether it fits, compile time."""
+    fits = "yes" if (temp + io) / 2**30 <= cap_gib else "no"
+    return "| " + " | ".join([*cells, f"{temp / 2**30:.2f} GiB", f"{io / 2**30:.2f} GiB", fits, f"{compile_s:.0f}"]) + " |"
+
+
 def device_limit(dev) -> int | None:
     """Bytes the device's allocator may hand out (None on a CPU, which reports no limit)."""
     try:
@@ -331,19 +343,16 @@ def memory_plan(vae, params32, args) -> str:
             gen = gens.setdefault(remat, sd_vae_decoder(vae, params32, lat, dtype, remat))
             t0 = time.perf_counter()
             c = psi_nu_fn(gen, None if chunk >= k else chunk).lower(gen.params, w, z).compile()
-            m = c.memory_analysis()
             if chunk >= k and remat == "none":
-                fwd = forward_fn(gen).lower(gen.params, z).compile()
-                f_vjp[dt] = (cost(c)[0] - cost(fwd)[0]) / k, cost(fwd)[0]
+                f_fwd = cost(forward_fn(gen).lower(gen.params, z).compile())[0]
+                f_vjp[dt] = (cost(c)[0] - f_fwd) / k, f_fwd
             rows.append((dt, f"psi+nu, chunk {min(chunk, k)}" + (f", remat {remat}" if remat != "none" else ""),
-                         m.temp_size_in_bytes, m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes,
-                         time.perf_counter() - t0))
+                         *plan_bytes(c), time.perf_counter() - t0))
             print(f"[bench_sd] memory plan {dt} {rows[-1][1]}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         gen = gens["none"]
         t0 = time.perf_counter()
-        m = delta_fn(gen, args.radius).lower(gen.params, b, z).compile().memory_analysis()
-        rows.append((dt, f"delta, P = {P}", m.temp_size_in_bytes,
-                     m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes, time.perf_counter() - t0))
+        rows.append((dt, f"delta, P = {P}", *plan_bytes(delta_fn(gen, args.radius).lower(gen.params, b, z).compile()),
+                     time.perf_counter() - t0))
     cap = args.plan_capacity_gib
     img = 8 * lat
     out = [f"### Memory plan at {img} x {img} (compiled, not run)", "",
@@ -351,9 +360,7 @@ def memory_plan(vae, params32, args) -> str:
            f"n = {n}), k = {k}, one sample per program, compiled for {dev.platform.upper()} ({dev.device_kind}). "
            f"`fits` compares temporaries + arguments with {cap:g} GiB (one H100 80 GB).", "",
            "| dtype | program | XLA temp memory | arguments + outputs | fits | compile s |", "|---|---|---|---|---|---|"]
-    for dt, name, temp, io, comp in rows:
-        out.append(f"| {dt} | {name} | {temp / 2**30:.2f} GiB | {io / 2**30:.2f} GiB | "
-                   f"{'yes' if (temp + io) / 2**30 <= cap else 'no'} | {comp:.0f} |")
+    out += [plan_row([dt, name], temp, io, cap, comp) for dt, name, temp, io, comp in rows]
     out.append("")
     for dt, (vjp, fwd) in f_vjp.items():
         out.append(f"- {dt}: one forward pass = {fmt_flops(fwd)}FLOP, one VJP row = {fmt_flops(vjp)}FLOP, so psi + nu "
@@ -385,15 +392,12 @@ def unet_memory_plan(args) -> str:
     for chunk in args.unet_plan_chunks:
         t0 = time.perf_counter()
         c = psi_nu_fn(gen, None if chunk >= k else chunk).lower(gen.params, w, z).compile()
-        m = c.memory_analysis()
         if chunk >= k:
             vjp = (cost(c)[0] - fwd) / k
-        rows.append((f"psi+nu, chunk {min(chunk, k)}", m.temp_size_in_bytes,
-                     m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes, time.perf_counter() - t0))
+        rows.append((f"psi+nu, chunk {min(chunk, k)}", *plan_bytes(c), time.perf_counter() - t0))
         print(f"[bench_sd] UNet memory plan {rows[-1][0]}: {rows[-1][3]:.0f} s", file=sys.stderr)
     t0 = time.perf_counter()
-    m = delta_fn(gen, args.radius).lower(gen.params, b, z).compile().memory_analysis()
-    rows.append((f"delta, P = {P}", m.temp_size_in_bytes, m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes,
+    rows.append((f"delta, P = {P}", *plan_bytes(delta_fn(gen, args.radius).lower(gen.params, b, z).compile()),
                  time.perf_counter() - t0))
     cap = args.plan_capacity_gib
     out = [f"### Memory plan of the SD-1.x-shaped UNet at latent 4 x {lat} x {lat} (compiled, not run)", "",
@@ -402,8 +406,7 @@ def unet_memory_plan(args) -> str:
            f"t = 400, one 77 x 768 prompt, {dt} params and activations; d = n = {d}, k = {k}, one sample per program, "
            f"compiled for {dev.platform.upper()} ({dev.device_kind}); `fits`: temporaries + arguments <= {cap:g} GiB.", "",
            "| program | XLA temp memory | arguments + outputs | fits | compile s |", "|---|---|---|---|---|"]
-    for name, temp, io, comp in rows:
-        out.append(f"| {name} | {temp / 2**30:.2f} GiB | {io / 2**30:.2f} GiB | {'yes' if (temp + io) / 2**30 <= cap else 'no'} | {comp:.0f} |")
+    out += [plan_row([name], temp, io, cap, comp) for name, temp, io, comp in rows]
     out.append("")
     out.append(f"- One forward pass = {fmt_flops(fwd)}FLOP" + (f", one VJP row = {fmt_flops(vjp)}FLOP, so psi + nu with "
                f"k = {k} is about {fmt_flops(fwd + k * vjp)}FLOP per sample" if vjp else "") + " (XLA's count).")

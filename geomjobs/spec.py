@@ -131,14 +131,12 @@ def resolve_paths(spec: dict, base: str | Path) -> dict:
     """Make local paths named in a spec absolute. A spec file's relative paths are relative to
     the file's folder (so a spec and its weights travel together); a mapping's, to the cwd.
     Workers on other machines then see the same absolute paths (or URIs)."""
-    for section, key in PATH_KEYS:
-        v = spec.get(section, {}).get(key)
-        if isinstance(v, str) and "://" not in v and not Path(v).is_absolute():
-            spec[section][key] = str((Path(base) / v).resolve())
     enc = spec.get("latents", {}).get("encoder")
-    if isinstance(enc, dict) and isinstance(enc.get("path"), str) and "://" not in enc["path"] \
-            and not Path(enc["path"]).is_absolute():
-        enc["path"] = str((Path(base) / enc["path"]).resolve())
+    places = [(spec.get(section, {}), key) for section, key in PATH_KEYS] + ([(enc, "path")] if isinstance(enc, dict) else [])
+    for holder, key in places:
+        v = holder.get(key)
+        if isinstance(v, str) and "://" not in v and not Path(v).is_absolute():
+            holder[key] = str((Path(base) / v).resolve())
     return spec
 
 

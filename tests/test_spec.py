@@ -79,6 +79,13 @@ def test_relative_paths_in_a_spec_file_are_relative_to_the_file(tmp_path):
     (tmp_path / "sub" / "job.yaml").write_text(yaml.safe_dump(spec))
     loaded = load_spec(tmp_path / "sub" / "job.yaml")
     assert loaded["model"]["weights"] == str(tmp_path / "sub" / "m.npz")
+    # an image encoder's model folder too; URIs stay as they are
+    spec["latents"] = {"kind": "images", "source": "digits", "encoder": {"kind": "diffusers-vae", "path": "pipe"}}
+    (tmp_path / "sub" / "enc.yaml").write_text(yaml.safe_dump(spec))
+    assert load_spec(tmp_path / "sub" / "enc.yaml")["latents"]["encoder"]["path"] == str(tmp_path / "sub" / "pipe")
+    spec["latents"]["encoder"]["path"] = "gs://b/pipe"
+    (tmp_path / "sub" / "enc.yaml").write_text(yaml.safe_dump(spec))
+    assert load_spec(tmp_path / "sub" / "enc.yaml")["latents"]["encoder"]["path"] == "gs://b/pipe"
 
 
 def run_cli(*args, cwd):

@@ -209,7 +209,8 @@ def _model_folder(model: dict, kind: str, hint_sub: str, optional: tuple[str, ..
 def _load(cls, root: str, sub: str | None, where: str, dtype):
     kw = {"subfolder": sub} if sub else {}
     with open(os.path.join(where, "config.json")) as f:
-        found = str(json.load(f).get("_class_name", "")).removeprefix("Flax")
+        raw = json.load(f)
+    found = str(raw.get("_class_name", "")).removeprefix("Flax")
     want = cls.__name__.removeprefix("Flax")
     if found and found != want:   # from_pretrained would load another model's config without a word
         raise SpecError("model.subfolder" if sub else "model.path", f"'{where}' is a {found} folder; expected a folder of {want}")
@@ -219,8 +220,6 @@ def _load(cls, root: str, sub: str | None, where: str, dtype):
             module, params = cls.from_pretrained(root, dtype=dtype, **kw)
     except Exception as e:  # noqa: BLE001 - diffusers raises many kinds
         raise SpecError("model.path", f"cannot load a {cls.__name__} from '{where}': {type(e).__name__}: {e}") from None
-    with open(os.path.join(where, "config.json")) as f:
-        raw = json.load(f)
     return module, params, raw
 
 
