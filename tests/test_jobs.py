@@ -12,7 +12,8 @@ from geomjobs import run_job
 from geomjobs.generators.mlp import load_mlp_weights, mlp_apply
 from geomjobs.latents import build_latents
 from geomjobs.runner.plan import plan_job
-from geomjobs.runner.shards import compute_shard, engine_for
+from geomjobs.runner.engine import Engine
+from geomjobs.runner.shards import compute_shard
 from geomjobs.sink.dataset import Dataset, DatasetError
 
 
@@ -66,7 +67,7 @@ def test_records_do_not_depend_on_shard_or_batch_size(tmp_path, shard_size, batc
 
 def test_step_compiles_once_for_many_batches_and_a_padded_tail(tmp_path):
     plan = plan_job(mlp_spec(write_mlp(tmp_path), count=45, shard_size=45, batch_size=8))
-    engine = engine_for(plan)
+    engine = Engine(plan)
     compute_shard(plan, 0, engine)  # 5 full batches + a tail of 5
     assert engine.compiled_count() == 1
 

@@ -117,11 +117,12 @@ import json, sys, numpy as np, jax
 sys.path.insert(0, {str(TESTS)!r})
 from jobs import mlp_spec
 from geomjobs.runner.plan import plan_job
-from geomjobs.runner.shards import compute_shard, engine_for
+from geomjobs.runner.engine import Engine
+from geomjobs.runner.shards import compute_shard
 spec = mlp_spec({write_mlp(tmp_path)!r}, count=21, shard_size=21, batch_size=5,
                 local_scaling={{"mode": "projection", "k": 5}}, local_rank={{}}, local_complexity={{"directions": 2}})
 plan = plan_job(spec)
-e = engine_for(plan)
+e = Engine(plan)
 t = compute_shard(plan, 0, e)
 print(json.dumps({{"devices": e.num_devices, "batch": e.batch_size, "compiled": e.compiled_count(),
                   "psi": t.column("local_scaling").to_pylist(), "delta": t.column("local_complexity").to_pylist()}}))

@@ -11,7 +11,8 @@ import time
 
 from geomjobs.runner.engine import format_exception
 from geomjobs.runner.plan import Plan, plan_job
-from geomjobs.runner.shards import compute_shard, engine_for
+from geomjobs.runner.engine import Engine
+from geomjobs.runner.shards import compute_shard
 from geomjobs.sink.dataset import Dataset, DatasetError
 from geomjobs.spec import SCHEMA_VERSION, SpecError, diff_keys, identity
 
@@ -88,7 +89,7 @@ def run_local(spec: dict, out: str | None = None, *, resume: bool = False, progr
     ds = open_output(plan, out, resume)
     done = set(ds.committed())
     todo = [s for s in range(plan.num_shards) if s not in done]
-    engine = engine_for(plan)
+    engine = Engine(plan)
     retries = plan.spec["execution"]["max_retries"]
     bar = _progress(plan, todo, done, progress)
     computed = 0

@@ -59,6 +59,14 @@ class Plan:
     def job_id(self) -> str:
         return self.spec["job_id"]
 
+    def with_output(self, uri: str, job_id: str | None = None) -> "Plan":
+        """A new plan whose spec names ``uri`` as its output (and ``job_id``, when given); this
+        plan and its spec are left as they are."""
+        spec = {**self.spec, "output": uri}
+        if job_id is not None:
+            spec["job_id"] = job_id
+        return dataclasses.replace(self, spec=spec)
+
     def artifacts(self) -> dict:
         d, n = self.generator.latent_dim, self.generator.output_dim
         return {"W": self.W if self.W is not None else np.zeros((0, n)),

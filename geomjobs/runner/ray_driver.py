@@ -93,7 +93,7 @@ class ShardWorker:
 
     def __init__(self, spec: dict, spec_hash: str):
         from geomjobs.runner.plan import plan_job
-        from geomjobs.runner.shards import engine_for
+        from geomjobs.runner.engine import Engine
         from geomjobs.sink.dataset import Dataset
 
         self.plan = plan_job(spec)
@@ -101,7 +101,7 @@ class ShardWorker:
             raise RuntimeError(f"this worker plans the job with spec hash {self.plan.hash[:12]}, the driver with "
                                f"{spec_hash[:12]}: install the driver's geomjobs version on the cluster")
         self.ds = Dataset(self.plan.spec["output"])
-        self.engine = engine_for(self.plan)
+        self.engine = Engine(self.plan)
         self.name = f"ray:{_node_ip()}:{os.getpid()}"
 
     def ready(self) -> dict:

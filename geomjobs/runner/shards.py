@@ -13,20 +13,9 @@ from geomjobs.records import records_table
 from geomjobs.runner.engine import Engine
 from geomjobs.runner.plan import Plan
 
-_ENGINES: dict[str, Engine] = {}
-
-
-def engine_for(plan: Plan) -> Engine:
-    """One engine per (spec, batch size) per process: the model is loaded and compiled once."""
-    key = plan.hash + f":{plan.spec['execution']['batch_size']}"
-    if key not in _ENGINES:
-        _ENGINES.clear()   # a worker serves one job at a time; free the previous model
-        _ENGINES[key] = Engine(plan)
-    return _ENGINES[key]
-
-
-def compute_shard(plan: Plan, shard: int, engine: Engine | None = None) -> pa.Table:
-    engine = engine or engine_for(plan)
+def compute_shard(plan: Plan, shard: int, engine: Engine) -> pa.Table:
+    """The records of one shard, computed by ``engine`` (built once per process from ``plan``:
+    the caller owns it, so nothing is cached behind its back)."""
     ids = plan.shard_ids(shard)
     z = plan.latents.latents(ids)
     res, errors = engine.compute(z)
