@@ -21,20 +21,13 @@ from typing import Any
 import jsonschema
 import yaml
 
+from geomjobs.errors import SpecError
+
 SCHEMA_VERSION = 1
 
 EXECUTION_DEFAULTS = {"shard_size": 256, "batch_size": 16, "dtype": "float32", "max_retries": 3}
 # Keys that change how a job runs but not what it computes: a resume may change them.
 RUN_ONLY_KEYS = ("batch_size", "workers", "resources", "max_retries")
-
-
-class SpecError(ValueError):
-    """A job spec (or a file it names) is not what geomjobs expects. Exit code 2."""
-
-    def __init__(self, key: str, message: str):
-        self.key = key
-        self.message = message
-        super().__init__(f"spec key '{key}': {message}" if key else message)
 
 
 def job_schema() -> dict:

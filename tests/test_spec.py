@@ -45,7 +45,7 @@ def test_defaults_are_filled_and_model_sizes_checked(tmp_path):
     assert plan.spec["job_id"].startswith("job-")
     with pytest.raises(SpecError, match=r"descriptors.local_scaling.k'.*k <= n = 10"):
         plan_job(mlp_spec(w, local_scaling={"mode": "projection", "k": 11}))
-    with pytest.raises(SpecError, match=r"only applies to mode: projection"):
+    with pytest.raises(SpecError, match=r"only applies to mode: lanczos or projection"):
         plan_job(mlp_spec(w, local_scaling={"mode": "exact", "k": 3}))
     bad_shape = mlp_spec(w)
     bad_shape["latents"]["shape"] = [5]

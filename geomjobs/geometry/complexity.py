@@ -23,8 +23,8 @@ What is recognised (see the module constants):
   and ``max``/``min`` with a constant-zero operand (``jnp.maximum(x, 0)``) are sites.
 
 Not supported: nonlinearities inside ``scan`` / ``while`` / ``cond`` (and any other primitive
-carrying sub-jaxprs) are evaluated opaquely and NOT counted (a warning is emitted once per
-primitive); ``jnp.where(x > 0, x, 0)``-style relus and ``max(x, y)`` of two variables are not
+carrying sub-jaxprs) are evaluated opaquely and NOT counted (a warning is emitted, once per
+primitive and call site under Python's default filter); ``jnp.where(x > 0, x, 0)``-style relus and ``max(x, y)`` of two variables are not
 sites; only the zero crossing is counted for activations with other kinks (relu6, hard_tanh).
 """
 from __future__ import annotations
@@ -69,7 +69,6 @@ _CALL_PRIMITIVES = frozenset({
 _ZERO_PRESERVING = frozenset({
     "convert_element_type", "broadcast_in_dim", "reshape", "copy", "squeeze", "expand_dims",
 })
-_warned: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -170,8 +169,8 @@ class _Interpreter:
                     z0, z1 = is_zero(eqn.invars[0]), is_zero(eqn.invars[1])
                     if z0 != z1:
                         self._tap(prim, invals[0] if z1 else invals[1], here)
-                elif body is None and _has_subjaxprs(eqn) and prim not in _warned:
-                    _warned.add(prim)
+                elif body is None and _has_subjaxprs(eqn):
+                    # Python's default filter shows this once per message and call site
                     warnings.warn(f"local_complexity: nonlinearities inside '{prim}' are "
                                   "evaluated opaquely and not counted", stacklevel=3)
                 if prim in _ZERO_PRESERVING and eqn.invars and is_zero(eqn.invars[0]):

@@ -62,17 +62,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from geomjobs.geometry.descriptors import local_rank, local_scaling
+from geomjobs.geometry.projections import seeded_rng
 
 DEFAULT_PROBES = 16
 DEFAULT_SLQ_STEPS = 30
 
 
 # ---------------------------------------------------------------- fixed random vectors (NumPy)
-def _rng(seed: int, stream: str) -> np.random.Generator:
-    tag = int.from_bytes(stream.encode()[:8].ljust(8, b"\0"), "little")
-    return np.random.default_rng([seed, tag])
-
-
 def rademacher_probes(num: int, dim: int, seed: int) -> np.ndarray:
     """(num, dim) float64 matrix of independent +-1 entries, drawn once per job from ``seed``.
 
@@ -81,12 +77,12 @@ def rademacher_probes(num: int, dim: int, seed: int) -> np.ndarray:
     """
     if num < 1 or dim < 1:
         raise ValueError(f"need num >= 1 and dim >= 1, got {num}, {dim}")
-    return _rng(seed, "slq").choice(np.array([-1.0, 1.0]), size=(num, dim))
+    return seeded_rng(seed, "slq").choice(np.array([-1.0, 1.0]), size=(num, dim))
 
 
 def start_vector(dim: int, seed: int) -> np.ndarray:
     """Unit-norm Gaussian start vector of the Lanczos run, drawn once per job from ``seed``."""
-    v = _rng(seed, "lanczos").standard_normal(dim)
+    v = seeded_rng(seed, "lanczos").standard_normal(dim)
     return v / np.linalg.norm(v)
 
 
@@ -103,6 +99,11 @@ def krylov_dim(n: int, d: int) -> int:
     So these modes floor the factor at 256; for max(n, d) >= 256 the tolerance is the SPEC's.
     """
     return max(n, d, KRYLOV_TOL_FLOOR)
+
+
+def krylov_rtol(n: int, d: int, dtype) -> float:
+    """The relative rank tolerance of the Krylov modes: :func:`krylov_dim` (n, d) * eps(dtype)."""
+    return krylov_dim(n, d) * float(np.finfo(dtype).eps)
 
 
 def gram_side(n: int, d: int) -> int:
@@ -226,9 +227,9 @@ def lanczos_descriptors(g: Callable, z, v0, *, k: int, steps: int):
     """(top-k singular values, psi, nu): the SPEC's formulas on the k values, rank tolerance
     s_1 * :func:`krylov_dim` (n, d) * eps."""
     n = jax.eval_shape(g, z).shape[0]
-    d = z.shape[0]
     s = lanczos_singular_values(g, z, v0, k=k, steps=steps)
-    return s, local_scaling(s, krylov_dim(n, d), d), local_rank(s, krylov_dim(n, d), d)
+    rtol = krylov_rtol(n, z.shape[0], s.dtype)
+    return s, local_scaling(s, rtol), local_rank(s, rtol)
 
 
 # ---------------------------------------------------------------- mode: slq
@@ -257,18 +258,14 @@ def slq_log_volume(g: Callable, z, probes, *, steps: int, chunk: int | None = No
     probes = jnp.asarray(probes, z.dtype)
     num = probes.shape[0]
     rows = max(n, d)
-    run = jax.vmap(lambda p: _quadrature_nodes(mv, rmv, rows, steps, p))
+    node = lambda p: _quadrature_nodes(mv, rmv, rows, steps, p)  # noqa: E731
     if chunk is None or chunk >= num:
-        theta, tau = run(probes)
+        theta, tau = jax.vmap(node)(probes)
     else:
-        pad = (-num) % chunk
-        pp = jnp.concatenate([probes, jnp.repeat(probes[:1], pad, 0)]) if pad else probes
-        theta, tau = jax.lax.map(run, pp.reshape(-1, chunk, probes.shape[1]))
-        theta = theta.reshape(-1, steps)[:num]
-        tau = tau.reshape(-1, steps)[:num]
+        theta, tau = jax.lax.map(node, probes, batch_size=chunk)
     length2 = jnp.sum(probes * probes, axis=1)           # ||v||^2 (= min(n, d) for +-1 probes)
-    tol = jnp.max(theta) * krylov_dim(n, d) * jnp.finfo(theta.dtype).eps
-    keep = theta > tol
+    # one threshold for every probe's Ritz values: the largest of them all stands for s_1
+    keep = theta > jnp.max(theta) * krylov_rtol(n, d, theta.dtype)
     safe = jnp.where(keep, theta, 1.0)
     log_t = jnp.where(keep, jnp.log(safe), 0.0)
     s_t = jnp.where(keep, theta, 0.0)

@@ -9,11 +9,8 @@ bounds memory at chunk x (activation size) instead of k x (activation size).
 Both functions take ONE flat latent; vmap them over a batch.
 
 Chunking has a price on XLA:CPU: a convolution inside a while loop (which ``lax.map`` is)
-misses the fast convolution path (jax-ml/jax#12868). Measured on this project's 2-core CPU
-(``make bench``, sd section): the SD-shaped VAE decoder at 32 x 32 takes ~4x longer per
-sample with any chunking, even one chunk of all k rows; a one-off timing of a ReLU MLP
-(64 -> 256 -> 256 -> 3072, k = 120, batch 16) gave 10.2 ms per batch with chunk 32 against 7.3 ms
-unchunked. So ``chunk: auto`` (the job default, :func:`default_chunk`) pushes all k rows in
+misses the fast convolution path (jax-ml/jax#12868; the figures are in BENCHMARKS.md, sd
+section). So ``chunk: auto`` (the job default, :func:`default_chunk`) pushes all k rows in
 one vmapped pass on a CPU, where host memory is plentiful, and chunks of 32 on an
 accelerator, where memory bounds the sweep.
 """
@@ -58,13 +55,9 @@ def projected_rows(g: Callable, z, w, *, chunk: int | None = None):
     out, vjp = jax.vjp(g, z)
     k = w.shape[0]
     w = w.astype(out.dtype)
-    pull = jax.vmap(lambda c: vjp(c)[0])
     if chunk is None or chunk >= k:
-        return pull(w)
-    pad = (-k) % chunk
-    wp = jnp.concatenate([w, jnp.zeros((pad, w.shape[1]), w.dtype)]) if pad else w
-    rows = jax.lax.map(pull, wp.reshape(-1, chunk, w.shape[1]))
-    return rows.reshape(-1, z.shape[0])[:k]
+        return jax.vmap(lambda c: vjp(c)[0])(w)
+    return jax.lax.map(lambda c: vjp(c)[0], w, batch_size=chunk)
 
 
 def projected_singular_values(g: Callable, z, w, *, chunk: int | None = None, svd_dtype=None):

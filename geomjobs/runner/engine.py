@@ -1,9 +1,11 @@
-"""The per-process compute engine: one jitted, vmapped step over a fixed batch shape.
+"""The per-process compute engine: one compiled, vmapped step over a fixed batch shape.
 
-An engine is built once per process (a Ray worker, or the local driver) from a plan. Its
-step takes the model parameters and W, B as arguments rather than closing over them, so XLA
-does not fold a large model's weights into the program as constants. Every batch has exactly
-``batch_size`` rows (the tail is padded), so the step compiles once per process.
+An engine is built once per process (a Ray worker, or the local driver) from a plan. Its step
+(:func:`geomjobs.runner.step.make_step`) takes the model parameters and the job's fixed arrays
+as arguments rather than closing over them, so XLA does not fold a large model's weights into
+the program as constants. Every batch has exactly ``batch_size`` rows (the tail is padded), and
+the step is compiled ahead of time, once: a batch of another shape is an error, never a
+silent recompile.
 """
 from __future__ import annotations
 
@@ -16,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from geomjobs.geometry.descriptors import local_rank, local_scaling
-from geomjobs.geometry.spectrum import default_chunk, exact_singular_values, projected_singular_values
 from geomjobs.runner.plan import Plan
+from geomjobs.runner.precision import precision
+from geomjobs.runner.step import make_step
 
 log = logging.getLogger(__name__)
 
@@ -26,108 +28,56 @@ log = logging.getLogger(__name__)
 class Engine:
     def __init__(self, plan: Plan):
         self.plan = plan
-        gen = plan.generator
-        desc = plan.spec["descriptors"]
         self.batch_size = plan.spec["execution"]["batch_size"]
         self.dtype = jnp.dtype(plan.spec["execution"]["dtype"])
-        self.want_sv = "local_scaling" in desc
-        self.want_delta = "local_complexity" in desc
-        ls = desc.get("local_scaling", {})
-        lc = desc.get("local_complexity", {})
-        d, n = gen.latent_dim, gen.output_dim
-        mode = self.mode = ls.get("mode")
-        # rows of M for the rank tolerance (lanczos: floored, see estimators.krylov_dim)
-        rows = ls.get("k", 0) if mode == "projection" else n
-        if mode in ("slq", "lanczos"):  # fixed per job from the seed, like W (estimators.py)
-            from geomjobs.geometry import estimators as est
+        self.mode = plan.estimator.name if plan.estimator is not None else None
+        self.compiles = 0             # programs this engine compiled (chunk: auto may try several)
+        self.memory_bytes = None      # XLA's memory plan of the step, where the backend has one
+        with precision(self.dtype):
+            self._params = plan.generator.params
+            self._arrays = {k: jnp.asarray(v, self.dtype) for k, v in plan.arrays.items()}
+            self._split_across_devices()
+            self._compile()
 
-            c = est.gram_side(n, d)
-            krylov = (est.rademacher_probes(ls["num_probes"], c, ls["seed"]) if mode == "slq"
-                      else est.start_vector(c, ls["seed"]))
-            krylov = jnp.asarray(krylov, self.dtype)
-            rows = est.krylov_dim(n, d) if mode == "lanczos" else rows
-        sites = plan.sites
-        radius = lc.get("radius", 0.0)
-        apply, shape = gen.apply, gen.latent_shape
-
-        def one(params, w, b, z_flat, chunk):
-            g = lambda zf: apply(params, zf.reshape(shape)).reshape(-1)  # noqa: E731
-            out = {}
-            if self.want_sv:
-                if mode == "slq":  # full-spectrum estimate; no individual singular values
-                    r = est.slq_log_volume(g, z_flat, krylov, steps=ls["steps"], chunk=chunk)
-                    out["local_scaling"] = r.local_scaling
-                    out["local_rank"] = r.local_rank
-                else:
-                    if mode == "exact":
-                        s = exact_singular_values(g, z_flat)
-                    elif mode == "lanczos":
-                        s = est.lanczos_singular_values(g, z_flat, krylov, k=ls["k"], steps=ls["steps"])
-                    else:
-                        s = projected_singular_values(g, z_flat, w, chunk=chunk)
-                    out["singular_values"] = s
-                    out["local_scaling"] = local_scaling(s, rows, d)
-                    out["local_rank"] = local_rank(s, rows, d)
-            if self.want_delta:
-                from geomjobs.geometry.complexity import local_complexity
-
-                total, per = local_complexity(lambda z: apply(params, z), z_flat.reshape(shape), b, radius, sites=sites)
-                out["local_complexity"] = total
-                out["local_complexity_per_layer"] = per
-            return out
-
-        def build(chunk):
-            return jax.jit(jax.vmap(lambda p, w, b, z: one(p, w, b, z, chunk), in_axes=(None, None, None, 0)))
-
-        self._params = gen.params
-        self._w = jnp.asarray(plan.W, self.dtype) if plan.W is not None else jnp.zeros((1, n), self.dtype)
-        self._b = jnp.asarray(plan.B, self.dtype) if plan.B is not None else jnp.zeros((1, d), self.dtype)
-        self._split_across_devices()
-        self.chunk = ls.get("chunk")
-        self.memory_bytes = None    # XLA's footprint of the step, when chunk: auto measured it
-        if mode == "projection":
-            self.chunk = default_chunk(self.chunk, ls["k"], jax.default_backend())
-            if ls["chunk"] == "auto":
-                self._step = self._fit_chunk(build, ls["k"])
-                return
-        self._step = build(self.chunk)
-
-    def _example_args(self):
-        z = np.zeros((self.batch_size, self.plan.generator.latent_dim), self.dtype)
-        z = jnp.asarray(z) if self._z_sharding is None else jax.device_put(z, self._z_sharding)
-        return self._params, self._w, self._b, z
-
-    def _fit_chunk(self, build, k: int):
-        """``chunk: auto``: start from the platform's default (spectrum.default_chunk) and halve
-        the chunk until XLA's memory plan of the whole step (temporaries + arguments + outputs,
-        from compiling it, before any sample runs) fits :func:`memory_budget`. Sets
-        ``self.chunk``/``self.memory_bytes``; returns the jitted step. Where the backend reports
-        no memory plan the default stands."""
-        budget = memory_budget()
-        tries = [self.chunk] + [c for c in (32, 16, 8, 4, 2, 1) if c < (self.chunk or k)]
-        step = need = None
-        for chunk in tries:
-            step = build(chunk)
+    def _compile(self) -> None:
+        """Compile the step once. With several chunk candidates (``chunk: auto``), take the first
+        whose XLA memory plan (temporaries + arguments + outputs, known from compiling, before
+        any sample runs) fits :func:`memory_budget`; where the backend reports no memory plan,
+        the first stands."""
+        est, cfg = self.plan.estimator, self.plan.spec["descriptors"].get("local_scaling")
+        candidates = est.chunks(cfg, jax.default_backend()) if est is not None else [None]
+        budget = memory_budget() if len(candidates) > 1 else None
+        need = None
+        for chunk in candidates:
+            jitted = make_step(self.plan, chunk)
+            compiled = jitted.lower(*self._example_args()).compile()
+            self.compiles += 1
             try:
-                need = program_bytes(step.lower(*self._example_args()).compile())
-            except Exception:  # noqa: BLE001 - no memory analysis here: keep the default
+                need = program_bytes(compiled)
+            except Exception:  # noqa: BLE001 - no memory analysis on this backend
                 need = None
             if need is None or budget is None or need <= budget:
                 break
         if need is not None and budget is not None and need > budget:
             log.warning("chunk auto: even chunk %s needs %.2f GiB, over the %.2f GiB budget", chunk,
                         need / 2**30, budget / 2**30)
-        self.chunk, self.memory_bytes = chunk, need
-        log.info("chunk auto -> %s (XLA memory plan %s, budget %s)", chunk,
-                 "n/a" if need is None else f"{need / 2**30:.2f} GiB",
-                 "n/a" if budget is None else f"{budget / 2**30:.2f} GiB")
-        return step
+        self.memory_bytes = need
+        if len(candidates) > 1:
+            log.info("chunk auto -> %s (XLA memory plan %s, budget %s)", chunk,
+                     "n/a" if need is None else f"{need / 2**30:.2f} GiB",
+                     "n/a" if budget is None else f"{budget / 2**30:.2f} GiB")
+        self.chunk, self._jitted, self._step = chunk, jitted, compiled
+
+    def _example_args(self):
+        z = np.zeros((self.batch_size, self.plan.generator.latent_dim), self.dtype)
+        z = jnp.asarray(z) if self._z_sharding is None else jax.device_put(z, self._z_sharding)
+        return self._params, self._arrays, z
 
     def _split_across_devices(self) -> None:
         """A process that sees several local devices (a TPU host, a multi-GPU worker) splits
         each batch across all of them: the batch axis is sharded over a 1-D mesh, parameters
-        and W, B are replicated, and the batch is padded up to a multiple of the device count.
-        One device: nothing changes."""
+        and the fixed arrays are replicated, and the batch is padded up to a multiple of the
+        device count. One device: nothing changes."""
         devices = jax.local_devices()
         self.num_devices = len(devices)
         self._z_sharding = None
@@ -139,23 +89,25 @@ class Engine:
         self.batch_size = ceil_div(self.batch_size, self.num_devices) * self.num_devices
         self._z_sharding = NamedSharding(mesh, PartitionSpec("batch"))
         replicated = NamedSharding(mesh, PartitionSpec())
-        self._params, self._w, self._b = jax.device_put((self._params, self._w, self._b), replicated)
+        self._params, self._arrays = jax.device_put((self._params, self._arrays), replicated)
 
     def describe(self) -> dict:
         """How this process runs the step (kept in each shard's commit marker): the cotangent
-        chunk (None: all k rows in one pass), XLA's memory plan in bytes when ``chunk: auto``
-        measured it, and the local device count."""
+        chunk (None: all k rows in one pass), XLA's memory plan of the compiled step in bytes
+        (None where the backend has none), and the local device count."""
         return {"mode": self.mode, "chunk": self.chunk, "xla_memory_bytes": self.memory_bytes, "devices": self.num_devices}
 
     def compiled_count(self) -> int:
-        """How many programs the step has compiled (1 after any number of batches)."""
-        return self._step._cache_size()
+        """How many programs this engine compiled: 1, or the chunks ``chunk: auto`` tried. The
+        step is compiled ahead of time, so batches never add to it."""
+        return self.compiles
 
     def _run(self, zb: np.ndarray) -> dict[str, np.ndarray]:
-        z = jnp.asarray(zb, self.dtype) if self._z_sharding is None else jax.device_put(
-            np.asarray(zb, self.dtype), self._z_sharding)
-        out = self._step(self._params, self._w, self._b, z)
-        return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
+        with precision(self.dtype):
+            z = jnp.asarray(zb, self.dtype) if self._z_sharding is None else jax.device_put(
+                np.asarray(zb, self.dtype), self._z_sharding)
+            out = self._step(self._params, self._arrays, z)
+            return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
 
     def compute(self, z: np.ndarray) -> tuple[dict[str, np.ndarray], list[str | None]]:
         """Descriptors for latents z (m, *shape), any m; returns per-sample arrays and errors.
@@ -205,7 +157,8 @@ class Engine:
 
     def _run_shapes(self):
         z = jax.ShapeDtypeStruct((self.batch_size, self.plan.generator.latent_dim), self.dtype)
-        shapes = jax.eval_shape(self._step, self._params, self._w, self._b, z)
+        with precision(self.dtype):
+            shapes = jax.eval_shape(self._jitted, self._params, self._arrays, z)
         return {k: np.zeros(v.shape, v.dtype) for k, v in shapes.items()}
 
 

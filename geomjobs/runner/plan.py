@@ -1,10 +1,9 @@
 """Plan a job: build its generator and latents, fill size-dependent defaults, check they fit,
-draw W and B. Everything here happens before the first sample is computed, so every spec
+draw the arrays fixed per job (the estimator's, and B). Everything here happens before the first sample is computed, so every spec
 problem surfaces as a :class:`SpecError` (exit 2) with no work lost.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from pathlib import Path
@@ -12,25 +11,23 @@ from pathlib import Path
 import numpy as np
 
 from geomjobs.generators import Generator, build_generator
+from geomjobs.geometry import modes
+from geomjobs.geometry.modes import Dims, Estimator
 from geomjobs.geometry.projections import orthonormal_rows
 from geomjobs.latents import LatentSource, build_latents
+from geomjobs.runner.precision import precision
 from geomjobs.spec import SpecError, resolve_paths, spec_hash, validate_spec
 
-EXACT_MAX_ENTRIES = 1 << 22   # default to exact mode while the dense Jacobian has <= 4M entries
-DEFAULT_K = 120               # the paper's k for Stable Diffusion
 DEFAULT_DIRECTIONS = 4        # the paper's P
-# local_scaling keys that only some modes read (exact reads none of them)
-MODE_KEYS = {"k": ("projection", "lanczos"), "chunk": ("projection", "slq"),
-             "steps": ("slq", "lanczos"), "num_probes": ("slq",)}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Plan:
     spec: dict                 # fully resolved: stored with the output, compared on resume
     generator: Generator
     latents: LatentSource
-    W: np.ndarray | None       # (k, n) for mode projection
-    B: np.ndarray | None       # (P, d) for local complexity
+    estimator: Estimator | None    # the local-scaling mode (None: no psi/nu asked)
+    arrays: dict               # fixed per job: the estimator's (W, v0, probes) and B (P x d)
     sites: list | None         # indices of counted nonlinearity sites (None = all)
     site_labels: list | None
 
@@ -68,84 +65,57 @@ class Plan:
         return dataclasses.replace(self, spec=spec)
 
     def artifacts(self) -> dict:
+        """``_artifacts/projections.npz``: W (k x n) and B (P x d), empty when unused, and the
+        other arrays the estimator drew (Krylov start vector, probes)."""
         d, n = self.generator.latent_dim, self.generator.output_dim
-        return {"W": self.W if self.W is not None else np.zeros((0, n)),
-                "B": self.B if self.B is not None else np.zeros((0, d))}
+        return {"W": np.zeros((0, n)), "B": np.zeros((0, d)), **self.arrays}
 
 
 def plan_job(raw_spec: dict) -> Plan:
-    spec = resolve_paths(copy.deepcopy(validate_spec(raw_spec)), Path.cwd())
+    """Validate ``raw_spec`` and resolve it against the model it names: a new, complete spec
+    (``raw_spec`` is left as it is) with the objects it describes. Two stages, each returning a
+    new mapping: :func:`geomjobs.spec.validate_spec` (the schema, and the defaults that need no
+    model), then :func:`resolve` (the defaults and bounds that depend on the model's sizes)."""
+    spec = resolve_paths(validate_spec(raw_spec), Path.cwd())
     dtype = spec["execution"]["dtype"]
-    if dtype == "float64":
-        import jax
-        jax.config.update("jax_enable_x64", True)
-    gen = build_generator(spec["model"], dtype)
-    if gen.timestep is not None and spec["model"]["kind"] == "zoo":
-        spec["model"].setdefault("timestep", gen.timestep)
-        spec["model"].setdefault("prediction", "eps")
-    lat = build_latents(spec["latents"])
-    if math.prod(lat.shape) != gen.latent_dim or (len(lat.shape) > 1 and tuple(lat.shape) != tuple(gen.latent_shape)):
-        raise SpecError("latents.shape", f"the model takes latents of shape {list(gen.latent_shape)}, "
-                                         f"the latent source gives {list(lat.shape)}")
-    d, n = gen.latent_dim, gen.output_dim
-    desc = spec["descriptors"]
-    W = B = sites = labels = None
+    with precision(dtype):
+        gen = build_generator(spec["model"], dtype)
+        lat = build_latents(spec["latents"])
+        if math.prod(lat.shape) != gen.latent_dim or (len(lat.shape) > 1 and tuple(lat.shape) != tuple(gen.latent_shape)):
+            raise SpecError("latents.shape", f"the model takes latents of shape {list(gen.latent_shape)}, "
+                                             f"the latent source gives {list(lat.shape)}")
+        return resolve(spec, gen, lat)
+
+
+def resolve(spec: dict, gen: Generator, lat: LatentSource) -> Plan:
+    """The plan of a validated spec whose generator and latent source are built."""
+    dims = Dims(n=gen.output_dim, d=gen.latent_dim)
+    desc = dict(spec["descriptors"])
+    estimator, arrays, sites, labels = None, {}, None, None
     if "local_scaling" in desc:
-        ls = desc["local_scaling"]
-        ls.setdefault("mode", "exact" if d * n <= EXACT_MAX_ENTRIES else "projection")
-        if ls["mode"] == "projection":
-            ls.setdefault("k", min(DEFAULT_K, n))
-            if ls["k"] > n:
-                raise SpecError("descriptors.local_scaling.k", f"expected k <= n = {n} (rows of W are orthonormal in R^n), got {ls['k']}")
-            # "auto": resolved where the step compiles (Engine._fit_chunk): one pass on a CPU, 32
-            # rows at a time on an accelerator, halved until XLA's memory plan fits the budget
-            ls.setdefault("chunk", "auto")
-            W = orthonormal_rows(ls["k"], n, ls["seed"], stream="W")
-        elif ls["mode"] in ("slq", "lanczos"):
-            _estimator_defaults(ls, n, d)
-        for key, modes in MODE_KEYS.items():
-            if key in ls and ls["mode"] not in modes:
-                raise SpecError(f"descriptors.local_scaling.{key}", f"only applies to mode: {' or '.join(modes)}")
+        estimator, desc["local_scaling"] = modes.resolve(desc["local_scaling"], dims)
+        arrays.update(estimator.arrays(desc["local_scaling"], dims))
     if "local_complexity" in desc:
-        lc = desc["local_complexity"]
-        lc.setdefault("directions", min(DEFAULT_DIRECTIONS, d))
-        if lc["directions"] > d:
+        lc = desc["local_complexity"] = {"directions": min(DEFAULT_DIRECTIONS, dims.d), **desc["local_complexity"]}
+        if lc["directions"] > dims.d:
             raise SpecError("descriptors.local_complexity.directions",
-                            f"expected at most d = {d} directions (rows of B are orthonormal in R^d), got {lc['directions']}")
-        B = orthonormal_rows(lc["directions"], d, lc["seed"], stream="B")
+                            f"expected at most d = {dims.d} directions (rows of B are orthonormal in R^d), got {lc['directions']}")
+        arrays["B"] = orthonormal_rows(lc["directions"], dims.d, lc["seed"], stream="B")
         sites, labels = _select_sites(gen, lc)
-    spec.setdefault("job_id", "job-" + spec_hash(spec)[:12])
-    return Plan(spec, gen, lat, W, B, sites, labels)
+    resolved = {**spec, "model": _resolved(gen, spec["model"]), "latents": _resolved(lat, spec["latents"]),
+                "descriptors": desc}
+    resolved.setdefault("job_id", "job-" + spec_hash(resolved)[:12])
+    return Plan(resolved, gen, lat, estimator, arrays, sites, labels)
 
 
-def _estimator_defaults(ls: dict, n: int, d: int) -> None:
-    """Defaults and bounds of the matrix-free modes (geomjobs.geometry.estimators).
-
-    Both run Golub-Kahan-Lanczos on the Jacobian with Krylov vectors in R^c, c = min(n, d), so
-    the Krylov depth ``steps`` is at most c; lanczos keeps the top ``k`` <= steps Ritz values.
-    """
-    from geomjobs.geometry.estimators import DEFAULT_PROBES, DEFAULT_SLQ_STEPS
-
-    c = min(n, d)
-    if ls["mode"] == "lanczos":
-        ls.setdefault("k", min(DEFAULT_K, c))
-        if ls["k"] > c:
-            raise SpecError("descriptors.local_scaling.k", f"expected k <= min(n, d) = {c} (A has {c} singular values), got {ls['k']}")
-        ls.setdefault("steps", min(c, 2 * ls["k"] + 10))
-        if ls["steps"] < ls["k"]:
-            raise SpecError("descriptors.local_scaling.steps", f"expected steps >= k = {ls['k']} (k Ritz values need k Krylov steps), got {ls['steps']}")
-    else:
-        if ls.get("save_singular_values"):
-            raise SpecError("descriptors.local_scaling.save_singular_values",
-                            "mode slq estimates sum log s_i without individual singular values; use mode lanczos or exact to save them")
-        ls.setdefault("num_probes", DEFAULT_PROBES)
-        if ls.get("chunk") == "auto":   # slq's auto is the memory bound below
-            del ls["chunk"]
-        ls.setdefault("steps", min(c, DEFAULT_SLQ_STEPS))
-        # probes run side by side in chunks whose Krylov bases (chunk x steps x (n + d)) stay <= 16M values
-        ls.setdefault("chunk", max(1, min(ls["num_probes"], (1 << 24) // (ls["steps"] * (n + d)))))
-    if ls["steps"] > c:
-        raise SpecError("descriptors.local_scaling.steps", f"expected steps <= min(n, d) = {c} (the Krylov space of A^T A has at most {c} dimensions), got {ls['steps']}")
+def _resolved(built, section: dict) -> dict:
+    """The spec section a generator or latent source ran with (every default filled)."""
+    out = getattr(built, "resolved", None)
+    if out:
+        return dict(out)
+    if isinstance(built, Generator) and section.get("kind") == "zoo" and built.timestep is not None:
+        return {"timestep": built.timestep, "prediction": "eps", **section}
+    return section
 
 
 def _select_sites(gen: Generator, lc: dict):
