@@ -36,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from geomjobs.generators.mlp import mlp_apply, random_mlp  # noqa: E402
-from geomjobs.geometry import local_scaling, orthonormal_rows  # noqa: E402
+from geomjobs.geometry import local_scaling, matrix_rank_rtol, orthonormal_rows  # noqa: E402
 from geomjobs.geometry import estimators as est  # noqa: E402
 from geomjobs.geometry.spectrum import exact_singular_values, projected_singular_values  # noqa: E402
 
@@ -48,9 +48,9 @@ GENERATORS = [  # name, sizes [d, ..., n], activation
 
 
 def spearman(a, b) -> float:
-    ra = np.argsort(np.argsort(a)).astype(float)
-    rb = np.argsort(np.argsort(b)).astype(float)
-    return float(np.corrcoef(ra, rb)[0, 1])
+    from scipy.stats import spearmanr   # scipy comes with scikit-learn
+
+    return float(spearmanr(a, b).statistic)
 
 
 def spec_psi(s, rows, cols):
@@ -65,11 +65,12 @@ def estimators_for(d, n, layers32, act, args):
     c = min(n, d)
     out = {}
     out["exact"] = ("dense Jacobian + SVD", "full", None, c if d <= n else n,
-                    jax.vmap(lambda z: local_scaling(exact_singular_values(g, z), n, d)))
+                    jax.vmap(lambda z: local_scaling(exact_singular_values(g, z), matrix_rank_rtol(n, d, np.float32))))
     k = min(120, n)
     w = jnp.asarray(orthonormal_rows(k, n, seed=0, stream="W"), jnp.float32)
     out["projection"] = (f"k={k}", "proj", k, k,
-                         jax.vmap(lambda z: local_scaling(projected_singular_values(g, z, w, chunk=32), k, d)))
+                         jax.vmap(lambda z: local_scaling(projected_singular_values(g, z, w, chunk=32),
+                                                                matrix_rank_rtol(k, d, np.float32))))
     for kk in args.lanczos_k:
         steps = min(c, 2 * kk + 10)
         v0 = jnp.asarray(est.start_vector(c, 0), jnp.float32)

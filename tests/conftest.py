@@ -15,16 +15,22 @@ import pytest  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 
+# The mathematics runs under strict dtype promotion: an implicit float32 -> float64 (or int ->
+# float) promotion there is a bug. Modules that load diffusers models or train zoo models, whose
+# own code promotes implicitly, run under the standard rules.
+STRICT_PROMOTION = {"test_descriptors", "test_estimators", "test_modes", "test_complexity", "test_jobs",
+                    "test_chunk_fit", "test_diffusion"}
+
+
+@pytest.fixture(autouse=True)
+def dtype_promotion(request):
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    with jax.numpy_dtype_promotion("strict" if name in STRICT_PROMOTION else "standard"):
+        yield
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
 
 
-def matrix_with_singular_values(s, rows, cols, seed=0):
-    """rows x cols matrix U diag(s) V^T with Haar-random U, V: a known spectrum."""
-    r = np.random.default_rng(seed)
-    u, _ = np.linalg.qr(r.standard_normal((rows, rows)))
-    v, _ = np.linalg.qr(r.standard_normal((cols, cols)))
-    m = np.zeros((rows, cols))
-    m[: len(s), : len(s)] = np.diag(s)
-    return u @ m @ v.T
