@@ -2,7 +2,7 @@
 decoder: the real architecture and sizes (FlaxAutoencoderKL with block_out_channels (128, 256,
 512, 512), layers_per_block 2, latent_channels 4, norm_num_groups 32), random weights built from
 the config (nothing downloaded), through the same generator code as ``kind:
-diffusers-vae-decoder`` (geomjobs.generators.diffusers_models.vae_decoder_from_module).
+diffusers-vae-decoder`` (geomjobs.generators.diffusers.vae_decoder_from_module).
 
 What is measured, per sample (seconds are medians of interleaved rounds, after compilation):
 * psi + nu: one ``jax.vjp`` linearization, k VJP rows in chunks of ``chunk`` cotangents
@@ -38,8 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from geomjobs.generators.diffusers_models import vae_decoder_from_module
-from geomjobs.geometry import local_rank, local_scaling, orthonormal_rows
+from geomjobs import diffusion
+from geomjobs.generators.diffusers import (Conditioning, Numerics, Target, random_params, unet_from_module,
+                                           vae_decoder_from_module)
+from geomjobs.geometry import local_rank, local_scaling, matrix_rank_rtol, orthonormal_rows
 from geomjobs.geometry.spectrum import projected_singular_values
 
 SD_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
@@ -59,7 +61,8 @@ def sd_vae(latent: int, seed: int = 0):
     """(FlaxAutoencoderKL module, random float32 decoder params) of the SD-1.x-shaped VAE.
 
     Shapes from ``jax.eval_shape`` of the decoder's init (no FLOPs); kernels N(0, 1/fan_in),
-    biases 0, norm scales 1. Only the decoder half is built (the encoder never enters G)."""
+    biases 0, norm scales 1 (``random_params(..., spread=0)``). Only the decoder half is built
+    (the encoder never enters G)."""
     import diffusers
     from diffusers import FlaxAutoencoderKL
     diffusers.utils.logging.set_verbosity_error()
@@ -68,20 +71,7 @@ def sd_vae(latent: int, seed: int = 0):
         vae = FlaxAutoencoderKL(**SD_VAE)
         shapes = jax.eval_shape(lambda: vae.init(jax.random.PRNGKey(0), jnp.zeros((1, latent, latent, 4)),
                                                  method=vae.decode)["params"])
-    return vae, random_params(shapes, seed)
-
-
-def random_params(shapes, seed: int = 0):
-    """Kernels N(0, 1/fan_in), norm scales 1, everything else 0 (float32), for a shape tree."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, s):
-        name = str(getattr(path[-1], "key", path[-1]))
-        if name == "kernel":
-            return (rng.standard_normal(s.shape, np.float32) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32)
-        return np.ones(s.shape, np.float32) if name == "scale" else np.zeros(s.shape, np.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+    return vae, random_params(shapes, seed, spread=0.0)
 
 
 def sd_unet(latent: int, dtype, timestep: int = 400):
@@ -90,21 +80,22 @@ def sd_unet(latent: int, dtype, timestep: int = 400):
     import diffusers
     from diffusers import FlaxUNet2DConditionModel
 
-    from geomjobs.generators.diffusers_models import alphas_cumprod, unet_from_module
     diffusers.utils.logging.set_verbosity_error()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         unet = FlaxUNet2DConditionModel(**{**SD_UNET, "sample_size": latent})
         shapes = jax.eval_shape(lambda: unet.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, latent, latent)),
                                                   jnp.zeros((1,), jnp.int32), jnp.zeros((1, 77, 768)))["params"])
-    abar = alphas_cumprod({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})[timestep]
-    return unet_from_module(unet, random_params(shapes), np.zeros((1, 77, 768), np.float32), (4, latent, latent),
-                            timestep=timestep, abar=float(abar), prediction="x0", compute=dtype, model_id="sd-unet-random")
+    abar = diffusion.alphas_cumprod(diffusion.betas("scaled_linear", 1000, 0.00085, 0.012))[timestep]
+    return unet_from_module(unet, random_params(shapes, spread=0.0), Conditioning(np.zeros((1, 77, 768), np.float32)),
+                            Target((4, latent, latent), timestep, float(abar), prediction="x0"), Numerics(compute=dtype),
+                            model_id="sd-unet-random")
 
 
 def sd_vae_decoder(vae, params, latent: int, dtype, remat: str):
     """The decoder as a geomjobs Generator, exactly as ``kind: diffusers-vae-decoder`` builds it."""
-    return vae_decoder_from_module(vae, params, (4, latent, latent), compute=dtype, remat=remat, model_id="sd-vae-random")
+    return vae_decoder_from_module(vae, params, (4, latent, latent), Numerics(compute=dtype, remat=remat),
+                                   model_id="sd-vae-random")
 
 
 def cost(compiled) -> tuple[float, int]:
@@ -142,7 +133,8 @@ def psi_nu_fn(gen, chunk, *, one_trip_loop=False):
             s = jnp.linalg.svd(m, compute_uv=False)
         else:
             s = projected_singular_values(g, z, w, chunk=chunk)
-        return local_scaling(s, w.shape[0], d), local_rank(s, w.shape[0], d)
+        tol = matrix_rank_rtol(w.shape[0], d, s.dtype)
+        return local_scaling(s, tol), local_rank(s, tol)
 
     return jax.jit(jax.vmap(one, in_axes=(None, None, 0)))
 

@@ -1,6 +1,10 @@
 """Tiny random-weight diffusers (Flax) models for tests: built from configs, written with the real
 ``save_pretrained`` into a pipeline-shaped folder, so the generators load them through the real
-``from_pretrained``. Nothing is downloaded.
+``from_pretrained``. Nothing is downloaded. Random weights: kernels N(0, 1/fan_in), biases
+N(0, 0.1^2), norm scales 1 + N(0, 0.1^2) (geomjobs.generators.diffusers.random_weights), so every
+unit is generic. Also the references the diffusers tests share: the dense Jacobian (checked
+against central differences), psi / nu of a job's records from it, and a brute-force count of
+the SiLU inputs that change sign.
 
 Layout written by :func:`write_pipeline` (what a diffusers pipeline folder looks like)::
 
@@ -16,7 +20,11 @@ import warnings
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from references import flips, psi_nu
+
+from geomjobs.generators.diffusers import module_random_params
 
 # 4 x 4 x 4 latents -> 3 x 8 x 8 images (d = 64, n = 192); SiLU + GroupNorm + a mid-block attention
 TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
@@ -40,35 +48,12 @@ def quiet():
     warnings.filterwarnings("ignore", message=".*Flax classes are deprecated.*")
 
 
-def random_params(module, seed: int = 0):
-    """Random float32 params for a diffusers Flax module, in the layout its ``init_weights`` gives.
-
-    Shapes come from ``jax.eval_shape(module.init_weights, key)`` (no FLOPs: running flax's
-    initialisers eagerly takes ~40 s for the tiny UNet on two cores). Kernels (..., fan_in, out)
-    get N(0, 1/fan_in), biases N(0, 0.1^2), norm scales 1 + N(0, 0.1^2): every unit is generic
-    (diffusers' own init zeroes the UNet's output conv, which would make eps identically 0).
-    """
-    shapes = jax.eval_shape(module.init_weights, jax.random.PRNGKey(0))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, s):
-        name = str(getattr(path[-1], "key", path[-1]))
-        if name == "kernel":
-            fan_in = int(np.prod(s.shape[:-1]))
-            return (rng.standard_normal(s.shape) / np.sqrt(fan_in)).astype(np.float32)
-        if name == "scale":
-            return (1.0 + 0.1 * rng.standard_normal(s.shape)).astype(np.float32)
-        return (0.1 * rng.standard_normal(s.shape)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 def tiny_vae(seed: int = 0, **overrides):
     """(module, params) of a random FlaxAutoencoderKL (float32 params)."""
     from diffusers import FlaxAutoencoderKL
     quiet()
     vae = FlaxAutoencoderKL(**{**TINY_VAE, **overrides})
-    return vae, random_params(vae, seed)
+    return vae, module_random_params(vae, seed)
 
 
 def tiny_unet(seed: int = 0, **overrides):
@@ -76,7 +61,7 @@ def tiny_unet(seed: int = 0, **overrides):
     from diffusers import FlaxUNet2DConditionModel
     quiet()
     unet = FlaxUNet2DConditionModel(**{**TINY_UNET, **overrides})
-    return unet, random_params(unet, seed)
+    return unet, module_random_params(unet, seed)
 
 
 def write_prompts(path, num_prompts: int = 3, seq: int = 5, dim: int = 8, seed: int = 0) -> np.ndarray:
@@ -102,3 +87,74 @@ def write_pipeline(root, *, vae: bool = True, unet: bool = True, scheduler: dict
         (root / "scheduler").mkdir(parents=True, exist_ok=True)
         (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
     return out
+
+
+def png_folder(tmp_path, n=5, size=8, seed=0):
+    """n random RGB PNGs (size x size) in tmp_path/imgs; returns the folder and the uint8 pixels."""
+    from PIL import Image
+
+    px = np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    folder = tmp_path / "imgs"
+    folder.mkdir(exist_ok=True)
+    for i, p in enumerate(px):
+        Image.fromarray(p).save(folder / f"im{i}.png")
+    return folder, px
+
+
+# ------------------------------------------------------------------------------------------------
+# references
+# ------------------------------------------------------------------------------------------------
+
+def dense_reference(gen, z):
+    """Jacobian of the generator at flat z by jacfwd (in z's dtype), checked against central
+    differences on 16 columns (enough to catch a wrong path) when z is float64."""
+    g = gen.flat_fn()
+    if z.dtype != jnp.float64:
+        return np.asarray(jax.jit(jax.jacfwd(g))(z), np.float64)
+    h, step = 1e-6, max(1, len(z) // 16)
+    e = jnp.eye(len(z), dtype=z.dtype)[::step] * h
+    a, plus, minus = jax.jit(lambda x: (jax.jacfwd(g)(x), jax.vmap(g)(x + e), jax.vmap(g)(x - e)))(z)
+    a = np.asarray(a)
+    fd = (np.asarray(plus) - np.asarray(minus)).T / (2 * h)
+    np.testing.assert_allclose(a[:, ::step], fd, rtol=1e-6, atol=1e-7 * np.abs(a).max())
+    return a
+
+
+def record_psi_nu(gen, latents, w):
+    """(psi, nu) per latent of SPEC mode projection, W A(z) from the dense Jacobian at z in the
+    generator's dtype, the SVD in float64 (the job's own SVD is float32: compare with float32 slack)."""
+    out = []
+    for z in latents:
+        a = dense_reference(gen, jnp.asarray(np.reshape(z, -1), gen.dtype))
+        out.append(psi_nu(w @ a)[:2])
+    return np.array(out)
+
+
+def silu_inputs(gen, monkeypatch):
+    """fn z -> inputs of every SiLU the diffusers modules call (their nn.swish / nn.silu are looked
+    up on flax.linen at call time, so patching the attribute records them)."""
+    import flax.linen as nn
+
+    rec = []
+
+    def recording(x):
+        rec.append(x)
+        return jax.nn.silu(x)
+
+    def taps(z):
+        rec.clear()
+        with monkeypatch.context() as m:
+            m.setattr(nn, "swish", recording)
+            m.setattr(nn, "silu", recording)
+            gen.apply(gen.params, z)
+        return list(rec)
+
+    return taps
+
+
+def brute_force_silu_flips(gen, z, B, r, monkeypatch) -> list[int]:
+    """Per SiLU call: the number of its inputs whose sign is not the same at all 2P vertices z +- r b_i."""
+    flat = np.asarray(z, np.float64).reshape(-1)
+    verts = np.concatenate([flat + r * B, flat - r * B]).reshape(2 * len(B), *gen.latent_shape)
+    taps = jax.jit(jax.vmap(silu_inputs(gen, monkeypatch)))(jnp.asarray(verts, gen.dtype))
+    return [flips(np.asarray(t)) for t in taps]

@@ -1,4 +1,8 @@
-"""The shipped DDPM on a 2-D mixture of Gaussians (geomjobs/generators/ddpm.py, geomjobs/zoo/)."""
+"""The shipped DDPM on a 2-D mixture of Gaussians (geomjobs/generators/ddpm.py, geomjobs/zoo/).
+
+References: the generator and its Jacobian against the eps-MLP's forward pass and chain rule
+written by hand in NumPy from the loaded weights; the sample-quality criterion against an
+untrained control (the trained model's figures are artifact checks of the shipped weights)."""
 from __future__ import annotations
 
 import json
@@ -8,12 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from geomjobs.generators.ddpm import (ZOO_FILES, alpha_bar, ddpm_generator, gmm_modes, load_ddpm, mode_stats,
-                                      sample, zoo_path)
+from references import numpy_mlp_jacobian
 
-# What the shipped model achieves (2000 samples, seed 0): 99.6% of samples within 1.0 of the
-# nearest mode (the true mixture gives 99.6%), every mode holding 11.6-13.7% of all samples.
-# A random-init network with the same architecture scores 0% (its samples blow up to |x| ~ 1e3).
+from geomjobs.generators.ddpm import ZOO_FILES, alpha_bar, ddpm_generator, load_ddpm, zoo_path
+from geomjobs.zoo.gmm2d import gmm_modes, mode_stats, sample
+
+# Artifact check of the shipped weights (figures from training, 2000 samples, seed 0): 99.6% of
+# samples within 1.0 of the nearest mode (the true mixture gives 99.6%), every mode holding
+# 11.6-13.7% of all samples. The untrained control (same architecture, random init) scores 0%
+# (its samples blow up to |x| ~ 1e3), so the thresholds below separate trained from untrained.
 NEAR_RADIUS = 1.0
 MIN_FRAC_NEAR = 0.95
 MIN_MODE_SHARE = 0.08
@@ -22,6 +29,24 @@ MIN_MODE_SHARE = 0.08
 @pytest.fixture(scope="module")
 def shipped():
     return load_ddpm("ddpm-gmm2d")
+
+
+def numpy_eps(params, meta, x, t):
+    """eps_theta(x, t) of the EpsMLP by hand: [x, sin/cos embedding of t] -> (Dense, ReLU)* -> Dense,
+    and its dense Jacobian in x (the chain rule through the ReLU masks), in float64."""
+    arch = meta["architecture"]
+    half = arch["emb_dim"] // 2
+    freqs = np.exp(-np.log(arch["max_period"]) * np.arange(half) / max(half - 1, 1))
+    h = np.concatenate([np.asarray(x, np.float64), np.sin(t * freqs), np.cos(t * freqs)])
+    p = params["params"]
+    layers = [(np.asarray(p[f"Dense_{i}"]["kernel"], np.float64), np.asarray(p[f"Dense_{i}"]["bias"], np.float64))
+              for i in range(arch["depth"] + 1)]
+    out = h
+    for i, (w, b) in enumerate(layers):
+        out = out @ w + b
+        if i < len(layers) - 1:
+            out = np.maximum(out, 0)
+    return out, numpy_mlp_jacobian(layers, h)[:, : len(x)]
 
 
 def _meets_criterion(x, modes) -> tuple[bool, dict]:
@@ -48,7 +73,8 @@ def test_shipped_model_loads(shipped):
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0"])
-def test_generator_shapes_and_jit_vmap(prediction):
+def test_generator_shapes_and_jit_vmap(shipped, prediction):
+    _, params, meta = shipped
     gen = ddpm_generator("ddpm-gmm2d", timestep=10, prediction=prediction)
     assert gen.model_id == "ddpm-gmm2d"
     assert gen.timestep == 10
@@ -60,8 +86,13 @@ def test_generator_shapes_and_jit_vmap(prediction):
     assert np.all(np.isfinite(np.asarray(out)))
     ref = np.stack([np.asarray(gen.apply(gen.params, zi)) for zi in z[:4]])
     np.testing.assert_allclose(np.asarray(out[:4]), ref, rtol=1e-5, atol=1e-6)
-    jac = jax.jacfwd(gen.flat_fn())(z[0])
-    assert jac.shape == (2, 2) and np.all(np.isfinite(np.asarray(jac)))
+    # G and its Jacobian against the forward pass and chain rule by hand (float32 model)
+    eps, j_eps = numpy_eps(params, meta, np.asarray(z[0], np.float64), 10)
+    a = float(alpha_bar(10, meta["schedule"]))
+    want, want_j = (eps, j_eps) if prediction == "eps" else ((np.asarray(z[0]) - np.sqrt(1 - a) * eps) / np.sqrt(a),
+                                                               (np.eye(2) - np.sqrt(1 - a) * j_eps) / np.sqrt(a))
+    np.testing.assert_allclose(np.asarray(out[0], np.float64), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.jacfwd(gen.flat_fn())(z[0]), np.float64), want_j, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("t", [0, 10, 50, 99])
@@ -171,4 +202,8 @@ def test_training_script_smoke(tmp_path, capsys):
     gen = ddpm_generator(str(tmp_path / "ddpm_gmm2d"), timestep=5, prediction="x0")
     assert gen.model_id == "ddpm:ddpm_gmm2d" and gen.output_shape == (2,)
     out = jax.jit(jax.vmap(gen.flat_fn()))(jnp.ones((3, 2), jnp.float32))
-    assert np.all(np.isfinite(np.asarray(out)))
+    # the freshly trained weights, through the x0 formula, by hand
+    eps, _ = numpy_eps(params, meta, np.ones(2), 5)
+    a = float(alpha_bar(5, meta["schedule"]))
+    np.testing.assert_allclose(np.asarray(out, np.float64), np.tile((1 - np.sqrt(1 - a) * eps) / np.sqrt(a), (3, 1)),
+                               rtol=1e-4, atol=1e-5)

@@ -14,7 +14,8 @@ def test_gaussian_latent_depends_only_on_seed_and_id():
     np.testing.assert_array_equal(src.latents(np.array([42, 7])), a[[42, 7]])
     other = build_latents({"kind": "gaussian", "count": 100, "shape": [2, 3], "seed": 6, "scale": 2.0})
     assert not np.allclose(other.latents(np.arange(3)), a[:3])
-    assert 1.6 < a.std() < 2.4  # scale 2
+    # sample i is scale * default_rng([seed, i]).standard_normal(shape), exactly (SPEC section 5)
+    np.testing.assert_array_equal(a, np.stack([2.0 * np.random.default_rng([5, i]).standard_normal((2, 3)) for i in range(100)]))
 
 
 def test_grid2d_is_row_major_over_the_box():
@@ -69,3 +70,27 @@ def test_parquet_latents_read_rows_by_id_and_check_the_column(tmp_path):
         build_latents({"kind": "parquet", "uri": str(tmp_path / "l.parquet"), "column": "z", "count": 10})
     with pytest.raises(SpecError, match=r"latents.uri'.*do not exist"):
         build_latents({"kind": "parquet", "uri": str(tmp_path / "none.parquet"), "column": "z"})
+
+
+def test_ragged_parquet_latents_are_refused_before_any_work_naming_the_first_bad_row(tmp_path):
+    """A list column whose rows do not all hold prod(shape) values used to fail mid-job (a poison
+    shard: "cannot reshape array of size 5 into shape (3,2)"); it is a SpecError at build time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [[float(j) for j in range(6)]] * 4 + [[1.0] * 5] + [[0.0] * 6] + [[2.0] * 7]
+    pq.write_table(pa.table({"z": rows}), tmp_path / "ragged.parquet")
+    spec = {"kind": "parquet", "uri": str(tmp_path / "ragged.parquet"), "column": "z", "shape": [3, 2]}
+    with pytest.raises(SpecError, match=r"latents.column'.*row 4 of column 'z'.*holds 5 values, expected 6") as e:
+        build_latents(spec)
+    assert e.value.key == "latents.column"
+    # rows past count are not used, so they are not checked; within count, a null row is named too
+    assert build_latents({**spec, "count": 4}).latents(np.arange(4)).shape == (4, 3, 2)
+    pq.write_table(pa.table({"z": rows[:2] + [None] + rows[:1]}), tmp_path / "null.parquet")
+    with pytest.raises(SpecError, match=r"row 2 of column 'z'.*is null"):
+        build_latents({**spec, "uri": str(tmp_path / "null.parquet")})
+    # and through the whole job: exit before any shard runs
+    from geomjobs.runner.plan import plan_job
+    with pytest.raises(SpecError, match="row 4"):
+        plan_job({"model": {"kind": "zoo", "name": "vae-digits"}, "latents": {**spec, "shape": [6]},
+                  "descriptors": {"local_rank": {}}})

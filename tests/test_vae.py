@@ -9,12 +9,17 @@ import numpy as np
 import pytest
 
 from geomjobs.generators import build_generator
-from geomjobs.generators.vae import (ZOO_FILES, BetaVAE, digits_images, digits_split, init_params, load_vae,
-                                     reconstruct, vae_decoder_generator, vae_encoder, zoo_path)
+from geomjobs.generators.encoders import vae_digits_encoder
+from geomjobs.generators.vae import ZOO_FILES, BetaVAE, init_params, load_vae, vae_decoder_generator, zoo_path
 from geomjobs.spec import SpecError
+from geomjobs.zoo.digits import digits_images, digits_split, reconstruct
 
-# What the shipped model achieves on the 360 held-out digits (per-pixel MSE of decode(encoder mean)):
-# 0.0113, against 0.0727 for predicting the mean training image and 0.24 for the untrained network.
+# ARTIFACT CHECKS. Some tests below check the shipped weights (geomjobs/zoo/vae_digits.*), not
+# the code: their thresholds come from what training achieved, and each has a control that fails
+# them (the mean training image, the untrained network), so they still separate a trained model
+# from an untrained one. What the shipped model achieves on the 360 held-out digits (per-pixel MSE
+# of decode(encoder mean)): 0.0113, against 0.0727 for predicting the mean training image and 0.24
+# for the untrained network; retraining changes these figures, not the code's correctness.
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +56,9 @@ def test_digits_data_and_split():
     assert len(np.intersect1d(train, test)) == 0 and len(np.union1d(train, test)) == 1797
 
 
-def test_model_is_trained_heldout_mse_beats_baselines(shipped, heldout):
+def test_artifact_model_is_trained_heldout_mse_beats_baselines(shipped, heldout):
+    """Artifact check (module comment): the shipped weights beat both controls by a wide margin,
+    and the held-out MSE is the figure the shipped .json records."""
     module, params, meta = shipped
     train_x, test_x = heldout
     mse = float(np.mean((reconstruct(module, params, test_x) - test_x) ** 2))
@@ -62,18 +69,24 @@ def test_model_is_trained_heldout_mse_beats_baselines(shipped, heldout):
     assert mse == pytest.approx(meta["evaluation"]["heldout_mse"], rel=1e-3)   # the figure the .json reports
 
 
-def test_encode_decode_round_trip(shipped, heldout):
+def test_artifact_encode_decode_round_trip(shipped, heldout):
+    """Artifact check (module comment) of the shipped weights' reconstructions; the encoder the
+    latents use is then checked exactly against the module's encode."""
     module, params, _ = shipped
     train_x, test_x = heldout
     rec = reconstruct(module, params, test_x)
     per_image = np.mean((rec - test_x) ** 2, axis=(1, 2))
     to_mean = np.mean((test_x - train_x.mean(axis=0)) ** 2, axis=(1, 2))
     assert np.mean(per_image < to_mean) >= 0.95
-    # each reconstruction is nearest to its own original among all held-out digits (85% seen)
-    d = ((rec[:, None] - test_x[None]) ** 2).sum(axis=(2, 3))
-    assert np.mean(d.argmin(axis=1) == np.arange(len(test_x))) >= 0.7
+    # each reconstruction is nearest to its own original among all held-out digits (artifact:
+    # 85% with the shipped weights; threshold 0.7), which the untrained control must fail
+    def nearest_own(r):
+        d = ((r[:, None] - test_x[None]) ** 2).sum(axis=(2, 3))
+        return np.mean(d.argmin(axis=1) == np.arange(len(test_x)))
+    assert nearest_own(rec) >= 0.7
+    assert nearest_own(reconstruct(module, init_params(module, jax.random.PRNGKey(0)), test_x)) < 0.7
     # and the encoder output used by latents kind 'images' is the posterior mean
-    enc = vae_encoder("vae-digits")
+    enc = vae_digits_encoder()
     mu = np.asarray(jax.vmap(enc.apply, in_axes=(None, 0))(enc.params, jnp.asarray(test_x[:5])))
     np.testing.assert_allclose(mu, np.asarray(module.apply(params, test_x[:5], method=BetaVAE.encode)[0]), rtol=1e-5, atol=1e-6)
     assert enc.image_shape == (8, 8) and enc.latent_shape == (8,) and enc.model_id == "vae-digits"

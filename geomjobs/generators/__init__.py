@@ -1,39 +1,23 @@
-"""Generators G: R^d -> R^n, looked up by ``model.kind`` (all share :class:`base.Generator`)."""
+"""Generators G: R^d -> R^n, looked up by ``model.kind`` in :data:`BUILDERS` (all share
+:class:`base.Generator`). A builder takes the (schema-validated) ``model`` section and the job's
+dtype, never writes into the section, and may return the section with its defaults filled as
+``Generator.resolved`` (else :func:`build_generator` stores a copy of the section there)."""
 from __future__ import annotations
+
+import copy
+import dataclasses
 
 import jax.numpy as jnp
 
-from geomjobs.generators.base import Generator
+from geomjobs.generators.base import Generator, ImageEncoder
+from geomjobs.generators.diffusers import unet_generator, vae_decoder_generator
+from geomjobs.generators.mlp import mlp_generator
+from geomjobs.generators.python_entry import python_generator
+from geomjobs.generators.zoo import zoo_generator
 from geomjobs.spec import SpecError
 
-
-def _zoo(model, dtype):
-    from geomjobs.generators.zoo import zoo_generator
-    return zoo_generator(model, dtype)
-
-
-def _mlp(model, dtype):
-    from geomjobs.generators.mlp import mlp_generator
-    return mlp_generator(model, dtype)
-
-
-def _python(model, dtype):
-    from geomjobs.generators.python_entry import python_generator
-    return python_generator(model, dtype)
-
-
-def _diffusers_vae(model, dtype):
-    from geomjobs.generators.diffusers_models import vae_decoder_generator
-    return vae_decoder_generator(model, dtype)
-
-
-def _diffusers_unet(model, dtype):
-    from geomjobs.generators.diffusers_models import unet_generator
-    return unet_generator(model, dtype)
-
-
-BUILDERS = {"mlp": _mlp, "python": _python, "zoo": _zoo, "diffusers-vae-decoder": _diffusers_vae,
-            "diffusers-unet": _diffusers_unet}
+BUILDERS = {"mlp": mlp_generator, "python": python_generator, "zoo": zoo_generator,
+            "diffusers-vae-decoder": vae_decoder_generator, "diffusers-unet": unet_generator}
 
 
 def build_generator(model: dict, dtype: str = "float32") -> Generator:
@@ -41,7 +25,8 @@ def build_generator(model: dict, dtype: str = "float32") -> Generator:
     kind = model["kind"]
     if kind not in BUILDERS:
         raise SpecError("model.kind", f"kind '{kind}' is not available in this build; expected one of {sorted(BUILDERS)}")
-    return BUILDERS[kind](model, jnp.dtype(dtype))
+    gen = BUILDERS[kind](model, jnp.dtype(dtype))
+    return gen if gen.resolved else dataclasses.replace(gen, resolved=copy.deepcopy(model))
 
 
-__all__ = ["BUILDERS", "Generator", "build_generator"]
+__all__ = ["BUILDERS", "Generator", "ImageEncoder", "build_generator"]

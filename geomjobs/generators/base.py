@@ -1,9 +1,15 @@
-"""The one interface every generator implements.
+"""The model-side interfaces: :class:`Generator` (what every ``model.kind`` builds) and
+:class:`ImageEncoder` (what ``latents: {kind: images}`` encodes with).
 
 A generator is a differentiable map G: R^d -> R^n. geomjobs keeps the latent in its natural
 shape (``latent_shape``, e.g. (4, 64, 64) for Stable Diffusion) and lets the descriptor code
 flatten it; ``apply(params, z)`` maps ONE latent (no batch axis) to ONE output of any shape.
 Batching is done by the caller with ``jax.vmap``.
+
+``resolved`` is the spec's ``model`` section with every default the builder applied filled in
+(e.g. a zoo DDPM's ``timestep`` and ``prediction``), a new mapping: builders never write into the
+section they are given. :func:`geomjobs.generators.build_generator` fills it with a copy of the
+section when a builder leaves it empty.
 """
 from __future__ import annotations
 
@@ -19,12 +25,13 @@ import jax.numpy as jnp
 class Generator:
     model_id: str                      # stable name written into every record
     apply: Callable[[Any, jax.Array], jax.Array]
-    params: Any                        # pytree of arrays, closed over by ``fn``
+    params: Any                        # pytree of arrays, passed to ``apply``
     latent_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
     timestep: int | None = None        # diffusion timestep where it applies
     dtype: Any = jnp.float32           # dtype of latents fed to ``apply``
     prompt_id: int | None = None       # conditioning prompt of a conditioned generator (diffusers-unet)
+    resolved: dict = dataclasses.field(default_factory=dict)   # the model section, defaults filled
 
     @property
     def latent_dim(self) -> int:
@@ -42,6 +49,17 @@ class Generator:
             return apply(params, z_flat.reshape(shape)).reshape(-1)
 
         return g
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageEncoder:
+    """An image encoder: ``apply(params, x)`` maps ONE image of ``image_shape`` to its latent of
+    ``latent_shape`` (for a VAE, the posterior mean). Batching is done with ``jax.vmap``."""
+    model_id: str
+    apply: Callable[[Any, Any], Any]
+    params: Any
+    image_shape: tuple[int, ...]
+    latent_shape: tuple[int, ...]
 
 
 def output_shape_of(apply: Callable, params: Any, latent_shape, dtype=jnp.float32) -> tuple[int, ...]:

@@ -13,11 +13,14 @@ Conventions (Ho et al. 2020, with timesteps numbered 0..T-1):
     x_t        = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,   eps ~ N(0, I)
     x0_hat     = (x_t - sqrt(1 - abar_t) eps_theta(x_t, t)) / sqrt(abar_t)
 
+(the formulas live in :mod:`geomjobs.diffusion`).
+
 ``ddpm_generator(name, timestep, prediction)`` returns a :class:`Generator` whose latent is x_t
 (shape (2,)) and whose output is eps_theta(x_t, t) (``prediction="eps"``) or x0_hat
 (``prediction="x0"``). Weights ship in ``geomjobs/zoo/`` as ``<stem>.npz`` (the flattened Flax
 param pytree, '/'-joined keys) plus ``<stem>.json`` (architecture, schedule, data, training);
-``geomjobs/zoo/train_ddpm_gmm2d.py`` reproduces them.
+``geomjobs/zoo/train_ddpm_gmm2d.py`` reproduces them; its data and ancestral sampler are in
+:mod:`geomjobs.zoo.gmm2d`.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from geomjobs import diffusion
 from geomjobs.generators.base import Generator, output_shape_of
 from geomjobs.generators.checkpoint import (read_meta, read_params, resolve_pair, save_pair,
                                            zoo_path)  # noqa: F401 - zoo_path is re-exported
@@ -97,13 +101,12 @@ def betas(schedule: dict) -> np.ndarray:
     """beta_0..beta_{T-1} (float32) for a schedule dict {"kind": "linear", "T", "beta_start", "beta_end"}."""
     if schedule.get("kind", "linear") != "linear":
         raise ValueError(f"unsupported noise schedule kind {schedule.get('kind')!r}; expected 'linear'")
-    return np.linspace(schedule["beta_start"], schedule["beta_end"], int(schedule["T"]), dtype=np.float64).astype(np.float32)
+    return diffusion.schedule_betas(schedule).astype(np.float32)
 
 
 def alpha_bars(schedule: dict) -> np.ndarray:
     """abar_0..abar_{T-1} (float32), computed in float64 then rounded."""
-    b = np.linspace(schedule["beta_start"], schedule["beta_end"], int(schedule["T"]), dtype=np.float64)
-    return np.cumprod(1.0 - b).astype(np.float32)
+    return diffusion.alphas_cumprod(diffusion.schedule_betas({**schedule, "kind": "linear"})).astype(np.float32)
 
 
 def alpha_bar(t, schedule: dict):
@@ -147,7 +150,7 @@ def save_ddpm(stem, module: EpsMLP, params, meta: dict) -> tuple[Path, Path]:
 
 
 # --------------------------------------------------------------------------------------------
-# generator and sampling
+# the generator (sampling and the training data: geomjobs.zoo.gmm2d)
 # --------------------------------------------------------------------------------------------
 
 def ddpm_generator(name: str = "ddpm-gmm2d", timestep: int = 10, prediction: str = "eps") -> Generator:
@@ -162,7 +165,6 @@ def ddpm_generator(name: str = "ddpm-gmm2d", timestep: int = 10, prediction: str
     if not 0 <= t <= T - 1:
         raise ValueError(f"timestep {t} is outside the valid range [0, {T - 1}] for '{name}' (T = {T})")
     abar = float(alpha_bars(meta["schedule"])[t])
-    s_noise, s_sig = np.float32(math.sqrt(1.0 - abar)), np.float32(math.sqrt(abar))
     t_arr = np.int32(t)
 
     if prediction == "eps":
@@ -170,72 +172,9 @@ def ddpm_generator(name: str = "ddpm-gmm2d", timestep: int = 10, prediction: str
             return module.apply(p, x, t_arr)
     else:
         def apply(p, x):
-            return (x - s_noise * module.apply(p, x, t_arr)) / s_sig
+            return diffusion.x0_from_eps(x, module.apply(p, x, t_arr), abar)
 
     latent_shape = (module.data_dim,)
     model_id = name if str(name) in ZOO_FILES else f"ddpm:{Path(str(name)).with_suffix('').name}"
     return Generator(model_id=model_id, apply=apply, params=params, latent_shape=latent_shape,
                      output_shape=output_shape_of(apply, params, latent_shape), timestep=t, dtype=jnp.float32)
-
-
-def sample(module: EpsMLP, params, meta: dict, n: int, seed: int = 0) -> np.ndarray:
-    """n ancestral DDPM samples (Ho et al. 2020, Algorithm 2), shape (n, data_dim), float32.
-
-    x_{T-1} ~ N(0, I); for t = T-1..0: x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t) eps_theta(x_t, t)) / sqrt(alpha_t)
-    + sigma_t z with the posterior variance sigma_t^2 = beta_t (1 - abar_{t-1}) / (1 - abar_t), and no
-    noise on the last step.
-    """
-    sched = meta["schedule"]
-    T = int(sched["T"])
-    b64 = np.linspace(sched["beta_start"], sched["beta_end"], T, dtype=np.float64)
-    ab64 = np.cumprod(1.0 - b64)
-    ab_prev = np.concatenate([[1.0], ab64[:-1]])
-    sigma = np.sqrt(b64 * (1.0 - ab_prev) / (1.0 - ab64))
-    coef = b64 / np.sqrt(1.0 - ab64)
-    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    ts = jnp.arange(T - 1, -1, -1, dtype=jnp.int32)
-    tab = (f32(coef)[ts], f32(1.0 / np.sqrt(1.0 - b64))[ts], f32(sigma)[ts])
-
-    @jax.jit
-    def run(params, key):
-        key, k0 = jax.random.split(key)
-        x = jax.random.normal(k0, (n, module.data_dim), jnp.float32)
-        keys = jax.random.split(key, T)
-
-        def step(x, inp):
-            t, c, inv_sqrt_alpha, sig, k = inp
-            eps = module.apply(params, x, t)
-            mean = (x - c * eps) * inv_sqrt_alpha
-            z = jax.random.normal(k, x.shape, jnp.float32)
-            return mean + jnp.where(t > 0, sig, 0.0) * z, None
-
-        x, _ = jax.lax.scan(step, x, (ts, *tab, keys))
-        return x
-
-    return np.asarray(run(params, jax.random.PRNGKey(seed)))
-
-
-# --------------------------------------------------------------------------------------------
-# the data the zoo model is trained on
-# --------------------------------------------------------------------------------------------
-
-def gmm_modes(n_modes: int = 8, radius: float = 4.0) -> np.ndarray:
-    """Mode centres: n_modes points evenly spaced on a circle, the first at angle 0."""
-    ang = 2 * np.pi * np.arange(n_modes) / n_modes
-    return (radius * np.stack([np.cos(ang), np.sin(ang)], axis=1)).astype(np.float32)
-
-
-def gmm_data(n: int, seed: int = 0, n_modes: int = 8, radius: float = 4.0, std: float = 0.3) -> np.ndarray:
-    """n points from the equal-weight mixture of isotropic Gaussians (std ``std``) at :func:`gmm_modes`."""
-    rng = np.random.default_rng(seed)
-    k = rng.integers(0, n_modes, size=n)
-    return (gmm_modes(n_modes, radius)[k] + std * rng.standard_normal((n, 2))).astype(np.float32)
-
-
-def mode_stats(x: np.ndarray, modes: np.ndarray, radius: float = 1.0) -> dict:
-    """Fraction of points within ``radius`` of their nearest mode, and each mode's share of all points."""
-    d = np.linalg.norm(np.asarray(x)[:, None, :] - modes[None], axis=-1)
-    nearest = d.argmin(axis=1)
-    near = d.min(axis=1) <= radius
-    share = np.array([np.mean(near & (nearest == i)) for i in range(len(modes))])
-    return {"frac_near": float(near.mean()), "mode_share": share.tolist(), "min_mode_share": float(share.min())}

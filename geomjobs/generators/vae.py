@@ -1,9 +1,7 @@
 """A small beta-VAE on scikit-learn's handwritten digits; its decoder is the zoo generator ``vae-digits``.
 
-Data: ``sklearn.datasets.load_digits`` (1797 grey-scale 8x8 images, integer values 0..16, shipped
-inside scikit-learn, nothing downloaded), scaled to [0, 1] by dividing by 16. A fixed held-out
-split (:func:`digits_split`: a permutation from numpy's ``default_rng(split_seed)``, the first
-``n_test`` indices held out) is used only to report reconstruction error.
+Data: scikit-learn's 1797 handwritten 8x8 digits scaled to [0, 1]
+(:func:`geomjobs.zoo.digits.digits_images`, with its fixed held-out split ``digits_split``).
 
 Model (:class:`BetaVAE`, an MLP, all hidden activations ReLU):
 
@@ -32,8 +30,8 @@ Public API:
     load_vae(name_or_path)            -> (module, params, meta)
     save_vae(stem, module, params, meta)
     vae_decoder_generator(name, dtype) -> Generator   latent (8,) -> image (8, 8), model_id "vae-digits"
-    vae_encoder(name)                  -> geomjobs.latents.images.ImageEncoder   image (8, 8) -> mean latent (8,)
-    digits_images(), digits_split(data), reconstruct(module, params, x), loss_terms(...)
+Elsewhere: the encoder mean as an ImageEncoder, geomjobs.generators.encoders.vae_digits_encoder;
+data, loss and reconstruction, geomjobs.zoo.digits.
 """
 from __future__ import annotations
 
@@ -44,7 +42,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from geomjobs.generators.base import Generator, output_shape_of
 from geomjobs.generators.checkpoint import (read_meta, read_params, resolve_pair, save_pair,
@@ -54,30 +51,6 @@ from geomjobs.generators.checkpoint import (read_meta, read_params, resolve_pair
 ZOO_FILES = {"vae-digits": "vae_digits"}
 
 ARCH_KEYS = ("image_shape", "latent_dim", "enc_hidden", "dec_hidden")
-
-
-# --------------------------------------------------------------------------------------------
-# data
-# --------------------------------------------------------------------------------------------
-
-def digits_images() -> np.ndarray:
-    """The 1797 scikit-learn digits as float32 images (1797, 8, 8) in [0, 1] (raw value / 16)."""
-    from sklearn.datasets import load_digits
-
-    return (np.asarray(load_digits().images, np.float64) / 16.0).astype(np.float32)
-
-
-def digits_split(data: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, held-out indices) into :func:`digits_images`, both sorted.
-
-    A permutation of 0..n_images-1 from ``numpy.random.default_rng(split_seed)``; its first
-    ``n_test`` entries are held out. ``data`` is the ``data`` section of the model's metadata
-    (keys ``n_images``, ``split_seed``, ``n_test``); default: the shipped split (seed 0, 360 of 1797).
-    """
-    data = data or {"n_images": 1797, "split_seed": 0, "n_test": 360}
-    perm = np.random.default_rng(int(data["split_seed"])).permutation(int(data["n_images"]))
-    n_test = int(data["n_test"])
-    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,21 +110,6 @@ def init_params(module: BetaVAE, key) -> Any:
     return module.init(key, jnp.zeros(module.image_shape, jnp.float32), jnp.zeros((module.latent_dim,), jnp.float32))
 
 
-def loss_terms(module: BetaVAE, params, x, eps, obs_std: float):
-    """Per-image (reconstruction term ||x - dec(z)||^2 / (2 obs_std^2), KL) for a batch x (m, *image_shape)."""
-    xh, mu, logvar = module.apply(params, x, eps)
-    axes = tuple(range(1, x.ndim))
-    rec = jnp.sum((x - xh) ** 2, axis=axes) / (2.0 * obs_std ** 2)
-    kl = 0.5 * jnp.sum(mu ** 2 + jnp.exp(logvar) - 1.0 - logvar, axis=-1)
-    return rec, kl
-
-
-def reconstruct(module: BetaVAE, params, x) -> np.ndarray:
-    """decode(encoder mean of x) for images x (..., *image_shape), as numpy."""
-    mu, _ = module.apply(params, jnp.asarray(x, jnp.float32), method=BetaVAE.encode)
-    return np.asarray(module.apply(params, mu, method=BetaVAE.decode))
-
-
 def _subtree(params, prefix: str) -> dict:
     return {"params": {k: v for k, v in params["params"].items() if k.startswith(prefix)}}
 
@@ -199,12 +157,13 @@ def save_vae(stem, module: BetaVAE, params, meta: dict) -> tuple[Path, Path]:
     return save_pair(stem, params, {**meta, "architecture": module_config(module)})
 
 
-def _model_id(name) -> str:
+def vae_model_id(name) -> str:
+    """The record's model_id: the zoo name, or ``vae:<file stem>``."""
     return str(name) if str(name) in ZOO_FILES else f"vae:{Path(str(name)).with_suffix('').name}"
 
 
 # --------------------------------------------------------------------------------------------
-# the decoder as a generator, the encoder for latents from images
+# the decoder as a generator (the encoder: geomjobs.generators.encoders.vae_digits_encoder)
 # --------------------------------------------------------------------------------------------
 
 def vae_decoder_generator(name="vae-digits", dtype=jnp.float32) -> Generator:
@@ -220,18 +179,5 @@ def vae_decoder_generator(name="vae-digits", dtype=jnp.float32) -> Generator:
         return module.apply(p, z, method=BetaVAE.decode)
 
     latent_shape = (module.latent_dim,)
-    return Generator(model_id=_model_id(name), apply=apply, params=dparams, latent_shape=latent_shape,
+    return Generator(model_id=vae_model_id(name), apply=apply, params=dparams, latent_shape=latent_shape,
                      output_shape=output_shape_of(apply, dparams, latent_shape, dtype), timestep=None, dtype=dtype)
-
-
-def vae_encoder(name="vae-digits"):
-    """The encoder mean, one image ``image_shape`` -> mu (latent_dim,), as an ImageEncoder (float32)."""
-    from geomjobs.latents.images import ImageEncoder
-
-    module, params, _ = load_vae(name)
-
-    def apply(p, x):
-        return module.apply(p, x, method=BetaVAE.encode)[0]
-
-    return ImageEncoder(model_id=_model_id(name), apply=apply, params=encoder_params(params),
-                        image_shape=tuple(module.image_shape), latent_shape=(module.latent_dim,))

@@ -1,22 +1,29 @@
 """``kind: zoo``: models the project trains and ships in ``geomjobs/zoo/`` (with their scripts)."""
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import jax.numpy as jnp
 
 from geomjobs.generators.base import Generator
+from geomjobs.generators.ddpm import ddpm_generator
+from geomjobs.generators.vae import vae_decoder_generator
 from geomjobs.spec import SpecError
+
+DDPM_DEFAULTS = {"timestep": 10, "prediction": "eps"}
 
 
 def _ddpm_gmm2d(model: dict, dtype) -> Generator:
-    from geomjobs.generators.ddpm import ddpm_generator
+    resolved = {**copy.deepcopy(model), **{k: model.get(k, v) for k, v in DDPM_DEFAULTS.items()}}
     try:
-        return ddpm_generator("ddpm-gmm2d", timestep=model.get("timestep", 10), prediction=model.get("prediction", "eps"))
+        gen = ddpm_generator("ddpm-gmm2d", timestep=resolved["timestep"], prediction=resolved["prediction"])
     except ValueError as e:
         raise SpecError("model", str(e)) from None
+    return dataclasses.replace(gen, resolved=resolved)
 
 
 def _vae_digits(model: dict, dtype) -> Generator:
-    from geomjobs.generators.vae import vae_decoder_generator
     for key in ("timestep", "prediction"):
         if key in model:
             raise SpecError(f"model.{key}", "does not apply to zoo model 'vae-digits' (a VAE decoder has no timestep)")

@@ -1,4 +1,9 @@
-"""The latent sources of SPEC section 5: gaussian, grid2d, plane3, parquet."""
+"""The latent sources of SPEC section 5: gaussian, grid2d, plane3, parquet (their builders are
+registered by kind in :data:`geomjobs.latents.BUILDERS`).
+
+``LatentSource.resolved`` is the spec's ``latents`` section with the defaults the builder applied
+filled in, a new mapping: builders never write into the section they are given (where a builder
+adds nothing, :func:`geomjobs.latents.build_latents` stores a copy of the section)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +18,7 @@ from geomjobs.spec import SpecError
 class LatentSource:
     count: int
     shape: tuple[int, ...]
+    resolved: dict = dataclasses.field(default_factory=dict, kw_only=True)   # the latents section, defaults filled
 
     def latents(self, ids: np.ndarray) -> np.ndarray:
         """(len(ids), *shape) float64 latents for these sample ids."""
@@ -107,18 +113,32 @@ class ParquetLatents(LatentSource):
     column: str = ""
 
     def __post_init__(self):
-        self._dataset = None
-
-    def _ds(self):
-        if self._dataset is None:
-            self._dataset = open_latent_dataset(self.uri)
-        return self._dataset
+        self._ds = LazyDataset(self.uri)
 
     def latents(self, ids):
         tab = self._ds().take(np.asarray(ids, np.int64), columns=[self.column])
         col = tab.column(self.column).combine_chunks()
         flat = np.asarray(col.flatten() if hasattr(col, "flatten") else col, np.float64)
         return flat.reshape(len(ids), *self.shape)
+
+
+class LazyDataset:
+    """The Parquet dataset at ``uri``, opened on first call (and again after unpickling: workers
+    get the URI, not an open dataset)."""
+
+    def __init__(self, uri: str, dataset=None):
+        self.uri, self._dataset = uri, dataset
+
+    def __call__(self):
+        if self._dataset is None:
+            self._dataset = open_latent_dataset(self.uri)
+        return self._dataset
+
+    def __getstate__(self):
+        return {"uri": self.uri}
+
+    def __setstate__(self, state):
+        self.uri, self._dataset = state["uri"], None
 
 
 def open_latent_dataset(uri: str):
@@ -132,47 +152,70 @@ def open_latent_dataset(uri: str):
     return pds.dataset(path, filesystem=fs, format="parquet")
 
 
-def build_latents(lat: dict) -> LatentSource:
-    """The latent source of a (validated) spec's ``latents`` section."""
-    kind = lat["kind"]
-    if kind == "gaussian":
-        return Gaussian(lat["count"], tuple(lat["shape"]), lat.get("seed", 0), lat.get("scale", 1.0))
-    if kind == "grid2d":
-        res = tuple(lat["resolution"])
-        for i, key in enumerate("xy"):
-            if not lat["low"][i] < lat["high"][i] and res[i] > 1:
-                raise SpecError("latents.high", f"expected high > low on axis {key}, got low={lat['low']} high={lat['high']}")
-        return Grid2d(res[0] * res[1], (2,), tuple(lat["low"]), tuple(lat["high"]), res)
-    if kind == "plane3":
-        dims = {len(a) for a in lat["anchors"]}
-        if len(dims) != 1:
-            raise SpecError("latents.anchors", f"anchors must have the same length, got lengths {sorted(dims)}")
-        d = dims.pop()
-        shape = tuple(lat.get("shape", [d]))
-        if math.prod(shape) != d:
-            raise SpecError("latents.shape", f"shape {list(shape)} holds {math.prod(shape)} values but anchors have {d}")
-        res = tuple(lat["resolution"])
-        return Plane3(res[0] * res[1], shape, np.asarray(lat["anchors"]), res, lat.get("margin", 0.25))
-    if kind == "parquet":
-        import pyarrow as pa
+def build_gaussian(lat: dict) -> Gaussian:
+    return Gaussian(lat["count"], tuple(lat["shape"]), lat.get("seed", 0), lat.get("scale", 1.0))
 
-        ds = open_latent_dataset(lat["uri"])
-        if lat["column"] not in ds.schema.names:
-            raise SpecError("latents.column", f"column '{lat['column']}' is not in '{lat['uri']}'; it has {ds.schema.names}")
-        typ = ds.schema.field(lat["column"]).type
-        if not (pa.types.is_list(typ) or pa.types.is_fixed_size_list(typ) or pa.types.is_large_list(typ)):
-            raise SpecError("latents.column", f"column '{lat['column']}' must hold lists of numbers (one latent per row), got {typ}")
-        rows = ds.count_rows()
-        count = lat.get("count", rows)
-        if count > rows:
-            raise SpecError("latents.count", f"asked for {count} latents but '{lat['uri']}' has {rows} rows")
-        first = ds.take([0], columns=[lat["column"]]).column(lat["column"])[0].as_py() if rows else []
-        shape = tuple(lat.get("shape", [len(first)]))
-        if math.prod(shape) != len(first):
-            raise SpecError("latents.shape", f"shape {list(shape)} holds {math.prod(shape)} values but rows of "
-                                             f"'{lat['column']}' have {len(first)}")
-        return ParquetLatents(count, shape, lat["uri"], lat["column"])
-    if kind == "images":
-        from geomjobs.latents.images import build_image_latents
-        return build_image_latents(lat)
-    raise SpecError("latents.kind", f"unknown latent kind '{kind}'")
+
+def build_grid2d(lat: dict) -> Grid2d:
+    res = tuple(lat["resolution"])
+    for i, key in enumerate("xy"):
+        if not lat["low"][i] < lat["high"][i] and res[i] > 1:
+            raise SpecError("latents.high", f"expected high > low on axis {key}, got low={lat['low']} high={lat['high']}")
+    return Grid2d(res[0] * res[1], (2,), tuple(lat["low"]), tuple(lat["high"]), res)
+
+
+def build_plane3(lat: dict) -> Plane3:
+    dims = {len(a) for a in lat["anchors"]}
+    if len(dims) != 1:
+        raise SpecError("latents.anchors", f"anchors must have the same length, got lengths {sorted(dims)}")
+    d = dims.pop()
+    shape = tuple(lat.get("shape", [d]))
+    if math.prod(shape) != d:
+        raise SpecError("latents.shape", f"shape {list(shape)} holds {math.prod(shape)} values but anchors have {d}")
+    res = tuple(lat["resolution"])
+    return Plane3(res[0] * res[1], shape, np.asarray(lat["anchors"]), res, lat.get("margin", 0.25))
+
+
+def build_parquet(lat: dict) -> ParquetLatents:
+    """Parquet latents, checked before any work: the column holds lists, there are enough rows,
+    and every row used holds exactly prod(shape) values (the first bad row is named)."""
+    import pyarrow as pa
+
+    uri, column = lat["uri"], lat["column"]
+    ds = open_latent_dataset(uri)
+    if column not in ds.schema.names:
+        raise SpecError("latents.column", f"column '{column}' is not in '{uri}'; it has {ds.schema.names}")
+    typ = ds.schema.field(column).type
+    if not (pa.types.is_list(typ) or pa.types.is_fixed_size_list(typ) or pa.types.is_large_list(typ)):
+        raise SpecError("latents.column", f"column '{column}' must hold lists of numbers (one latent per row), got {typ}")
+    rows = ds.count_rows()
+    count = lat.get("count", rows)
+    if count > rows:
+        raise SpecError("latents.count", f"asked for {count} latents but '{uri}' has {rows} rows")
+    first = ds.take([0], columns=[column]).column(column)[0].as_py() if rows else []
+    shape = tuple(lat.get("shape", [len(first or [])]))
+    if math.prod(shape) != len(first or []):
+        raise SpecError("latents.shape", f"shape {list(shape)} holds {math.prod(shape)} values but rows of "
+                                         f"'{column}' have {len(first or [])}")
+    _check_row_lengths(ds, lat, count, math.prod(shape))
+    return ParquetLatents(count, shape, uri, column)
+
+
+def _check_row_lengths(ds, lat: dict, count: int, size: int) -> None:
+    """Raise SpecError('latents.column') naming the first of rows 0..count-1 that is null or
+    does not hold ``size`` values (a ragged column would otherwise fail mid-job)."""
+    import pyarrow.compute as pc
+
+    column, start = lat["column"], 0
+    for batch in ds.to_batches(columns=[column]):
+        if start >= count:
+            return
+        col = batch.column(0).slice(0, count - start)
+        lengths = pc.list_value_length(col).fill_null(-1).to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(lengths != size)
+        if len(bad):
+            i, n = start + int(bad[0]), int(lengths[bad[0]])
+            what = "is null" if n < 0 else f"holds {n} values"
+            raise SpecError("latents.column", f"row {i} of column '{column}' in '{lat['uri']}' {what}, expected {size} "
+                                              f"(latent shape {list(lat.get('shape', [size]))}); every row must hold one latent")
+        start += len(batch)

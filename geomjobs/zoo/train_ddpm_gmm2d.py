@@ -52,7 +52,8 @@ def train(steps: int, seed: int, batch: int, lr: float, log_every: int, log=prin
     import jax.numpy as jnp
     import optax
 
-    from geomjobs.generators.ddpm import EpsMLP, alpha_bars, gmm_data
+    from geomjobs.generators.ddpm import EpsMLP, alpha_bars
+    from geomjobs.zoo.gmm2d import gmm_data
 
     data = jnp.asarray(gmm_data(DATA["n_points"], DATA["data_seed"], DATA["n_modes"], DATA["radius"], DATA["std"]))
     T = SCHEDULE["T"]

@@ -53,7 +53,7 @@ def _out_stem(out: str | None) -> Path:
 
 
 def evaluate(module, params, init_params, train_x, test_x) -> dict:
-    from geomjobs.generators.vae import reconstruct
+    from geomjobs.zoo.digits import reconstruct
 
     mse = lambda p, x: float(np.mean((reconstruct(module, p, x) - x) ** 2))  # noqa: E731
     mean_img = train_x.mean(axis=0)
@@ -69,7 +69,8 @@ def train(steps: int, seed: int, batch: int, lr: float, log_every: int, log=prin
     import jax.numpy as jnp
     import optax
 
-    from geomjobs.generators.vae import BetaVAE, digits_images, digits_split, init_params, loss_terms
+    from geomjobs.generators.vae import BetaVAE, init_params
+    from geomjobs.zoo.digits import digits_images, digits_split, loss_terms
 
     images = digits_images()
     train_idx, test_idx = digits_split(DATA)
