@@ -9,16 +9,18 @@ __version__ = "0.1.0"
 
 def run_job(spec, out=None, *, resume=False, progress=False, address=None):
     """Run a job spec (a mapping, or a path to YAML) and return a JobResult."""
-    from geomjobs.runner import ray_driver
+    from geomjobs.runner import run_default
     from geomjobs.spec import load_spec
 
     if not isinstance(spec, dict):
         spec = load_spec(spec)
     if address is not None:
         # a Ray cluster: "HOST:PORT", "auto" (inside a submitted job) or "local" (embedded Ray)
-        return ray_driver.run_ray(spec, out, address=address, resume=resume, progress=progress)
+        from geomjobs.runner.ray_driver import run_ray
+
+        return run_ray(spec, out, address=address, resume=resume, progress=progress)
     # local mode: the same Ray driver on an embedded Ray, or in process for small jobs
-    return ray_driver.run_default(spec, out, resume=resume, progress=progress)
+    return run_default(spec, out, resume=resume, progress=progress)
 
 
 def open_dataset(uri):

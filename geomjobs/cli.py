@@ -27,17 +27,6 @@ def _cmd_run(args) -> int:
     return res.exit_code
 
 
-def _engines(committed: dict) -> list[dict]:
-    """Distinct engine settings over the committed shards' markers, with their shard counts."""
-    seen: dict = {}
-    for m in committed.values():
-        e = m.get("engine")
-        if e:
-            key = json.dumps(e, sort_keys=True)
-            seen.setdefault(key, {**e, "shards": 0})["shards"] += 1
-    return list(seen.values())
-
-
 def _cmd_inspect(args) -> int:
     from geomjobs.sink.dataset import Dataset
 
@@ -45,26 +34,23 @@ def _cmd_inspect(args) -> int:
     if not ds.exists():
         print(f"error: '{ds.uri}' is not a geomjobs dataset (no _geomjobs/job.json)", file=sys.stderr)
         return 2
-    job = ds.job()
-    committed = ds.committed()
-    failures = {k: v for k, v in ds.failures().items() if k not in committed}
-    rows = sum(m["rows"] for m in committed.values())
-    errors = sum(m["errors"] for m in committed.values())
+    s = ds.summary()
+    job = s.job
     info = {"uri": ds.uri, "job_id": job["job_id"], "schema_version": job["schema_version"],
-            "model_id": job.get("model_id"), "samples": job["count"], "rows": rows, "error_rows": errors,
-            "shards": {"total": job["num_shards"], "committed": len(committed), "failed": len(failures),
-                       "pending": job["num_shards"] - len(committed) - len(failures)},
-            "failures": [{"shard": k, "attempts": v.get("attempts"), "error": v["error"]} for k, v in sorted(failures.items())],
-            "engines": _engines(committed)}
+            "model_id": job.get("model_id"), "samples": job["count"], "rows": s.rows, "error_rows": s.errors,
+            "shards": {"total": job["num_shards"], "committed": len(s.committed), "failed": len(s.failures),
+                       "pending": s.pending},
+            "failures": [{"shard": k, "attempts": v.get("attempts"), "error": v["error"]} for k, v in sorted(s.failures.items())],
+            "engines": s.engines()}
     if args.json:
         info["spec"] = ds.spec()
         print(json.dumps(info, indent=2))
         return 0
     print(f"dataset        {info['uri']}")
     print(f"job            {info['job_id']}  (model {info['model_id']}, record schema v{info['schema_version']})")
-    print(f"rows           {rows} of {job['count']} samples ({errors} with status 'error')")
-    s = info["shards"]
-    print(f"shards         {s['committed']} committed, {s['failed']} failed, {s['pending']} pending, of {s['total']}")
+    print(f"rows           {s.rows} of {job['count']} samples ({s.errors} with status 'error')")
+    sh = info["shards"]
+    print(f"shards         {sh['committed']} committed, {sh['failed']} failed, {sh['pending']} pending, of {sh['total']}")
     for f in info["failures"]:
         print(f"  failed shard {f['shard']} after {f['attempts']} attempts: {f['error']}")
     for e in info["engines"]:
@@ -73,7 +59,7 @@ def _cmd_inspect(args) -> int:
         if e.get("mode") in ("projection", "slq"):
             how += ", " + ("all rows in one pass" if e.get("chunk") is None else f"chunks of {e['chunk']}")
         print(f"engine         {how}{mem}, {e['devices']} device(s): {e['shards']} shards")
-    if errors and args.errors:
+    if s.errors and args.errors:
         df = ds.read_table().to_pandas()
         for _, r in df[df.status != "ok"].head(args.errors).iterrows():
             print(f"  sample {r.sample_id}: {r.error}")
@@ -158,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from geomjobs.runner.ray_driver import WorkerPoolError
+    from geomjobs.runner.ray_connect import WorkerPoolError
     from geomjobs.sink.dataset import DatasetError
     from geomjobs.spec import SpecError
 

@@ -48,7 +48,7 @@ def resolve_address(address: str | None) -> str:
 def client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
-    from geomjobs.runner.ray_driver import enable_token_auth_if_available
+    from geomjobs.runner.ray_connect import enable_token_auth_if_available
 
     enable_token_auth_if_available()
     return JobSubmissionClient(resolve_address(address))
@@ -103,7 +103,7 @@ def build_submission(spec_path: str, *, out: str | None = None, resume: bool = F
     spec["output"] = output
     (workdir / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     pkg = stage_package(stage_dir / "modules")
-    from geomjobs.runner.ray_driver import worker_env
+    from geomjobs.runner.ray_connect import worker_env
 
     entry = ["python", "-m", "geomjobs.cli", "run", "spec.yaml", "--address", "auto", "--quiet"]
     if resume:
@@ -140,11 +140,9 @@ def dataset_progress(uri: str) -> dict | None:
         ds = Dataset(uri)
         if not ds.exists():
             return None
-        job = ds.job()
-        committed = ds.committed()
-        failed = set(ds.failures()) - set(committed)
-        return {"shards": job["num_shards"], "committed": len(committed), "failed": len(failed),
-                "rows": sum(m["rows"] for m in committed.values()), "samples": job["count"]}
+        s = ds.summary()
+        return {"shards": s.job["num_shards"], "committed": len(s.committed), "failed": len(s.failures),
+                "rows": s.rows, "samples": s.job["count"]}
     except Exception:  # noqa: BLE001 - progress is best effort (output on storage we cannot see)
         return None
 

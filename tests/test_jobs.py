@@ -92,8 +92,8 @@ def test_resume_after_interruption_writes_every_sample_once(tmp_path, monkeypatc
         run_job(spec, out)
     assert sorted(Dataset(out).committed()) == [0, 1, 2]
     # a crash between a shard's file and its marker: the file exists, the marker does not
-    ds = Dataset(out)
-    ds._put("part-000003.parquet", (tmp_path / "out" / "part-000000.parquet").read_bytes())
+    (tmp_path / "out" / "part-000003.parquet").write_bytes((tmp_path / "out" / "part-000000.parquet").read_bytes())
+    assert sorted(Dataset(out).committed()) == [0, 1, 2]
     monkeypatch.setattr(local, "compute_shard", lambda *a, **k: (calls.append(a[1]), real(*a, **k))[1])
     with pytest.raises(DatasetError, match="--resume"):
         run_job(spec, out)
@@ -133,6 +133,22 @@ def test_a_failing_sample_is_data_and_the_rest_go_on(tmp_path):
     assert list(df.index[df.status == "error"]) == [5, 9]
     assert df.error[5] == "latent has non-finite values" and df.local_scaling.isna()[5]
     assert df.local_scaling.drop([5, 9]).notna().all()
+
+
+def test_a_shard_that_fails_every_attempt_is_recorded_and_the_rest_commit(tmp_path):
+    """The retry policy in process: a folder holds shard 1's part-file name, so its commit
+    raises on every attempt; after max_retries + 1 attempts the failure is recorded."""
+    spec = mlp_spec(write_mlp(tmp_path))            # 40 samples, 3 shards
+    spec["execution"]["max_retries"] = 2
+    out = tmp_path / "out"
+    (out / "part-000001.parquet").mkdir(parents=True)
+    (out / "part-000001.parquet" / "blocker").write_text("")
+    res = run_job(spec, str(out), resume=True)      # a non-empty output is only accepted on resume
+    assert res.exit_code == 1 and res.failed_shards == [1] and res.committed_shards == 2
+    assert res.computed_shards == 2 and res.rows == 40 - 16
+    s = Dataset(res.uri).summary()
+    assert sorted(s.committed) == [0, 2] and s.pending == 0
+    assert s.failures[1]["attempts"] == 3 and "part-000001.parquet" in s.failures[1]["error"]
 
 
 def test_manifest_lists_committed_shards(tmp_path):

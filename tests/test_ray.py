@@ -4,6 +4,7 @@ shard, submission through the Ray Jobs API; plus the driver's pure rules and the
 engine (no cluster)."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,15 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import yaml
 from jobs import assert_each_sample_once, mlp_spec, read_sorted, write_mlp
 from ray_cluster import TESTS, shared_cluster
 
 from geomjobs import run_job
-from geomjobs.runner import ray_driver
+from geomjobs.runner import local_mode, ray_connect, ray_driver
 from geomjobs.runner.plan import plan_job
 from geomjobs.sink.dataset import Dataset, DatasetError
 from geomjobs.spec import SpecError
@@ -87,26 +86,26 @@ def test_actor_options_and_worker_env():
     opts = ray_driver.actor_options({"resources": {"GPU": 1, "TPU": 4}})
     assert opts["num_cpus"] == 1 and opts["num_gpus"] == 1 and opts["resources"] == {"TPU": 4.0}
     assert opts["max_restarts"] > 0 and opts["max_task_retries"] == 0
-    env = ray_driver.worker_env({"STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"})
+    env = ray_connect.worker_env({"STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"})
     assert env == {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
                    "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"}
-    assert ray_driver.worker_env({"XLA_PYTHON_CLIENT_MEM_FRACTION": ".5"})["XLA_PYTHON_CLIENT_MEM_FRACTION"] == ".5"
-    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in ray_driver.worker_env({"XLA_PYTHON_CLIENT_MEM_FRACTION": ".5"})
-    assert ray_driver.worker_env({"GEOMJOBS_MEMORY_BUDGET_GIB": "12"})["GEOMJOBS_MEMORY_BUDGET_GIB"] == "12"
+    assert ray_connect.worker_env({"XLA_PYTHON_CLIENT_MEM_FRACTION": ".5"})["XLA_PYTHON_CLIENT_MEM_FRACTION"] == ".5"
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in ray_connect.worker_env({"XLA_PYTHON_CLIENT_MEM_FRACTION": ".5"})
+    assert ray_connect.worker_env({"GEOMJOBS_MEMORY_BUDGET_GIB": "12"})["GEOMJOBS_MEMORY_BUDGET_GIB"] == "12"
 
 
 def test_local_mode_runs_small_jobs_in_process(tmp_path, monkeypatch):
     monkeypatch.delenv("GEOMJOBS_LOCAL_MODE", raising=False)
     w = write_mlp(tmp_path)
     small = plan_job(mlp_spec(w, count=40, shard_size=16))
-    assert ray_driver.local_mode(small, small.num_shards) == "process"
+    assert local_mode(small, small.num_shards) == "process"
     big = plan_job(mlp_spec(w, count=4000, shard_size=100))
-    assert ray_driver.local_mode(big, big.num_shards) == "ray"
-    assert ray_driver.local_mode(big, 3) == "process"                   # a resume with 3 shards left
+    assert local_mode(big, big.num_shards) == "ray"
+    assert local_mode(big, 3) == "process"                   # a resume with 3 shards left
     one = plan_job(mlp_spec(w, count=4000, shard_size=100) | {"execution": {"shard_size": 100, "workers": 1}})
-    assert ray_driver.local_mode(one, one.num_shards) == "process"
+    assert local_mode(one, one.num_shards) == "process"
     monkeypatch.setenv("GEOMJOBS_LOCAL_MODE", "ray")
-    assert ray_driver.local_mode(small, small.num_shards) == "ray"
+    assert local_mode(small, small.num_shards) == "ray"
 
 
 def test_a_multi_device_worker_splits_the_batch_across_its_devices(tmp_path):
@@ -243,33 +242,33 @@ def test_driver_killed_mid_job_then_resume_finishes_every_sample_once(cluster, t
 
 
 def test_a_poison_shard_is_recorded_and_the_rest_complete(cluster, tmp_path):
-    """A real poison input: one latent row of a Parquet latent file is ragged (5 numbers instead
-    of 6). Planning reads the first row only, so the job starts; the shard holding the bad row
-    raises on every attempt (a shard-level failure, not a per-sample one: the latents of the
-    shard cannot even be formed)."""
+    """A shard that fails on every attempt, in the worker: a folder already holds its part
+    file's name in the output, so its commit (an atomic rename onto that name) raises each
+    time. (Ragged Parquet latents, the poison this test used before, are now refused before
+    any work.) The shard is retried, recorded after max_retries, and the other shards commit."""
     w = write_mlp(tmp_path)
-    rows = [list(np.random.default_rng(i).standard_normal(6)) for i in range(40)]
-    rows[21] = rows[21][:5]
-    lat = tmp_path / "latents.parquet"
-    pq.write_table(pa.table({"z": pa.array(rows, pa.list_(pa.float64()))}), lat)
     spec = mlp_spec(w, shard_size=8)
-    spec["latents"] = {"kind": "parquet", "uri": str(lat), "column": "z"}
     spec["execution"]["max_retries"] = 1
-    out = str(tmp_path / "out")
-    p = cli("run", write_spec(tmp_path, spec), "--address", cluster.address, "--out", out, "-q",
+    out = tmp_path / "out"
+    (out / "part-000002.parquet").mkdir(parents=True)
+    (out / "part-000002.parquet" / "blocker").write_text("")
+    # --resume: the output is not empty (the blocker), which only a resume accepts
+    p = cli("run", write_spec(tmp_path, spec), "--address", cluster.address, "--out", str(out), "--resume", "-q",
             env=cluster.client_env)
     assert p.returncode == 1, p.stdout + p.stderr
     assert "1 shards failed: [2]" in p.stderr
-    ds = Dataset(out)
+    ds = Dataset(str(out))
     assert sorted(ds.committed()) == [0, 1, 3, 4]
     fail = ds.failures()[2]
-    assert fail["attempts"] == 2 and "reshape" in fail["error"]
+    assert fail["attempts"] == 2 and "part-000002.parquet" in fail["error"]
+    info = json.loads(cli("inspect", str(out), "--json", check=True).stdout)
+    assert info["shards"] == {"total": 5, "committed": 4, "failed": 1, "pending": 0}
+    assert info["failures"][0]["shard"] == 2 and "part-000002.parquet" in info["failures"][0]["error"]
+    assert "failed shard 2 after 2 attempts" in cli("inspect", str(out), check=True).stdout
+    (out / "part-000002.parquet" / "blocker").unlink()
+    (out / "part-000002.parquet").rmdir()
     df = read_sorted(out)
     assert sorted(df.sample_id) == [i for i in range(40) if not 16 <= i < 24] and (df.status == "ok").all()
-    info = json.loads(cli("inspect", out, "--json", check=True).stdout)
-    assert info["shards"] == {"total": 5, "committed": 4, "failed": 1, "pending": 0}
-    assert info["failures"][0]["shard"] == 2 and "reshape" in info["failures"][0]["error"]
-    assert "failed shard 2 after 2 attempts" in cli("inspect", out, check=True).stdout
 
 
 def test_submit_status_and_logs_through_the_jobs_api(cluster, tmp_path):
@@ -281,11 +280,15 @@ def test_submit_status_and_logs_through_the_jobs_api(cluster, tmp_path):
     env = {**cluster.client_env, "RAY_ADDRESS": cluster.dashboard}      # the CLI also reads RAY_ADDRESS
     sub = cli("submit", path, env=env, check=True)
     job_id = sub.stdout.strip().splitlines()[-1]
-    assert job_id
+    assert re.fullmatch(r"raysubmit_[A-Za-z0-9]{16}", job_id), sub.stdout   # a Ray Jobs API submission id
     st = cli("status", job_id, "--address", cluster.dashboard, "--wait", "--timeout", "180", env=cluster.client_env)
     logs = cli("logs", job_id, "--address", cluster.dashboard, env=cluster.client_env, check=True).stdout
     assert st.returncode == 0, st.stdout + st.stderr + logs
-    assert "SUCCEEDED" in st.stdout and "6/6 shards committed" in st.stdout
+    assert st.stdout.startswith(f"{job_id}  SUCCEEDED") and "6/6 shards committed" in st.stdout
+    from ray.job_submission import JobSubmissionClient
+
+    info = JobSubmissionClient(cluster.dashboard).get_job_info(job_id)     # the cluster knows the job by that id
+    assert info.status == "SUCCEEDED" and info.metadata["geomjobs_output"] == str(tmp_path / "out")
     assert "48/48 rows in 6/6 shards" in logs
     df = read_sorted(tmp_path / "out")
     assert_each_sample_once(df, 48)

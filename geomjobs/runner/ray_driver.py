@@ -48,54 +48,47 @@ Local mode
 ----------
 With no address, ``geomjobs run`` runs this same driver on an embedded Ray started for the job
 (``ray.init(address="local")`` on 127.0.0.1, no dashboard; it never attaches to a cluster found
-in /tmp/ray), except for small jobs, which run in process (``run_local``): see
-:func:`local_mode`.
+in /tmp/ray; see ``geomjobs.runner.ray_connect``), except for small jobs, which run in process
+(``run_local``): see :func:`geomjobs.runner.local_mode`.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
 import logging
-import math
 import os
 import sys
 import time
-import warnings
-from typing import TYPE_CHECKING
 
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+
+from geomjobs.runner.engine import Engine, format_exception
+from geomjobs.runner.job import JobResult, OpenJob, Progress, open_job
+from geomjobs.runner.plan import Plan, plan_job
+from geomjobs.runner.ray_connect import WorkerPoolError, embedded_cpus, ray_connection, worker_env, worker_resources
+from geomjobs.runner.retry import Retries
+from geomjobs.runner.shards import compute_shard
+from geomjobs.sink.dataset import Dataset
 from geomjobs.spec import SpecError
 
-if TYPE_CHECKING:   # the heavy imports (jax) happen when a job runs, not when the CLI starts
-    from geomjobs.runner.local import JobResult
-    from geomjobs.runner.plan import Plan
-    from geomjobs.sink.dataset import Dataset
+__all__ = ["ShardWorker", "WorkerPoolError", "actor_options", "drive_ray", "pool_size", "run_ray"]
 
 QUEUE_DEPTH = 2            # shards held by one worker: one running, one queued
 MAX_RESTARTS = 3           # times Ray restarts one worker process before it is given up
 WAIT_TIMEOUT_S = 30.0      # how often the driver reports while nothing finishes
-SMALL_JOB_SHARDS = 8       # local mode: at most this many shards to compute ...
-SMALL_JOB_SAMPLES = 1024   # ... or this many samples: in process, no Ray
-EMBEDDED_OBJECT_STORE = 200 * 1024 * 1024   # the driver moves only commit markers
 
 log = logging.getLogger("geomjobs.ray")
-
-
-class WorkerPoolError(RuntimeError):
-    """No worker could be started or kept alive; committed shards are kept (resume later)."""
 
 
 # ---- the worker ------------------------------------------------------------------------
 class ShardWorker:
     """One long-lived worker: one plan, one engine (one compile), many shards.
 
-    Made a Ray actor by :func:`_worker_class`; plain Python so that it is testable without Ray.
+    Made a Ray actor by :class:`_Pool`; plain Python so that it is testable without Ray.
     """
 
     def __init__(self, spec: dict, spec_hash: str):
-        from geomjobs.runner.plan import plan_job
-        from geomjobs.runner.engine import Engine
-        from geomjobs.sink.dataset import Dataset
-
         self.plan = plan_job(spec)
         if self.plan.hash != spec_hash:
             raise RuntimeError(f"this worker plans the job with spec hash {self.plan.hash[:12]}, the driver with "
@@ -111,8 +104,6 @@ class ShardWorker:
                 "batch_size": self.engine.batch_size, **self.engine.describe()}
 
     def run(self, shard: int) -> dict:
-        from geomjobs.runner.shards import compute_shard
-
         t0 = time.time()
         table = compute_shard(self.plan, shard, self.engine)
         marker = self.ds.commit_shard(shard, table, worker=self.name, engine=self.engine.describe())
@@ -121,8 +112,6 @@ class ShardWorker:
 
 def _node_ip() -> str:
     try:
-        import ray
-
         return ray._private.worker.global_worker.node_ip_address   # the address Ray runs this node on
     except Exception:  # noqa: BLE001 - only a label
         import socket
@@ -130,26 +119,7 @@ def _node_ip() -> str:
         return socket.gethostname()
 
 
-_REMOTE = None
-
-
-def _worker_class():
-    global _REMOTE
-    if _REMOTE is None:
-        import ray
-
-        _REMOTE = ray.remote(ShardWorker)
-    return _REMOTE
-
-
-# ---- resources, environment, connection ------------------------------------------------
-def worker_resources(execution: dict) -> dict[str, float]:
-    """What one worker asks Ray for: ``execution.resources`` with CPU defaulting to 1."""
-    res = {k: float(v) for k, v in (execution.get("resources") or {}).items()}
-    res.setdefault("CPU", 1.0)
-    return res
-
-
+# ---- placement -------------------------------------------------------------------------
 def actor_options(execution: dict) -> dict:
     res = worker_resources(execution)
     opts = {"num_cpus": res.pop("CPU"), "max_restarts": MAX_RESTARTS, "max_task_retries": 0,
@@ -159,135 +129,6 @@ def actor_options(execution: dict) -> dict:
     if res:
         opts["resources"] = res
     return opts
-
-
-def worker_env(environ=None) -> dict[str, str]:
-    """Environment variables every worker gets (set through its Ray runtime_env).
-
-    JAX preallocates 75 % of an accelerator's memory by default; workers allocate on demand
-    unless the driver's environment says otherwise (XLA_PYTHON_CLIENT_MEM_FRACTION / _PREALLOCATE
-    are passed through). gcsfs's bucket-type probe is turned off (it stalls for a minute against
-    emulators and some proxies). STORAGE_EMULATOR_HOST and GEOMJOBS_MEMORY_BUDGET_GIB (the
-    budget of ``chunk: auto``, runner/engine.py) are passed through.
-    """
-    environ = os.environ if environ is None else environ
-    env = {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": environ.get("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")}
-    mem = {k: environ[k] for k in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
-                                   "XLA_PYTHON_CLIENT_ALLOCATOR") if k in environ}
-    env.update(mem or {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
-    for key in ("STORAGE_EMULATOR_HOST", "GEOMJOBS_MEMORY_BUDGET_GIB"):
-        if key in environ:
-            env[key] = environ[key]
-    return env
-
-
-def enable_token_auth_if_available() -> bool:
-    """Ray >= 2.52 clusters use token authentication. A client that connects to an explicit
-    address only sends a token when RAY_AUTH_MODE=token; set it when a token can be found
-    (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and the user has not chosen a
-    mode. Returns whether token mode is on."""
-    mode = os.environ.get("RAY_AUTH_MODE")
-    if mode is not None:
-        return mode.lower() == "token"
-    try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-    except ImportError:   # a Ray without token authentication
-        return False
-    return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-
-
-def _is_loopback(address: str) -> bool:
-    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
-    return host in ("127.0.0.1", "localhost", "::1")
-
-
-@contextlib.contextmanager
-def ray_connection(address: str | None, *, num_cpus: int | None = None, num_gpus: int | None = None):
-    """Connect to the cluster at ``address`` ("auto" inside a submitted job), or start an
-    embedded Ray for this job (address None or "local"). Reuses a connection this process
-    already has. Disconnects (and stops an embedded Ray) on exit."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    enable_token_auth_if_available()
-    # Ray starts its processes by fork+exec; JAX (imported to plan the job) warns about any fork
-    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
-    kw = {"logging_level": logging.WARNING, "log_to_driver": True}
-    restore_env: dict[str, str | None] = {}
-    if address in (None, "local"):
-        restore_env = _ephemeral_token()
-        # address="local" always starts a new Ray: never attach to one recorded in /tmp/ray.
-        try:
-            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-                     object_store_memory=EMBEDDED_OBJECT_STORE, _node_ip_address="127.0.0.1", **kw)
-        except BaseException:
-            _restore(restore_env)
-            raise
-    else:
-        if address.startswith(("http://", "https://")):
-            raise SpecError("", f"'{address}' is a Jobs API (dashboard) address: use it with `geomjobs submit`; "
-                                "`geomjobs run --address` takes the cluster's HOST:PORT (6379 by default) or 'auto'")
-        if _is_loopback(address):
-            kw["_node_ip_address"] = "127.0.0.1"
-        try:
-            ray.init(address=address, **kw)
-        except (ConnectionError, RuntimeError) as e:   # unreachable, or the token is missing/wrong
-            raise WorkerPoolError(f"cannot connect to the Ray cluster at '{address}': {e}") from e
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        _restore(restore_env)
-
-
-def _ephemeral_token() -> dict[str, str | None]:
-    """An embedded Ray keeps Ray's token authentication on, but when no token exists and no mode
-    is chosen it uses a random token for this job only (in the environment its processes
-    inherit) instead of writing ~/.ray/auth_token as a bare ``ray.init()`` would. Returns the
-    variables to restore afterwards."""
-    if os.environ.get("RAY_AUTH_MODE") is not None or os.environ.get("RAY_AUTH_TOKEN") \
-            or os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        return {}
-    try:
-        from ray._raylet import AuthenticationTokenLoader
-
-        if AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
-            return {}
-    except ImportError:   # a Ray without token authentication
-        return {}
-    import secrets
-
-    old = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    os.environ["RAY_AUTH_MODE"] = "token"
-    _refresh_auth()
-    return old
-
-
-def _restore(old: dict[str, str | None]) -> None:
-    if not old:
-        return
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    _refresh_auth()
-
-
-def _refresh_auth() -> None:
-    """Ray caches its auth mode and token per process: make it read the environment again."""
-    try:
-        from ray._raylet import AuthenticationTokenLoader, Config
-
-        Config.initialize("")
-        AuthenticationTokenLoader.instance().reset_cache()
-    except Exception:  # noqa: BLE001 - older Ray: nothing cached to refresh
-        pass
 
 
 def pool_size(execution: dict, shards_to_do: int, cluster: dict[str, float]) -> int:
@@ -307,7 +148,7 @@ def pool_size(execution: dict, shards_to_do: int, cluster: dict[str, float]) -> 
 
 # ---- the driver ------------------------------------------------------------------------
 def run_ray(spec: dict, out: str | None = None, *, address: str | None = None, resume: bool = False,
-            progress: bool = True, plan: Plan | None = None) -> JobResult:
+            progress: bool = True) -> JobResult:
     """Run a job on the Ray cluster at ``address`` ("auto" inside a Ray job; None or "local":
     an embedded Ray for this job) and wait. Same dataset protocol and results as ``run_local``.
 
@@ -316,35 +157,28 @@ def run_ray(spec: dict, out: str | None = None, *, address: str | None = None, r
     result (exit code 1); if no worker can be started or kept alive, WorkerPoolError is raised
     and committed shards are kept for ``--resume``.
     """
-    from geomjobs.runner.local import open_output, summarize
-    from geomjobs.runner.plan import plan_job
+    started = time.time()
+    return drive_ray(open_job(plan_job(spec), out, resume, started), address, progress)
 
-    t0 = time.time()
-    plan = plan or plan_job(spec)
-    ds = open_output(plan, out, resume)
-    done = set(ds.committed())
-    todo = [s for s in range(plan.num_shards) if s not in done]
-    if not todo:
-        return summarize(ds, plan, 0, t0)
-    execution = plan.spec["execution"]
-    num_cpus = num_gpus = None
-    if address in (None, "local"):
-        per = worker_resources(execution)
-        want = execution.get("workers") or 1
-        num_cpus = max(os.cpu_count() or 1, math.ceil(want * per["CPU"]))
-        num_gpus = None  # detected
-    with ray_connection(address, num_cpus=num_cpus, num_gpus=num_gpus):
-        computed = _drive(plan, ds, todo, done, progress)
-    ds.clean_staging()
-    return summarize(ds, plan, computed, t0)
+
+def drive_ray(job: OpenJob, address: str | None, progress: bool = True) -> JobResult:
+    """Compute ``job.todo`` on a pool of Ray workers (cluster at ``address``, or embedded)."""
+    if not job.todo:
+        return job.result(0)
+    embedded = address in (None, "local")
+    num_cpus = embedded_cpus(job.plan.spec["execution"]) if embedded else None
+    with ray_connection(address, num_cpus=num_cpus):   # an embedded Ray detects its GPUs
+        computed = _Driver(job, progress).run()
+    job.ds.clean_staging()
+    return job.result(computed)
 
 
 class _Pool:
     """Worker handles and their state: 'starting' (ready() pending), 'ready', 'dead'."""
 
     def __init__(self, plan: Plan, n: int):
-
-        cls = _worker_class().options(**actor_options(plan.spec["execution"]))
+        # the actor class is made here, for this job: no Ray handle outlives the connection
+        cls = ray.remote(ShardWorker).options(**actor_options(plan.spec["execution"]))
         # the spec is small: passed inline, so a restart (Ray re-runs the constructor) never
         # depends on an object-store copy
         self.actors = [cls.remote(plan.spec, plan.hash) for _ in range(n)]
@@ -359,6 +193,17 @@ class _Pool:
             self.state[i] = "starting"
             self.pings[self.actors[i].ready.remote()] = i
 
+    def on_ping(self, ref) -> None:
+        """A worker's ready() returned: it is ready, or it could not start."""
+        i = self.pings.pop(ref)
+        try:
+            self.info[i] = ray.get(ref)
+            self.state[i] = "ready"
+        except (RayError, GetTimeoutError) as e:
+            self.state[i] = "dead"
+            self.errors.append(_short(e))
+            log.warning("worker %d could not start: %s", i, _short(e))
+
     def pick(self, avoid: int | None) -> int | None:
         free = [i for i, s in enumerate(self.state) if s == "ready" and self.load[i] < QUEUE_DEPTH]
         if not free:
@@ -366,140 +211,101 @@ class _Pool:
         others = [i for i in free if i != avoid] or free
         return min(others, key=lambda i: self.load[i])
 
-    def kill_all(self) -> None:
-        import ray
+    def label(self, i: int) -> str:
+        return self.info[i]["worker"] if self.info[i] else str(i)
 
+    def kill_all(self) -> None:
         for a in self.actors:
             with contextlib.suppress(Exception):
                 ray.kill(a, no_restart=True)
 
 
-def _drive(plan: Plan, ds: Dataset, todo: list[int], done: set[int], progress: bool) -> int:
-    import ray
-    from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+class _Driver:
+    """One run of the scheduling loop: hand shards to ready workers (:meth:`dispatch`), wait for
+    any shard or worker, and handle what came back (:meth:`on_ready`, :meth:`on_failure`)."""
 
-    from geomjobs.runner.local import _progress
+    def __init__(self, job: OpenJob, progress: bool):
+        self.job = job
+        self.execution = job.plan.spec["execution"]
+        self.pool = _Pool(job.plan, pool_size(self.execution, len(job.todo), ray.cluster_resources()))
+        self.queue = collections.deque(job.todo)
+        self.inflight: dict = {}                  # ref -> (shard, worker index)
+        self.last_worker: dict[int, int] = {}     # shard -> the worker its last attempt failed on
+        self.retries = Retries(self.execution["max_retries"], job.ds)
+        self.bar = Progress(job, progress)
+        self.computed = 0
+        self.waited = 0.0
 
-    execution = plan.spec["execution"]
-    n = pool_size(execution, len(todo), ray.cluster_resources())
-    retries = execution["max_retries"]
-    pool = _Pool(plan, n)
-    queue = collections.deque(todo)
-    attempts: dict[int, int] = collections.defaultdict(int)
-    last_worker: dict[int, int] = {}
-    inflight: dict = {}                  # ref -> (shard, worker index)
-    computed = 0
-    bar = _progress(plan, todo, done, progress)
-    waited = 0.0
-    try:
-        while queue or inflight:
-            while queue:
-                i = pool.pick(last_worker.get(queue[0]))
-                if i is None:
-                    break
-                shard = queue.popleft()
-                inflight[pool.actors[i].run.remote(shard)] = (shard, i)
-                pool.load[i] += 1
-            if not inflight and not pool.pings:
-                raise WorkerPoolError("no worker is alive to compute the remaining shards "
-                                      f"({len(queue)} left; committed shards are kept, rerun with --resume). "
-                                      + (f"Last worker error: {pool.errors[-1]}" if pool.errors else ""))
-            ready, _ = ray.wait(list(inflight) + list(pool.pings), num_returns=1, timeout=WAIT_TIMEOUT_S)
-            if not ready:
-                waited += WAIT_TIMEOUT_S
-                starting = sum(s == "starting" for s in pool.state)
-                if not any(s == "ready" for s in pool.state):
-                    print(f"geomjobs: waiting {waited:.0f} s for {starting} workers, each asking Ray for "
-                          f"{worker_resources(execution)}", file=sys.stderr)
-                continue
-            waited = 0.0
-            ref = ready[0]
-            if ref in pool.pings:
-                i = pool.pings.pop(ref)
-                try:
-                    pool.info[i] = ray.get(ref)
-                    pool.state[i] = "ready"
-                except (RayError, GetTimeoutError) as e:
-                    pool.state[i] = "dead"
-                    pool.errors.append(_short(e))
-                    log.warning("worker %d could not start: %s", i, _short(e))
-                continue
-            shard, i = inflight.pop(ref)
-            pool.load[i] -= 1
-            try:
-                marker = ray.get(ref)
-            except RayTaskError as e:                      # the shard's computation raised
-                error = _short(e.cause if getattr(e, "cause", None) is not None else e)
-            except RayActorError as e:                     # the worker process died (or vanished)
-                error = f"worker {pool.info[i]['worker'] if pool.info[i] else i} died: {_short(e)}"
-                pool.ping(i)   # ready again after Ray restarts it, or found dead
-            except RayError as e:                          # node lost, object lost, ...
-                error = f"{type(e).__name__}: {_short(e)}"
-                pool.ping(i)
-            else:
-                computed += 1
-                if bar is not None:
-                    bar.update(marker["rows"])
-                continue
-            attempts[shard] += 1
-            last_worker[shard] = i
-            if attempts[shard] > retries:
-                ds.record_failure(shard, error, attempts[shard])
-                log.warning("shard %d failed after %d attempts: %s", shard, attempts[shard], error)
-                if bar is not None:
-                    bar.update(len(plan.shard_ids(shard)))
-            else:
-                queue.append(shard)
-    finally:
-        if bar is not None:
-            bar.close()
-        pool.kill_all()
-    return computed
+    def run(self) -> int:
+        """Until every shard is committed or recorded as failed; returns the shards computed."""
+        try:
+            while self.queue or self.inflight:
+                self.dispatch()
+                ready, _ = ray.wait(list(self.inflight) + list(self.pool.pings), num_returns=1,
+                                    timeout=WAIT_TIMEOUT_S)
+                if not ready:
+                    self.on_idle()
+                    continue
+                self.waited = 0.0
+                if ready[0] in self.pool.pings:
+                    self.pool.on_ping(ready[0])
+                else:
+                    self.on_ready(ready[0])
+        finally:
+            self.bar.close()
+            self.pool.kill_all()
+        return self.computed
+
+    def dispatch(self) -> None:
+        """Queued shards to ready workers with room, preferring a worker other than the one the
+        shard last failed on. Raises WorkerPoolError when no worker is left to wait for."""
+        while self.queue:
+            i = self.pool.pick(self.last_worker.get(self.queue[0]))
+            if i is None:
+                break
+            shard = self.queue.popleft()
+            self.inflight[self.pool.actors[i].run.remote(shard)] = (shard, i)
+            self.pool.load[i] += 1
+        if not self.inflight and not self.pool.pings:
+            last = f"Last worker error: {self.pool.errors[-1]}" if self.pool.errors else ""
+            raise WorkerPoolError("no worker is alive to compute the remaining shards "
+                                  f"({len(self.queue)} left; committed shards are kept, rerun with --resume). " + last)
+
+    def on_idle(self) -> None:
+        self.waited += WAIT_TIMEOUT_S
+        if not any(s == "ready" for s in self.pool.state):
+            starting = sum(s == "starting" for s in self.pool.state)
+            print(f"geomjobs: waiting {self.waited:.0f} s for {starting} workers, each asking Ray for "
+                  f"{worker_resources(self.execution)}", file=sys.stderr)
+
+    def on_ready(self, ref) -> None:
+        """A shard's run() returned: committed, or failed (raised, or its worker died)."""
+        shard, i = self.inflight.pop(ref)
+        self.pool.load[i] -= 1
+        try:
+            marker = ray.get(ref)
+        except RayTaskError as e:                      # the shard's computation raised
+            self.on_failure(shard, i, _short(e.cause if getattr(e, "cause", None) is not None else e))
+        except RayActorError as e:                     # the worker process died (or vanished)
+            self.pool.ping(i)   # ready again after Ray restarts it, or found dead
+            self.on_failure(shard, i, f"worker {self.pool.label(i)} died: {_short(e)}")
+        except RayError as e:                          # node lost, object lost, ...
+            self.pool.ping(i)
+            self.on_failure(shard, i, f"{type(e).__name__}: {_short(e)}")
+        else:
+            self.computed += 1
+            self.bar.update(marker["rows"])
+
+    def on_failure(self, shard: int, worker: int, error: str) -> None:
+        """Queue the shard again, or (its attempts used up) record it as failed."""
+        self.last_worker[shard] = worker
+        if self.retries.failed(shard, error):
+            self.queue.append(shard)
+            return
+        log.warning("shard %d failed after %d attempts: %s", shard, self.retries.attempts[shard], error)
+        self.bar.update(len(self.job.plan.shard_ids(shard)))
 
 
 def _short(e: BaseException, limit: int = 2000) -> str:
-    from geomjobs.runner.engine import format_exception
-
     text = format_exception(e) if not hasattr(e, "error_msg") else str(e)
     return text.strip()[:limit]
-
-
-# ---- local mode ------------------------------------------------------------------------
-def local_mode(plan: Plan, shards_to_do: int) -> str:
-    """'process' or 'ray' for a job run with no address.
-
-    In process (``run_local``, no Ray) when the job asks for one worker
-    (``execution.workers: 1``), or when it does not say and is small: at most
-    ``SMALL_JOB_SHARDS`` shards or ``SMALL_JOB_SAMPLES`` samples left to compute, where starting
-    Ray (seconds) would cost more than it gives. Otherwise an embedded Ray runs the cluster
-    driver. ``GEOMJOBS_LOCAL_MODE=process|ray`` forces either.
-    """
-    forced = os.environ.get("GEOMJOBS_LOCAL_MODE", "auto").lower()
-    if forced in ("process", "ray"):
-        return forced
-    workers = plan.spec["execution"].get("workers")
-    if workers == 1:
-        return "process"
-    samples = shards_to_do * plan.shard_size
-    if workers is None and (shards_to_do <= SMALL_JOB_SHARDS or samples <= SMALL_JOB_SAMPLES):
-        return "process"
-    return "ray"
-
-
-def run_default(spec: dict, out: str | None = None, *, resume: bool = False, progress: bool = True) -> JobResult:
-    """What ``geomjobs run`` does without ``--address``: the Ray driver on an embedded Ray, or
-    in process for small jobs (see :func:`local_mode`)."""
-    from geomjobs.runner.local import run_local
-    from geomjobs.runner.plan import plan_job
-    from geomjobs.sink.dataset import Dataset
-
-    plan = plan_job(spec)
-    uri = out or plan.spec.get("output")
-    left = plan.num_shards
-    if resume and uri:
-        ds = Dataset(uri)
-        if ds.exists():
-            left -= len(ds.committed())
-    if local_mode(plan, left) == "process":
-        return run_local(spec, out, resume=resume, progress=progress, plan=plan)
-    return run_ray(spec, out, address="local", resume=resume, progress=progress, plan=plan)

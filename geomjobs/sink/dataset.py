@@ -18,6 +18,7 @@ the same name, so no sample is ever present twice. Readers (pandas, pyarrow, Duc
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -38,6 +39,41 @@ class DatasetError(RuntimeError):
 
 def part_name(shard: int) -> str:
     return f"part-{shard:06d}.parquet"
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """A dataset's state from its manifest (what ``geomjobs inspect``, ``geomjobs status`` and a
+    driver's result report). ``failures`` holds only shards with no commit marker."""
+    uri: str
+    job: dict                       # _geomjobs/job.json
+    committed: dict[int, dict]      # shard -> commit marker
+    failures: dict[int, dict]       # shard -> last failure record, for shards not committed
+
+    @property
+    def rows(self) -> int:
+        return sum(m["rows"] for m in self.committed.values())
+
+    @property
+    def errors(self) -> int:
+        """Rows with status 'error' in the committed shards."""
+        return sum(m["errors"] for m in self.committed.values())
+
+    @property
+    def pending(self) -> int:
+        """Shards neither committed nor failed."""
+        return self.job["num_shards"] - len(self.committed) - len(self.failures)
+
+    def engines(self) -> list[dict]:
+        """Distinct engine settings (Engine.describe) over the committed shards' markers, each
+        with its shard count under ``shards``."""
+        seen: dict = {}
+        for m in self.committed.values():
+            e = m.get("engine")
+            if e:
+                key = json.dumps(e, sort_keys=True)
+                seen.setdefault(key, {**e, "shards": 0})["shards"] += 1
+        return list(seen.values())
 
 
 class Dataset:
@@ -122,6 +158,12 @@ class Dataset:
             if name.endswith(".json"):
                 out[int(name[:-5])] = json.loads(self._get(f"_geomjobs/failures/{name}"))
         return out
+
+    def summary(self) -> Summary:
+        """The manifest summed up: job card, committed shards, failed shards not committed since."""
+        committed = self.committed()
+        failures = {k: v for k, v in self.failures().items() if k not in committed}
+        return Summary(self.uri, self.job(), committed, failures)
 
     def commit_shard(self, shard: int, table: pa.Table, *, worker: str = "", engine: dict | None = None) -> dict:
         """Write shard's records, then its marker. Safe to repeat for the same shard.

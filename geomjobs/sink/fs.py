@@ -1,16 +1,16 @@
 """Where datasets live: local paths, file:// URIs and gs:// URIs, through fsspec.
 
-gcsfs is configured here, before it is imported anywhere: recent gcsfs probes a bucket's type
-over gRPC first, which stalls for a minute against emulators and some proxies; the env var
-below turns that probe off (set it to 'true' yourself to keep it).
+gs:// goes through gcsfs's plain ``gcsfs.core.GCSFileSystem``. Recent gcsfs makes
+``gcsfs.GCSFileSystem`` its experimental zonal/HNS subclass unless
+``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT`` is false when gcsfs is imported; that subclass probes each
+bucket's type over gRPC first, which stalls for a minute against emulators and some proxies.
+Choosing the class here keeps the probe off without touching the process's environment.
 """
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-
-import fsspec  # noqa: E402
+import fsspec
 
 
 def normalize_uri(uri: str) -> str:
@@ -28,11 +28,11 @@ def filesystem(uri: str):
     other processes commit shards while we read."""
     uri = normalize_uri(uri)
     if uri.startswith("gs://"):
-        import gcsfs
+        from gcsfs.core import GCSFileSystem   # not the zonal/HNS subclass: see the module docstring
 
         endpoint = os.environ.get("STORAGE_EMULATOR_HOST")
         kw = {"endpoint_url": endpoint, "token": "anon"} if endpoint else {}
-        fs = gcsfs.GCSFileSystem(use_listings_cache=False, skip_instance_cache=True, **kw)
+        fs = GCSFileSystem(use_listings_cache=False, skip_instance_cache=True, **kw)
         return fs, uri[len("gs://"):]
     fs, path = fsspec.core.url_to_fs(uri, use_listings_cache=False, skip_instance_cache=True)
     return fs, path

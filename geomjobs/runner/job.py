@@ -1,0 +1,121 @@
+"""What every driver does around its shards: open (or resume) the job's dataset once, show
+progress, and report the outcome from the dataset's manifest.
+
+A driver (``runner.local``, ``runner.ray_driver``) takes an :class:`OpenJob` from
+:func:`open_job` and computes ``job.todo``; the plan it uses downstream is ``job.plan``, the one
+whose spec names the dataset (the caller's plan is never written to).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+from geomjobs.records import SCHEMA_VERSION
+from geomjobs.runner.plan import Plan
+from geomjobs.sink.dataset import Dataset, DatasetError
+from geomjobs.spec import SpecError, diff_keys, identity
+
+
+@dataclasses.dataclass
+class JobResult:
+    uri: str
+    job_id: str
+    count: int
+    num_shards: int
+    committed_shards: int
+    rows: int
+    errors: int                 # rows with status 'error'
+    failed_shards: list[int]    # shards that exhausted their retries
+    computed_shards: int        # shards computed by this run (0 for a finished job resumed)
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.committed_shards == self.num_shards and self.errors == 0 and self.rows == self.count
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenJob:
+    """A job whose dataset is open: ``plan`` names it as output (and carries the stored job id
+    on resume); ``todo`` are the shards with no commit marker yet."""
+    plan: Plan
+    ds: Dataset
+    done: frozenset[int]
+    todo: list[int]
+    started: float
+
+    def result(self, computed: int) -> JobResult:
+        """The job's outcome, read from the dataset's manifest (:meth:`Dataset.summary`)."""
+        s = self.ds.summary()
+        return JobResult(uri=self.ds.uri, job_id=self.plan.job_id, count=self.plan.count,
+                         num_shards=self.plan.num_shards, committed_shards=len(s.committed), rows=s.rows,
+                         errors=s.errors, failed_shards=sorted(s.failures), computed_shards=computed,
+                         seconds=time.time() - self.started)
+
+
+def open_output(plan: Plan, out: str | None, resume: bool) -> tuple[Dataset, Plan]:
+    """The dataset for this job (new, or with resume the same job's, never someone else's) and
+    the plan to run it with: ``plan.with_output(...)``; ``plan`` itself is left as it is."""
+    uri = out or plan.spec.get("output")
+    if not uri:
+        raise SpecError("output", "no output location: set 'output' in the spec or pass --out")
+    ds = Dataset(uri)
+    if ds.exists():
+        if not resume:
+            raise DatasetError(f"output '{ds.uri}' already holds job '{ds.job()['job_id']}'; "
+                               "pass --resume to finish it, or choose another --out")
+        stored = ds.spec()
+        if identity(stored) != identity(plan.spec):
+            keys = diff_keys(identity(stored), identity(plan.spec))
+            raise DatasetError(f"cannot resume '{ds.uri}': the spec differs from the stored one at {keys}; "
+                               "run it to a new --out instead")
+        return ds, plan.with_output(ds.uri, job_id=stored["job_id"])
+    if not ds.is_empty() and not resume:
+        raise DatasetError(f"output '{ds.uri}' exists and is not a geomjobs dataset; choose an empty location")
+    plan = plan.with_output(ds.uri)
+    ds.initialize(plan.spec, job_card(plan), plan.artifacts())
+    return ds, plan
+
+
+def open_job(plan: Plan, out: str | None, resume: bool, started: float | None = None) -> OpenJob:
+    """Open the job's output once (:func:`open_output`) and list the shards left to compute.
+    ``started``: when the run began (its result's ``seconds`` count from there; default now)."""
+    started = time.time() if started is None else started
+    ds, plan = open_output(plan, out, resume)
+    done = frozenset(ds.committed())
+    return OpenJob(plan, ds, done, [s for s in range(plan.num_shards) if s not in done], started)
+
+
+def job_card(plan: Plan) -> dict:
+    import geomjobs
+
+    return {"job_id": plan.job_id, "spec_hash": plan.hash, "count": plan.count, "num_shards": plan.num_shards,
+            "shard_size": plan.shard_size, "schema_version": SCHEMA_VERSION, "model_id": plan.generator.model_id,
+            "geomjobs_version": geomjobs.__version__, "created_at": time.time()}
+
+
+class Progress:
+    """A progress bar over a job's samples (tqdm on stderr), or nothing when disabled."""
+
+    def __init__(self, job: OpenJob, enabled: bool):
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            plan = job.plan
+            already = sum(len(plan.shard_ids(s)) for s in job.done)
+            self._bar = tqdm(total=plan.count, initial=already, unit="sample", desc=plan.job_id, file=sys.stderr,
+                             smoothing=0.1, dynamic_ncols=True)
+
+    def update(self, samples: int) -> None:
+        if self._bar is not None:
+            self._bar.update(samples)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

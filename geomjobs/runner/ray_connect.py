@@ -1,0 +1,172 @@
+"""Connecting to Ray: an existing cluster, or an embedded single-node Ray started for one job;
+token authentication; the environment every worker gets.
+
+Nothing here imports Ray at module level, so the CLI (``geomjobs submit``, error handling) can
+use it without paying for Ray's import.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import warnings
+
+from geomjobs.spec import SpecError
+
+EMBEDDED_OBJECT_STORE = 200 * 1024 * 1024   # the driver moves only commit markers
+
+
+class WorkerPoolError(RuntimeError):
+    """No worker could be started or kept alive; committed shards are kept (resume later)."""
+
+
+def worker_resources(execution: dict) -> dict[str, float]:
+    """What one worker asks Ray for: ``execution.resources`` with CPU defaulting to 1."""
+    res = {k: float(v) for k, v in (execution.get("resources") or {}).items()}
+    res.setdefault("CPU", 1.0)
+    return res
+
+
+def embedded_cpus(execution: dict) -> int:
+    """CPUs an embedded Ray declares: the host's, or enough for ``execution.workers`` workers."""
+    want = execution.get("workers") or 1
+    return max(os.cpu_count() or 1, math.ceil(want * worker_resources(execution)["CPU"]))
+
+
+def worker_env(environ=None) -> dict[str, str]:
+    """Environment variables every worker gets (set through its Ray runtime_env).
+
+    JAX preallocates 75 % of an accelerator's memory by default; workers allocate on demand
+    unless the driver's environment says otherwise (XLA_PYTHON_CLIENT_MEM_FRACTION / _PREALLOCATE
+    are passed through). gcsfs's bucket-type probe is turned off unless the driver's environment
+    sets GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT (geomjobs.sink.fs turns it off in the filesystems it
+    makes; this covers gcsfs used any other way in a worker). STORAGE_EMULATOR_HOST and
+    GEOMJOBS_MEMORY_BUDGET_GIB (the budget of ``chunk: auto``, runner/engine.py) are passed through.
+    """
+    environ = os.environ if environ is None else environ
+    env = {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": environ.get("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")}
+    mem = {k: environ[k] for k in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
+                                   "XLA_PYTHON_CLIENT_ALLOCATOR") if k in environ}
+    env.update(mem or {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+    for key in ("STORAGE_EMULATOR_HOST", "GEOMJOBS_MEMORY_BUDGET_GIB"):
+        if key in environ:
+            env[key] = environ[key]
+    return env
+
+
+def enable_token_auth_if_available() -> bool:
+    """Ray >= 2.52 clusters use token authentication. A client that connects to an explicit
+    address only sends a token when RAY_AUTH_MODE=token; set it when a token can be found
+    (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and the user has not chosen a
+    mode. Returns whether token mode is on."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None:
+        return mode.lower() == "token"
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:   # a Ray without token authentication
+        return False
+    return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+@contextlib.contextmanager
+def ray_connection(address: str | None, *, num_cpus: int | None = None, num_gpus: int | None = None):
+    """Connect to the cluster at ``address`` ("auto" inside a submitted job), or start an
+    embedded Ray for this job (address None or "local"). Reuses a connection this process
+    already has. Disconnects (and stops an embedded Ray) on exit."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    enable_token_auth_if_available()
+    kw = {"logging_level": logging.WARNING, "log_to_driver": True}
+    restore_env: dict[str, str | None] = {}
+    if address in (None, "local"):
+        restore_env = _ephemeral_token()
+        # address="local" always starts a new Ray: never attach to one recorded in /tmp/ray.
+        try:
+            _init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                  object_store_memory=EMBEDDED_OBJECT_STORE, _node_ip_address="127.0.0.1", **kw)
+        except BaseException:
+            _restore(restore_env)
+            raise
+    else:
+        if address.startswith(("http://", "https://")):
+            raise SpecError("", f"'{address}' is a Jobs API (dashboard) address: use it with `geomjobs submit`; "
+                                "`geomjobs run --address` takes the cluster's HOST:PORT (6379 by default) or 'auto'")
+        if _is_loopback(address):
+            kw["_node_ip_address"] = "127.0.0.1"
+        try:
+            _init(address=address, **kw)
+        except (ConnectionError, RuntimeError) as e:   # unreachable, or the token is missing/wrong
+            raise WorkerPoolError(f"cannot connect to the Ray cluster at '{address}': {e}") from e
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        _restore(restore_env)
+
+
+def _init(**kw) -> None:
+    """``ray.init``. Ray starts its processes by fork+exec; JAX (imported to plan the job) warns
+    about any fork: that warning is silenced for this call only."""
+    import ray
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+        ray.init(**kw)
+
+
+def _ephemeral_token() -> dict[str, str | None]:
+    """An embedded Ray keeps Ray's token authentication on, but when no token exists and no mode
+    is chosen it uses a random token for this job only (in the environment its processes
+    inherit) instead of writing ~/.ray/auth_token as a bare ``ray.init()`` would. Returns the
+    variables to restore afterwards."""
+    if os.environ.get("RAY_AUTH_MODE") is not None or os.environ.get("RAY_AUTH_TOKEN") \
+            or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return {}
+    try:
+        from ray._raylet import AuthenticationTokenLoader
+
+        if AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+            return {}
+    except ImportError:   # a Ray without token authentication
+        return {}
+    import secrets
+
+    old = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    _refresh_auth()
+    return old
+
+
+def _restore(old: dict[str, str | None]) -> None:
+    if not old:
+        return
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    _refresh_auth()
+
+
+def _refresh_auth() -> None:
+    """Ray caches its auth mode and token per process: make it read the environment again."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    except Exception:  # noqa: BLE001 - older Ray: nothing cached to refresh
+        pass
