@@ -39,8 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from geomjobs import diffusion
-from geomjobs.generators.diffusers import (Conditioning, Numerics, Target, random_params, unet_from_module,
-                                           vae_decoder_from_module)
+from geomjobs.generators.diffusers import Conditioning, Numerics, Target, random_params, unet_from_module, vae_decoder_from_module
 from geomjobs.geometry import local_rank, local_scaling, matrix_rank_rtol, orthonormal_rows
 from geomjobs.geometry.spectrum import projected_singular_values
 

@@ -22,9 +22,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from references import flips, psi_nu
 
 from geomjobs.generators.diffusers import module_random_params
+
+from references import flips, psi_nu
 
 # 4 x 4 x 4 latents -> 3 x 8 x 8 images (d = 64, n = 192); SiLU + GroupNorm + a mid-block attention
 TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from references import numpy_mlp_jacobian
-
 from geomjobs.generators.ddpm import ZOO_FILES, alpha_bar, ddpm_generator, load_ddpm, zoo_path
 from geomjobs.zoo.gmm2d import gmm_modes, mode_stats, sample
+
+from references import numpy_mlp_jacobian
 
 # Artifact check of the shipped weights (figures from training, 2000 samples, seed 0): 99.6% of
 # samples within 1.0 of the nearest mode (the true mixture gives 99.6%), every mode holding

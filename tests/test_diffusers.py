@@ -15,16 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from references import psi_nu as ref_psi_nu
 
 from geomjobs.generators import build_generator
 from geomjobs.geometry import exact_singular_values, local_rank, local_scaling, matrix_rank_rtol, orthonormal_rows
 from geomjobs.geometry.spectrum import projected_rows, projected_singular_values
 from geomjobs.spec import SpecError, validate_spec
 
+from references import psi_nu as ref_psi_nu
+
 diffusers = pytest.importorskip("diffusers")
-from diffusers_tiny import (SD_SCHEDULER, brute_force_silu_flips, dense_reference, png_folder, quiet,  # noqa: E402
-                            record_psi_nu, write_pipeline)
+from diffusers_tiny import SD_SCHEDULER, brute_force_silu_flips, dense_reference, png_folder, quiet, record_psi_nu, write_pipeline  # noqa: E402
 
 VAE = "diffusers-vae-decoder"
 UNET = "diffusers-unet"

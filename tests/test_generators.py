@@ -4,11 +4,12 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jobs import write_mlp
 
 from geomjobs.generators import build_generator
 from geomjobs.generators.mlp import load_mlp_weights
 from geomjobs.spec import SpecError
+
+from jobs import write_mlp
 
 USER_MODULE = '''
 import jax.numpy as jnp
@@ -52,3 +53,17 @@ def test_python_generator_from_an_entrypoint(tmp_path, monkeypatch):
     with pytest.raises(SpecError, match="cannot import module 'no_such_mod'"):
         build_generator({"kind": "python", "entrypoint": "no_such_mod:make", "latent_shape": [2]})
     sys.modules.pop("user_model", None)
+
+
+def test_builders_never_write_into_the_model_section_and_resolve_their_defaults(tmp_path):
+    """The contract with the planner: ``Generator.resolved`` is the model section with every
+    default the builder applied; the section itself is left as it is."""
+    zoo = {"kind": "zoo", "name": "ddpm-gmm2d"}
+    gen = build_generator(zoo)
+    assert zoo == {"kind": "zoo", "name": "ddpm-gmm2d"}
+    assert gen.resolved == {"kind": "zoo", "name": "ddpm-gmm2d", "timestep": 10, "prediction": "eps"} and gen.timestep == 10
+    given = {"kind": "zoo", "name": "ddpm-gmm2d", "timestep": 3, "prediction": "x0"}
+    assert build_generator(given).resolved == given
+    mlp = {"kind": "mlp", "weights": write_mlp(tmp_path, sizes=(3, 5, 2))}
+    gen = build_generator(mlp)
+    assert gen.resolved == mlp and gen.resolved is not mlp

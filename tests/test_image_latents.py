@@ -10,14 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from geomjobs import open_dataset, run_job
-from geomjobs import diffusion
+from geomjobs import diffusion, open_dataset, run_job
 from geomjobs.generators.vae import BetaVAE, load_vae
 from geomjobs.latents import build_latents
 from geomjobs.latents.images import ENCODE_BLOCK, ImageLatents
-from geomjobs.zoo.digits import digits_images
 from geomjobs.runner.plan import plan_job
 from geomjobs.spec import SpecError, validate_spec
+from geomjobs.zoo.digits import digits_images
 
 
 def lat_spec(**kw):
@@ -82,7 +81,8 @@ def test_forward_diffusion_matches_formula_by_hand():
     g = build_latents({"kind": "gaussian", "count": 256, "shape": [8], "seed": 11})
     np.testing.assert_allclose(src.latents(ids), np.sqrt(abar) * z0 + np.sqrt(1 - abar) * g.latents(ids), rtol=1e-12)
     # Stable Diffusion's scaled-linear schedule
-    sd = build(lat_spec(count=256, diffuse={"t": 999, "seed": 11, "schedule": {"kind": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}}))
+    sd_schedule = {"kind": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    sd = build(lat_spec(count=256, diffuse={"t": 999, "seed": 11, "schedule": sd_schedule}))
     ab = np.cumprod(1 - np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2)
     np.testing.assert_allclose(diffusion.alphas_cumprod(diffusion.schedule_betas(sd.diffuse["schedule"])), ab, rtol=1e-14)
     eps0 = np.random.default_rng([11, 0]).standard_normal(8)
@@ -231,3 +231,13 @@ def test_job_end_to_end_writes_image_columns(tmp_path, vae):
     stored = open_dataset(str(tmp_path / "out")).spec()
     assert stored["latents"]["diffuse"] == {"t": 100, "seed": 0, "schedule": {"kind": "linear", "T": 1000,
                                                                               "beta_start": 1e-4, "beta_end": 0.02}}
+
+
+def test_the_builder_leaves_the_section_as_it_is_and_resolves_the_defaults():
+    lat = lat_spec(diffuse={"t": 5})
+    src = build_latents(lat)
+    assert lat == lat_spec(diffuse={"t": 5})
+    assert src.resolved == {**lat, "count": 1797,
+                            "diffuse": {"t": 5, "seed": 0, "schedule": {"kind": "linear", "T": 1000, "beta_start": 1e-4, "beta_end": 0.02}}}
+    assert src.diffuse == src.resolved["diffuse"] and src.diffuse is not src.resolved["diffuse"]
+    assert build_latents(lat_spec(count=3)).resolved == lat_spec(count=3)

@@ -36,8 +36,13 @@ import numpy as np
 
 from geomjobs import diffusion
 from geomjobs.generators.base import Generator, output_shape_of
-from geomjobs.generators.checkpoint import (read_meta, read_params, resolve_pair, save_pair,
-                                           zoo_path)  # noqa: F401 - zoo_path is re-exported
+from geomjobs.generators.checkpoint import (
+    read_meta,
+    read_params,
+    resolve_pair,
+    save_pair,
+    zoo_path,  # noqa: F401 - zoo_path is re-exported
+)
 
 # zoo name -> file stem in geomjobs/zoo/
 ZOO_FILES = {"ddpm-gmm2d": "ddpm_gmm2d"}
@@ -130,7 +135,8 @@ def _read_meta(json_path: Path) -> dict:
 
 
 def _read_params(npz_path: Path, module) -> Any:
-    return read_params(npz_path, jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((module.data_dim,)), jnp.zeros((), jnp.int32))), what=_WHAT, script=_SCRIPT)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((module.data_dim,)), jnp.zeros((), jnp.int32)))
+    return read_params(npz_path, shapes, what=_WHAT, script=_SCRIPT)
 
 
 def load_ddpm(path_or_name="ddpm-gmm2d") -> tuple[EpsMLP, Any, dict]:

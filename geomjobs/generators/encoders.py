@@ -13,13 +13,19 @@ mapping (a name ``n`` is ``{kind: n}``) and returns an :class:`ImageEncoder`.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 
 from geomjobs.generators.base import ImageEncoder
-from geomjobs.generators.diffusers.folders import (cast_params, compute_dtype, default_model_id, import_diffusers,
-                                                   load_pretrained, model_folder)
+from geomjobs.generators.diffusers.folders import (
+    cast_params,
+    compute_dtype,
+    default_model_id,
+    import_diffusers,
+    load_pretrained,
+    model_folder,
+)
 from geomjobs.generators.vae import BetaVAE, encoder_params, load_vae, vae_model_id
 from geomjobs.spec import SpecError
 

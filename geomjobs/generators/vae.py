@@ -44,8 +44,13 @@ import jax
 import jax.numpy as jnp
 
 from geomjobs.generators.base import Generator, output_shape_of
-from geomjobs.generators.checkpoint import (read_meta, read_params, resolve_pair, save_pair,
-                                           zoo_path)  # noqa: F401 - zoo_path is re-exported
+from geomjobs.generators.checkpoint import (
+    read_meta,
+    read_params,
+    resolve_pair,
+    save_pair,
+    zoo_path,  # noqa: F401 - zoo_path is re-exported
+)
 
 # zoo name -> file stem in geomjobs/zoo/
 ZOO_FILES = {"vae-digits": "vae_digits"}

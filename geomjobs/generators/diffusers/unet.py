@@ -21,9 +21,18 @@ import jax.numpy as jnp
 
 from geomjobs import diffusion
 from geomjobs.generators.base import Generator
-from geomjobs.generators.diffusers.folders import (Numerics, cast_params, compute_dtype, default_model_id,
-                                                   import_diffusers, latent_shape, load_pretrained, model_folder,
-                                                   shape_of, with_remat)
+from geomjobs.generators.diffusers.folders import (
+    Numerics,
+    cast_params,
+    compute_dtype,
+    default_model_id,
+    import_diffusers,
+    latent_shape,
+    load_pretrained,
+    model_folder,
+    shape_of,
+    with_remat,
+)
 from geomjobs.generators.diffusers.prompts import Conditioning, conditioning
 from geomjobs.spec import SpecError
 

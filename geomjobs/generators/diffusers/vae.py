@@ -11,9 +11,18 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from geomjobs.generators.base import Generator
-from geomjobs.generators.diffusers.folders import (Numerics, cast_params, compute_dtype, default_model_id,
-                                                   import_diffusers, latent_shape, load_pretrained, model_folder,
-                                                   shape_of, with_remat)
+from geomjobs.generators.diffusers.folders import (
+    Numerics,
+    cast_params,
+    compute_dtype,
+    default_model_id,
+    import_diffusers,
+    latent_shape,
+    load_pretrained,
+    model_folder,
+    shape_of,
+    with_remat,
+)
 
 
 def vae_decoder_generator(model: dict, dtype=jnp.float32) -> Generator:
