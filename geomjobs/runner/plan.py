@@ -109,13 +109,9 @@ def resolve(spec: dict, gen: Generator, lat: LatentSource) -> Plan:
 
 
 def _resolved(built, section: dict) -> dict:
-    """The spec section a generator or latent source ran with (every default filled)."""
-    out = getattr(built, "resolved", None)
-    if out:
-        return dict(out)
-    if isinstance(built, Generator) and section.get("kind") == "zoo" and built.timestep is not None:
-        return {"timestep": built.timestep, "prediction": "eps", **section}
-    return section
+    """The spec section a generator or latent source ran with: its ``resolved`` mapping (every
+    default its builder applied), or the section as given where the builder applied none."""
+    return dict(built.resolved) if built.resolved else section
 
 
 def _select_sites(gen: Generator, lc: dict):
