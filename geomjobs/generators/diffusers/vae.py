@@ -10,33 +10,24 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+import geomjobs.generators.diffusers.folders as folders
 from geomjobs.generators.base import Generator
-from geomjobs.generators.diffusers.folders import (
-    Numerics,
-    cast_params,
-    compute_dtype,
-    default_model_id,
-    import_diffusers,
-    latent_shape,
-    load_pretrained,
-    model_folder,
-    shape_of,
-    with_remat,
-)
+from geomjobs.generators.diffusers.folders import Numerics
 
 
 def vae_decoder_generator(model: dict, dtype=jnp.float32) -> Generator:
     """``kind: diffusers-vae-decoder`` (keys: path, subfolder, dtype, latent_shape, model_id, remat)."""
-    diffusers = import_diffusers("diffusers-vae-decoder")
-    numerics = Numerics(compute_dtype(model), dtype, model.get("remat", "none"))
-    folder = model_folder(model, "AutoencoderKL", "vae")
-    vae, params, raw = load_pretrained(diffusers.FlaxAutoencoderKL, folder, numerics.compute)
+    diffusers = folders.import_diffusers("diffusers-vae-decoder")
+    numerics = Numerics(folders.compute_dtype(model), dtype, model.get("remat", "none"))
+    folder = folders.model_folder(model, "AutoencoderKL", "vae")
+    vae, params, raw = folders.load_pretrained(diffusers.FlaxAutoencoderKL, folder, numerics.compute)
     cfg = vae.config
     down = 2 ** (len(cfg.block_out_channels) - 1)
-    shape = latent_shape(model, (cfg.latent_channels, cfg.sample_size // down, cfg.sample_size // down), cfg.latent_channels)
+    side = cfg.sample_size // down
+    shape = folders.latent_shape(model, (cfg.latent_channels, side, side), cfg.latent_channels)
     shift = raw.get("shift_factor")
     factors = (float(raw.get("scaling_factor", cfg.scaling_factor)), 0.0 if shift is None else float(shift))
-    return vae_decoder_from_module(vae, params, shape, numerics, factors, default_model_id(model, "diffusers-vae"))
+    return vae_decoder_from_module(vae, params, shape, numerics, factors, folders.default_model_id(model, "diffusers-vae"))
 
 
 def vae_decoder_from_module(vae, params, latent_shape, numerics: Numerics = Numerics(), factors=None,
@@ -47,7 +38,7 @@ def vae_decoder_from_module(vae, params, latent_shape, numerics: Numerics = Nume
     ``factors``: (scaling_factor, shift_factor), default (the config's scaling_factor, 0)."""
     compute = numerics.compute
     # only the decoder half: the encoder's weights never enter G
-    params = cast_params({k: params[k] for k in ("post_quant_conv", "decoder")}, compute)
+    params = folders.cast_params({k: params[k] for k in ("post_quant_conv", "decoder")}, compute)
     scale, shift = (float(vae.config.scaling_factor), 0.0) if factors is None else (float(factors[0]), float(factors[1]))
     out_dtype = numerics.out
 
@@ -55,7 +46,7 @@ def vae_decoder_from_module(vae, params, latent_shape, numerics: Numerics = Nume
         x = jnp.transpose(z / scale + shift, (1, 2, 0))[None].astype(compute)   # (1, h, w, C): NHWC
         return vae.apply({"params": p}, x, method=vae.decode).sample[0].astype(out_dtype)   # (3, H, W)
 
-    apply = with_remat(decode, numerics.remat)
+    apply = folders.with_remat(decode, numerics.remat)
     shape = tuple(latent_shape)
     return Generator(model_id=model_id, apply=apply, params=params, latent_shape=shape,
-                     output_shape=shape_of(apply, params, shape, numerics.dtype), dtype=numerics.dtype)
+                     output_shape=folders.shape_of(apply, params, shape, numerics.dtype), dtype=numerics.dtype)
