@@ -1,7 +1,12 @@
 """Pipeline overhead of the Ray path: the same job in process (no Ray) and on an embedded Ray
 with 1 and 2 workers, in interleaved rounds. Steady-state throughput is read off the commit
 markers (samples committed after the first commit / time from first to last commit), so Ray's
-start-up (reported separately, as whole-job time) does not hide the per-shard overhead."""
+start-up (reported separately, as whole-job time) does not hide the per-shard overhead.
+
+In process, the job runs with the BLAS threads a Ray worker gets (``runner.local.blas_threads``:
+Ray sets OMP_NUM_THREADS to a worker's CPU count). Without that limit, SciPy's OpenBLAS (the
+LAPACK under XLA's SVD) runs one thread per core next to XLA's own threads, and the in-process
+path ran at 0.69x one Ray worker on a quiet 2-core machine (issue 8), far less on a busy one."""
 from __future__ import annotations
 
 import argparse
@@ -64,7 +69,10 @@ def run(args) -> str:
     for k in variants:
         lines.append(f"| {k} | {med[k]:.0f} | {med[k] / base:.2f} | {statistics.median(wall[k]):.1f} |")
     lines += ["", f"2 workers / 1 worker: {med['Ray, 2 workers'] / one:.2f} x (2 cores shared by both workers "
-                  "and XLA's own threads, so well below 2 x is expected here)."]
+                  "and XLA's own threads, so well below 2 x is expected here).", "",
+              "In process the step runs with the BLAS threads a Ray worker gets (`runner.local.blas_threads`, "
+              "as Ray's OMP_NUM_THREADS = the worker's CPUs); without it OpenBLAS's threads (LAPACK in the SVD) "
+              "contend with XLA's and in process ran at 0.69 x one worker (issue 8)."]
     return "\n".join(lines)
 
 

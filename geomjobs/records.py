@@ -7,7 +7,7 @@ from importlib import resources
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1   # the record schema version: its one home (job cards and Parquet metadata read it here)
 _TYPES = {"int64": pa.int64(), "int32": pa.int32(), "float64": pa.float64(), "string": pa.string(),
           "list<int64>": pa.list_(pa.int64()), "list<float64>": pa.list_(pa.float64())}
 
