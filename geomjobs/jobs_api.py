@@ -24,7 +24,6 @@ import os
 import shlex
 import shutil
 import tempfile
-from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -55,18 +54,11 @@ def client(address: str | None):
 
 
 def stage_package(dest: Path) -> Path:
-    """A self-contained copy of the geomjobs package (schemas included) for ``py_modules``."""
+    """A self-contained copy of the geomjobs package (schemas and zoo files included) for ``py_modules``."""
     import geomjobs
 
-    src = Path(geomjobs.__file__).parent
     pkg = dest / "geomjobs"
-    shutil.copytree(src, pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    schemas = resources.files("geomjobs.schemas")
-    (pkg / "schemas").mkdir(exist_ok=True)
-    for f in schemas.iterdir():
-        if f.is_file() and not f.name.endswith(".pyc"):
-            (pkg / "schemas" / f.name).write_bytes(f.read_bytes())
-    (pkg / "schemas" / "__init__.py").touch()
+    shutil.copytree(Path(geomjobs.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return pkg
 
 

@@ -1,4 +1,4 @@
-"""The record schema (``schemas/record.v<N>.json``) as an Arrow schema, and record tables."""
+"""The record schema (``geomjobs/schemas/record.v<N>.json``) as an Arrow schema, and record tables."""
 from __future__ import annotations
 
 import json
