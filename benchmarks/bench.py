@@ -138,7 +138,7 @@ def main(argv=None):
                     help="sections to run (default: all)")
     args = ap.parse_args(argv)
     cmd = "make bench  # " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:

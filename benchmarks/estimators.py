@@ -36,8 +36,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from geomjobs.generators.mlp import mlp_apply, random_mlp  # noqa: E402
-from geomjobs.geometry import local_scaling, matrix_rank_rtol, orthonormal_rows  # noqa: E402
 from geomjobs.geometry import estimators as est  # noqa: E402
+from geomjobs.geometry import local_scaling, matrix_rank_rtol, orthonormal_rows  # noqa: E402
 from geomjobs.geometry.spectrum import exact_singular_values, projected_singular_values  # noqa: E402
 
 GENERATORS = [  # name, sizes [d, ..., n], activation
@@ -48,7 +48,7 @@ GENERATORS = [  # name, sizes [d, ..., n], activation
 
 
 def spearman(a, b) -> float:
-    from scipy.stats import spearmanr   # scipy comes with scikit-learn
+    from scipy.stats import spearmanr  # scipy comes with scikit-learn
 
     return float(spearmanr(a, b).statistic)
 

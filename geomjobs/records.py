@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 import pyarrow as pa
@@ -12,12 +12,12 @@ _TYPES = {"int64": pa.int64(), "int32": pa.int32(), "float64": pa.float64(), "st
           "list<int64>": pa.list_(pa.int64()), "list<float64>": pa.list_(pa.float64())}
 
 
-@lru_cache(maxsize=None)
+@cache
 def record_doc(version: int = SCHEMA_VERSION) -> dict:
     return json.loads(resources.files("geomjobs.schemas").joinpath(f"record.v{version}.json").read_text())
 
 
-@lru_cache(maxsize=None)
+@cache
 def record_schema(version: int = SCHEMA_VERSION) -> pa.Schema:
     doc = record_doc(version)
     fields = [pa.field(c["name"], _TYPES[c["type"]], nullable=c["nullable"]) for c in doc["columns"]]

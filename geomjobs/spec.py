@@ -1,4 +1,4 @@
-"""Job specs: load YAML, validate against ``schemas/job.schema.json``, fill defaults.
+"""Job specs: load YAML, validate against ``geomjobs/schemas/job.schema.json``, fill defaults.
 
 Validation happens in two steps, both before any sample is computed:
 1. :func:`load_spec` / :func:`validate_spec` check the document against the JSON schema and
@@ -23,8 +23,6 @@ import yaml
 
 from geomjobs.errors import SpecError
 
-SCHEMA_VERSION = 1
-
 EXECUTION_DEFAULTS = {"shard_size": 256, "batch_size": 16, "dtype": "float32", "max_retries": 3}
 # Keys that change how a job runs but not what it computes: a resume may change them.
 RUN_ONLY_KEYS = ("batch_size", "workers", "resources", "max_retries")
@@ -46,7 +44,8 @@ def _explain(err: jsonschema.ValidationError) -> SpecError:
     if v == "required":
         missing = [m for m in err.validator_value if m not in (err.instance or {})]
         where = _key(list(err.absolute_path) + [missing[0]]) if missing else key
-        return SpecError(where, "is required" + (f" for kind '{err.instance.get('kind')}'" if isinstance(err.instance, dict) and "kind" in err.instance else ""))
+        kind = err.instance.get("kind") if isinstance(err.instance, dict) else None
+        return SpecError(where, "is required" + (f" for kind '{kind}'" if kind is not None else ""))
     if v == "additionalProperties":
         allowed = sorted(err.schema.get("properties", {}))
         extra = sorted(set(err.instance) - set(allowed))

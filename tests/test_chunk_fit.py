@@ -3,10 +3,11 @@ import logging
 
 import numpy as np
 import pytest
-from jobs import mlp_spec, write_mlp
 
 from geomjobs.runner.engine import Engine, memory_budget
 from geomjobs.runner.plan import plan_job
+
+from jobs import mlp_spec, write_mlp
 
 K = 200
 

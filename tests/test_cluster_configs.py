@@ -108,7 +108,7 @@ def test_launcher_configs_name_real_commands_paths_and_versions(name):
     assert cfg["head_node_type"] in cfg["available_node_types"]
     for key in ("cluster_name", "max_workers", "head_start_ray_commands", "worker_start_ray_commands"):
         assert key in cfg
-    for remote, local in cfg.get("file_mounts", {}).items():
+    for local in cfg.get("file_mounts", {}).values():
         if not local.startswith("~"):
             assert (ROOT / local).exists(), f"file_mounts source {local} does not exist"
     commands = [c for k in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",

@@ -13,6 +13,7 @@ import pytest
 jax.config.update("jax_enable_x64", True)
 
 from geomjobs.geometry.complexity import local_complexity, select_sites, trace_sites  # noqa: E402
+
 from references import flips, mlp_flip_counts, vertices  # noqa: E402
 
 

@@ -3,13 +3,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from references import matrix_with_singular_values, numpy_mlp_jacobian
-from references import psi_nu as ref_psi_nu
 
 from geomjobs.generators.mlp import mlp_apply, random_mlp
-from geomjobs.geometry import (exact_singular_values, local_rank, local_scaling, matrix_rank_rtol,
-                               orthonormal_rows, projected_singular_values)
+from geomjobs.geometry import (
+    exact_singular_values,
+    local_rank,
+    local_scaling,
+    matrix_rank_rtol,
+    orthonormal_rows,
+    projected_singular_values,
+)
 from geomjobs.geometry.spectrum import jacobian, projected_rows
+
+from references import matrix_with_singular_values, numpy_mlp_jacobian
+from references import psi_nu as ref_psi_nu
 
 
 def tol(rows, cols):

@@ -18,15 +18,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from references import gram_log, hutchinson_sigma, matrix_with_singular_values, psi_nu_of_spectrum
-from jobs import mlp_spec, read_sorted, write_mlp
 
 from geomjobs.generators.mlp import load_mlp_weights, mlp_apply, random_mlp
-from geomjobs.geometry.estimators import (golub_kahan, krylov_dim, krylov_rtol, lanczos_descriptors, lanczos_singular_values,
-                                          linear_operator, rademacher_probes, slq_log_volume, start_vector)
 from geomjobs.geometry.descriptors import local_rank, local_scaling
+from geomjobs.geometry.estimators import (
+    golub_kahan,
+    krylov_dim,
+    krylov_rtol,
+    lanczos_descriptors,
+    lanczos_singular_values,
+    linear_operator,
+    rademacher_probes,
+    slq_log_volume,
+    start_vector,
+)
 from geomjobs.geometry.spectrum import jacobian
 from geomjobs.spec import SpecError
+
+from jobs import mlp_spec, read_sorted, write_mlp
+from references import gram_log, hutchinson_sigma, matrix_with_singular_values, psi_nu_of_spectrum
 
 
 def ref_psi_nu(s, rows, cols, factor=None):

@@ -6,12 +6,13 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-from jobs import assert_each_sample_once, mlp_spec, write_mlp
-from ray_cluster import GcsEmulator, shared_cluster
 
 from geomjobs import run_job
 from geomjobs.runner.local import run_local
 from geomjobs.sink.dataset import Dataset, DatasetError
+
+from jobs import assert_each_sample_once, mlp_spec, write_mlp
+from ray_cluster import GcsEmulator, shared_cluster
 
 
 @pytest.fixture(scope="module")

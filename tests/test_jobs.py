@@ -6,15 +6,18 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from jobs import assert_each_sample_once, mlp_spec, read_sorted, write_mlp
 
 from geomjobs import run_job
 from geomjobs.generators.mlp import load_mlp_weights, mlp_apply
+from geomjobs.geometry.complexity import trace_sites
 from geomjobs.latents import build_latents
-from geomjobs.runner.plan import plan_job
 from geomjobs.runner.engine import Engine
+from geomjobs.runner.plan import plan_job
 from geomjobs.runner.shards import compute_shard
 from geomjobs.sink.dataset import Dataset, DatasetError
+
+from jobs import assert_each_sample_once, mlp_spec, read_sorted, write_mlp
+from references import mlp_flip_counts
 
 
 def test_records_match_numpy_reference_and_read_back(tmp_path):
@@ -161,18 +164,6 @@ def test_manifest_lists_committed_shards(tmp_path):
     assert not (tmp_path / "out" / "_staging").exists()
 
 
-def brute_force_delta(layers, z, B, radius):
-    """Per-layer count of ReLU inputs whose sign is mixed over the 2P cross-polytope vertices."""
-    verts = np.concatenate([z + radius * B, z - radius * B])
-    counts, h = [], verts
-    for w, b in layers[:-1]:
-        pre = h @ w + b
-        pos = pre > 0
-        counts.append(int(np.sum(pos.any(0) & ~pos.all(0))))
-        h = np.maximum(pre, 0)
-    return counts
-
-
 def test_local_complexity_in_a_job_matches_brute_force_sign_counts(tmp_path):
     w = write_mlp(tmp_path, sizes=(6, 32, 32, 32, 10))
     spec = mlp_spec(w, count=12, local_complexity={"directions": 3, "radius": 0.3, "seed": 1, "per_layer": True, "last": 2})
@@ -185,9 +176,13 @@ def test_local_complexity_in_a_job_matches_brute_force_sign_counts(tmp_path):
     z = build_latents(spec["latents"]).latents(np.arange(12))
     totals = []
     for i in range(12):
-        ref = brute_force_delta(layers, z[i], B, 0.3)[-2:]  # last: 2 -> the two last ReLU layers
+        ref = mlp_flip_counts(layers, z[i], B, 0.3)[-2:]  # last: 2 -> the two last ReLU layers
         assert list(df.local_complexity_per_layer[i]) == ref
         assert df.local_complexity[i] == sum(ref)
         totals.append(sum(ref))
     assert sum(totals) > 0  # the radius is large enough that the check means something
+    # the per-layer entries are named in job.json: the last two ReLU sites of the MLP, in order
+    sites = json.loads((tmp_path / "out" / "_geomjobs" / "job.json").read_text())["local_complexity_sites"]
+    all_sites = trace_sites(lambda x: mlp_apply(layers, x, "relu"), np.zeros(6))
+    assert sites == [s.label for s in all_sites[-2:]] and len(all_sites) == 3
     assert df.local_scaling.isna().all()  # psi was not asked for

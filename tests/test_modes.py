@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from references import psi_nu_of_spectrum
 
 from geomjobs.geometry import modes
 from geomjobs.geometry.estimators import krylov_dim
 from geomjobs.geometry.modes import ESTIMATORS, Dims
+
+from references import psi_nu_of_spectrum
 
 
 def exact_settings(name, n, d):

@@ -16,14 +16,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from jobs import assert_each_sample_once, mlp_spec, read_sorted, write_mlp
-from ray_cluster import TESTS, shared_cluster
 
 from geomjobs import run_job
 from geomjobs.runner import local_mode, ray_connect, ray_driver
 from geomjobs.runner.plan import plan_job
 from geomjobs.sink.dataset import Dataset, DatasetError
 from geomjobs.spec import SpecError
+
+from jobs import assert_each_sample_once, mlp_spec, read_sorted, write_mlp
+from ray_cluster import TESTS, shared_cluster
 
 RECORD_COLUMNS = ["sample_id", "shard_id", "model_id", "timestep", "status", "error",
                   "local_scaling", "local_rank", "local_complexity"]

@@ -5,10 +5,11 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from jobs import mlp_spec, write_mlp
 
 from geomjobs.runner.plan import plan_job
 from geomjobs.spec import SpecError, load_spec, validate_spec
+
+from jobs import mlp_spec, write_mlp
 
 
 @pytest.mark.parametrize("mutate,key,expected", [

@@ -23,6 +23,23 @@ import jax.numpy as jnp
 
 
 @dataclasses.dataclass(frozen=True)
+class Denoiser:
+    """The noise prediction of a diffusion model, for samplers and per-record timesteps.
+
+    ``eps(params, x_t, t)`` maps ONE noisy latent (no batch axis, shape ``latent_shape``) and an
+    integer timestep t in [0, T) (a traced int32 scalar is fine) to eps_theta(x_t, t). ``abar``
+    is the model's schedule, alphas_cumprod (T,) in float64 (geomjobs.diffusion). A conditioned
+    model (a UNet with a prompt, classifier-free guidance) closes over its conditioning here.
+    """
+    eps: Callable[[Any, jax.Array, jax.Array], jax.Array]
+    abar: Any
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.abar)
+
+
+@dataclasses.dataclass(frozen=True)
 class Generator:
     model_id: str                      # stable name written into every record
     apply: Callable[[Any, jax.Array], jax.Array]
@@ -33,6 +50,7 @@ class Generator:
     dtype: Any = jnp.float32           # dtype of latents fed to ``apply``
     prompt_id: int | None = None       # conditioning prompt of a conditioned generator (diffusers-unet)
     resolved: dict = dataclasses.field(default_factory=dict)   # the model section, defaults filled
+    denoiser: Denoiser | None = None   # diffusion models: eps_theta(x_t, t) with ``params`` (samplers, trajectories)
 
     @property
     def latent_dim(self) -> int:

@@ -30,8 +30,9 @@ sites; only the zero crossing is counted for activations with other kinks (relu6
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

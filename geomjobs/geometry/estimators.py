@@ -55,7 +55,8 @@ repeated singular values), keeps the generator's dtype, and masks by the SPEC's 
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -16,7 +16,7 @@ accelerator, where memory bounds the sweep.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

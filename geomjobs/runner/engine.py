@@ -104,8 +104,8 @@ class Engine:
 
     def _run(self, zb: np.ndarray) -> dict[str, np.ndarray]:
         with precision(self.dtype):
-            z = jnp.asarray(zb, self.dtype) if self._z_sharding is None else jax.device_put(
-                np.asarray(zb, self.dtype), self._z_sharding)
+            # cast on the host: a device-side cast would be one more program to compile
+            z = jax.device_put(np.asarray(zb, self.dtype), self._z_sharding)
             out = self._step(self._params, self._arrays, z)
             return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
 

@@ -96,7 +96,9 @@ def job_card(plan: Plan) -> dict:
 
     return {"job_id": plan.job_id, "spec_hash": plan.hash, "count": plan.count, "num_shards": plan.num_shards,
             "shard_size": plan.shard_size, "schema_version": SCHEMA_VERSION, "model_id": plan.generator.model_id,
-            "geomjobs_version": geomjobs.__version__, "created_at": time.time()}
+            "geomjobs_version": geomjobs.__version__, "created_at": time.time(),
+            # entry i of local_complexity_per_layer counts the neurons of this site
+            "local_complexity_sites": plan.site_labels}
 
 
 class Progress:

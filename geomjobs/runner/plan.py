@@ -56,7 +56,7 @@ class Plan:
     def job_id(self) -> str:
         return self.spec["job_id"]
 
-    def with_output(self, uri: str, job_id: str | None = None) -> "Plan":
+    def with_output(self, uri: str, job_id: str | None = None) -> Plan:
         """A new plan whose spec names ``uri`` as its output (and ``job_id``, when given); this
         plan and its spec are left as they are."""
         spec = {**self.spec, "output": uri}

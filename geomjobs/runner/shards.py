@@ -13,6 +13,7 @@ from geomjobs.records import records_table
 from geomjobs.runner.engine import Engine
 from geomjobs.runner.plan import Plan
 
+
 def compute_shard(plan: Plan, shard: int, engine: Engine) -> pa.Table:
     """The records of one shard, computed by ``engine`` (built once per process from ``plan``:
     the caller owns it, so nothing is cached behind its back)."""

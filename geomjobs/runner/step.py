@@ -9,7 +9,7 @@ here needs a Dataset, Ray or a device.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 

@@ -28,7 +28,7 @@ def filesystem(uri: str):
     other processes commit shards while we read."""
     uri = normalize_uri(uri)
     if uri.startswith("gs://"):
-        from gcsfs.core import GCSFileSystem   # not the zonal/HNS subclass: see the module docstring
+        from gcsfs.core import GCSFileSystem  # not the zonal/HNS subclass: see the module docstring
 
         endpoint = os.environ.get("STORAGE_EMULATOR_HOST")
         kw = {"endpoint_url": endpoint, "token": "anon"} if endpoint else {}

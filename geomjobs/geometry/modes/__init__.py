@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Mapping
+from collections.abc import Mapping
 
 from geomjobs.errors import SpecError
 from geomjobs.geometry.modes.base import COMMON_KEYS, KEY, Dims, Estimator, Spectrum

@@ -19,7 +19,8 @@ fits (runner/engine.py).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import jax
 
