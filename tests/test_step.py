@@ -42,7 +42,7 @@ def test_step_is_a_pure_function_of_the_plan_matching_exact_references(tmp_path)
     spec["execution"]["dtype"] = "float64"
     plan = plan_job(spec)
     z = np.random.default_rng(5).standard_normal((4, 6))
-    out = make_step(plan)(plan.generator.params, plan.arrays, z)
+    out = make_step(plan)(plan.generator.params, plan.arrays, z, np.zeros(4, np.int32))
     layers = load_mlp_weights(w)
     for i in range(4):
         psi, nu, _ = psi_nu(numpy_mlp_jacobian(layers, z[i]))

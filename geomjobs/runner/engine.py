@@ -70,8 +70,8 @@ class Engine:
 
     def _example_args(self):
         z = np.zeros((self.batch_size, self.plan.generator.latent_dim), self.dtype)
-        z = jnp.asarray(z) if self._z_sharding is None else jax.device_put(z, self._z_sharding)
-        return self._params, self._arrays, z
+        t = np.zeros((self.batch_size,), np.int32)
+        return self._params, self._arrays, jax.device_put(z, self._z_sharding), jax.device_put(t, self._z_sharding)
 
     def _split_across_devices(self) -> None:
         """A process that sees several local devices (a TPU host, a multi-GPU worker) splits
@@ -102,15 +102,18 @@ class Engine:
         step is compiled ahead of time, so batches never add to it."""
         return self.compiles
 
-    def _run(self, zb: np.ndarray) -> dict[str, np.ndarray]:
+    def _run(self, zb: np.ndarray, tb: np.ndarray) -> dict[str, np.ndarray]:
         with precision(self.dtype):
             # cast on the host: a device-side cast would be one more program to compile
             z = jax.device_put(np.asarray(zb, self.dtype), self._z_sharding)
-            out = self._step(self._params, self._arrays, z)
+            t = jax.device_put(np.asarray(tb, np.int32), self._z_sharding)
+            out = self._step(self._params, self._arrays, z, t)
             return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
 
-    def compute(self, z: np.ndarray) -> tuple[dict[str, np.ndarray], list[str | None]]:
+    def compute(self, z: np.ndarray, t: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], list[str | None]]:
         """Descriptors for latents z (m, *shape), any m; returns per-sample arrays and errors.
+        ``t`` (m,) is each sample's own timestep where the plan evaluates a denoiser per record
+        (trajectory latents); it is ignored otherwise.
 
         A failure is data: a non-finite latent or result becomes that sample's error, and a
         batch that raises is retried one sample at a time so only the culprit fails.
@@ -122,17 +125,19 @@ class Engine:
         for i in np.flatnonzero(bad):
             errors[i] = "latent has non-finite values"
         flat = np.where(bad[:, None], 0.0, flat)
+        steps = np.zeros(m, np.int32) if t is None else np.asarray(t, np.int32).reshape(m)
         bs = self.batch_size
         pieces = []
         for start in range(0, m, bs):
-            zb = flat[start:start + bs]
+            zb, tb = flat[start:start + bs], steps[start:start + bs]
             real = len(zb)
             if real < bs:  # pad the tail with copies of its first row: same shape, no recompile
                 zb = np.concatenate([zb, np.repeat(zb[:1], bs - real, 0)])
+                tb = np.concatenate([tb, np.repeat(tb[:1], bs - real, 0)])
             try:
-                res = self._run(zb)
+                res = self._run(zb, tb)
             except Exception:  # noqa: BLE001 - isolate the sample that raises
-                res = self._one_by_one(zb[:real], errors, start)
+                res = self._one_by_one(zb[:real], tb[:real], errors, start)
             pieces.append({k: v[:real] for k, v in res.items()})
         res = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]} if pieces else {}
         for key in ("local_scaling", "local_rank"):
@@ -141,12 +146,12 @@ class Engine:
                     errors[i] = errors[i] or f"non-finite {key} ({res[key][i]})"
         return res, errors
 
-    def _one_by_one(self, zb, errors, offset):
+    def _one_by_one(self, zb, tb, errors, offset):
         bs = self.batch_size
         rows = []
         for i in range(len(zb)):
             try:
-                rows.append(self._run(np.repeat(zb[i:i + 1], bs, 0)))
+                rows.append(self._run(np.repeat(zb[i:i + 1], bs, 0), np.repeat(tb[i:i + 1], bs, 0)))
             except Exception as e:  # noqa: BLE001
                 errors[offset + i] = f"{type(e).__name__}: {e}".strip()[:2000]
                 rows.append(None)
@@ -157,8 +162,9 @@ class Engine:
 
     def _run_shapes(self):
         z = jax.ShapeDtypeStruct((self.batch_size, self.plan.generator.latent_dim), self.dtype)
+        t = jax.ShapeDtypeStruct((self.batch_size,), np.int32)
         with precision(self.dtype):
-            shapes = jax.eval_shape(self._jitted, self._params, self._arrays, z)
+            shapes = jax.eval_shape(self._jitted, self._params, self._arrays, z, t)
         return {k: np.zeros(v.shape, v.dtype) for k, v in shapes.items()}
 
 

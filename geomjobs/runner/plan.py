@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from geomjobs import diffusion
 from geomjobs.generators import Generator, build_generator
 from geomjobs.geometry import modes
 from geomjobs.geometry.modes import Dims, Estimator
@@ -30,6 +32,7 @@ class Plan:
     arrays: dict               # fixed per job: the estimator's (W, v0, probes) and B (P x d)
     sites: list | None         # indices of counted nonlinearity sites (None = all)
     site_labels: list | None
+    per_record_timestep: bool = False   # the latents give each record its own denoiser timestep
 
     @property
     def count(self) -> int:
@@ -55,6 +58,18 @@ class Plan:
     @property
     def job_id(self) -> str:
         return self.spec["job_id"]
+
+    def record_apply(self) -> Callable:
+        """``apply(params, z, arrays, t)``: the generator as the job built it, or, where each
+        record carries its own timestep (trajectory latents), the model's denoiser at that t,
+        giving eps or the x0 prediction (``model.prediction``) with abar_t = ``arrays['abar'][t]``."""
+        gen = self.generator
+        if not self.per_record_timestep:
+            return lambda params, z, arrays, t: gen.apply(params, z)
+        eps_fn = gen.denoiser.eps
+        if self.spec["model"].get("prediction", "eps") == "eps":
+            return lambda params, z, arrays, t: eps_fn(params, z, t)
+        return lambda params, z, arrays, t: diffusion.x0_from_eps(z, eps_fn(params, z, t), arrays["abar"][t])
 
     def with_output(self, uri: str, job_id: str | None = None) -> Plan:
         """A new plan whose spec names ``uri`` as its output (and ``job_id``, when given); this
@@ -92,6 +107,13 @@ def resolve(spec: dict, gen: Generator, lat: LatentSource) -> Plan:
     dims = Dims(n=gen.output_dim, d=gen.latent_dim)
     desc = dict(spec["descriptors"])
     estimator, arrays, sites, labels = None, {}, None, None
+    model = _resolved(gen, spec["model"])
+    # a source that times its records (cheap to ask: a schedule lookup) makes the job's model
+    # a denoiser evaluated at each record's own timestep
+    per_record = lat.timesteps(np.zeros(1, np.int64)) is not None
+    if per_record:
+        model = _per_record_model(gen, spec["model"], model)
+        arrays["abar"] = np.asarray(gen.denoiser.abar, np.float64)
     if "local_scaling" in desc:
         estimator, desc["local_scaling"] = modes.resolve(desc["local_scaling"], dims)
         arrays.update(estimator.arrays(desc["local_scaling"], dims))
@@ -101,11 +123,25 @@ def resolve(spec: dict, gen: Generator, lat: LatentSource) -> Plan:
             raise SpecError("descriptors.local_complexity.directions",
                             f"expected at most d = {dims.d} directions (rows of B are orthonormal in R^d), got {lc['directions']}")
         arrays["B"] = orthonormal_rows(lc["directions"], dims.d, lc["seed"], stream="B")
-        sites, labels = _select_sites(gen, lc)
-    resolved = {**spec, "model": _resolved(gen, spec["model"]), "latents": _resolved(lat, spec["latents"]),
-                "descriptors": desc}
+    resolved = {**spec, "model": model, "latents": _resolved(lat, spec["latents"]), "descriptors": desc}
     resolved.setdefault("job_id", "job-" + spec_hash(resolved)[:12])
-    return Plan(resolved, gen, lat, estimator, arrays, sites, labels)
+    plan = Plan(resolved, gen, lat, estimator, arrays, sites, labels, per_record)
+    if "local_complexity" in desc:
+        sites, labels = _select_sites(plan, desc["local_complexity"])
+        plan = dataclasses.replace(plan, sites=sites, site_labels=labels)
+    return plan
+
+
+def _per_record_model(gen: Generator, given: dict, model: dict) -> dict:
+    """The model section of a job whose records carry their own timesteps: a diffusion model,
+    with no timestep of its own (its builder's default timestep is dropped)."""
+    if gen.denoiser is None:
+        raise SpecError("model", f"trajectory latents evaluate the job's model at each record's own timestep; "
+                                 f"model '{gen.model_id}' has no noise prediction (use the diffusion model of latents.model)")
+    if "timestep" in given:
+        raise SpecError("model.timestep", "a trajectory job evaluates the model at each record's own timestep; "
+                                          "remove model.timestep")
+    return {k: v for k, v in model.items() if k != "timestep"}
 
 
 def _resolved(built, section: dict) -> dict:
@@ -114,12 +150,15 @@ def _resolved(built, section: dict) -> dict:
     return dict(built.resolved) if built.resolved else section
 
 
-def _select_sites(gen: Generator, lc: dict):
+def _select_sites(plan: Plan, lc: dict):
     import jax.numpy as jnp
 
     from geomjobs.geometry.complexity import select_sites, trace_sites
 
-    all_sites = trace_sites(lambda z: gen.apply(gen.params, z), jnp.zeros(gen.latent_shape, gen.dtype))
+    gen, apply = plan.generator, plan.record_apply()
+    arrays = {k: jnp.asarray(v, gen.dtype) for k, v in plan.arrays.items()}
+    t = jnp.zeros((), jnp.int32)
+    all_sites = trace_sites(lambda z: apply(gen.params, z, arrays, t), jnp.zeros(gen.latent_shape, gen.dtype))
     try:
         idx = select_sites(all_sites, names=lc.get("layers"), last=lc.get("last"))
     except ValueError as e:

@@ -19,7 +19,8 @@ def compute_shard(plan: Plan, shard: int, engine: Engine) -> pa.Table:
     the caller owns it, so nothing is cached behind its back)."""
     ids = plan.shard_ids(shard)
     z = plan.latents.latents(ids)
-    res, errors = engine.compute(z)
+    t = plan.latents.timesteps(ids)
+    res, errors = engine.compute(z, t)
     ok = np.array([e is None for e in errors])
     n = len(ids)
     gen = plan.generator
@@ -27,7 +28,7 @@ def compute_shard(plan: Plan, shard: int, engine: Engine) -> pa.Table:
         "sample_id": ids,
         "shard_id": np.full(n, shard, np.int32),
         "model_id": [gen.model_id] * n,
-        "timestep": [gen.timestep] * n,
+        "timestep": [int(v) for v in t] if t is not None else [gen.timestep] * n,
         "prompt_id": [gen.prompt_id] * n,
         "status": ["ok" if o else "error" for o in ok],
         "error": errors,
