@@ -23,11 +23,13 @@ Frechet distance between two sets of features, each summarised by its mean and c
     FD = ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^{1/2})
 
 with ``scipy.linalg.sqrtm`` of the product (its real part; when the product is singular and the
-square root is not finite, eps * I is added to both covariances first).
+square root is not finite or does not square back to the product within 1e-6 relative, eps * I
+is added to both covariances first).
 """
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import scipy.linalg
@@ -95,6 +97,18 @@ def vendi_score(features_or_K, q: float = 1, *, kernel: bool = False) -> float:
     return float(np.sum(nz ** q) ** (1.0 / (1.0 - q)))
 
 
+def _sqrtm(m: np.ndarray, rtol: float = 1e-6):
+    """scipy.linalg.sqrtm(m), or None when it is not finite or does not square back to m (a
+    singular product: scipy then warns that the result may be inaccurate)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        r = scipy.linalg.sqrtm(m)
+    if not np.all(np.isfinite(r)):
+        return None
+    scale = max(np.abs(m).max(), np.finfo(np.float64).tiny)
+    return r if np.abs(r @ r - m).max() <= rtol * scale else None
+
+
 def frechet_distance_gaussians(mu_a, cov_a, mu_b, cov_b, eps: float = 1e-6) -> float:
     """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 sqrtm(S_a S_b)) (module doc)."""
     mu_a, mu_b = np.atleast_1d(np.asarray(mu_a, np.float64)), np.atleast_1d(np.asarray(mu_b, np.float64))
@@ -102,10 +116,12 @@ def frechet_distance_gaussians(mu_a, cov_a, mu_b, cov_b, eps: float = 1e-6) -> f
     if mu_a.shape != mu_b.shape or cov_a.shape != cov_b.shape or cov_a.shape != (len(mu_a), len(mu_a)):
         raise ValueError(f"mismatched shapes: mu {mu_a.shape} / {mu_b.shape}, cov {cov_a.shape} / {cov_b.shape}")
     diff = mu_a - mu_b
-    covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
-    if not np.all(np.isfinite(covmean)):
+    covmean = _sqrtm(cov_a @ cov_b)
+    if covmean is None:
         off = eps * np.eye(len(mu_a))
-        covmean = scipy.linalg.sqrtm((cov_a + off) @ (cov_b + off))
+        covmean = _sqrtm((cov_a + off) @ (cov_b + off))
+        if covmean is None:
+            raise ValueError(f"sqrtm of the covariance product is not finite even with eps = {eps} added")
     covmean = np.real(covmean)
     return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean))
 

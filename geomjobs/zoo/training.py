@@ -1,0 +1,77 @@
+"""The optimisation loop the zoo training scripts share: jitted steps, a per-step key split from
+the seed's key, the windowed loss curve the model cards record, and the EMA update."""
+from __future__ import annotations
+
+import shlex
+import time
+
+import numpy as np
+
+
+def ema_update(ema_params, params, decay: float):
+    """decay * ema + (1 - decay) * params, leaf by leaf."""
+    import jax
+
+    return jax.tree_util.tree_map(lambda a, b: decay * a + (1 - decay) * b, ema_params, params)
+
+
+def run_steps(step, state, key, steps: int, log_every: int, log=print):
+    """Run ``state, loss = step(state, k)`` for ``steps`` steps, k split off ``key`` each step.
+
+    Returns (state, curve, wall seconds); ``curve`` holds {"step", "loss"} every ``log_every``
+    steps (and at the last), each loss the mean over the steps since the previous entry."""
+    import jax
+
+    curve, window, t0 = [], [], time.perf_counter()
+    for i in range(1, steps + 1):
+        key, k = jax.random.split(key)
+        state, loss = step(state, k)
+        window.append(loss)
+        if i % log_every == 0 or i == steps:
+            m = float(np.mean(jax.device_get(window)))
+            window = []
+            curve.append({"step": i, "loss": round(m, 6)})
+            log(f"step {i:6d}  loss {m:.5f}  ({time.perf_counter() - t0:.1f}s)", flush=True)
+    return state, curve, time.perf_counter() - t0
+
+
+def diffusion_step(loss_fn, opt, data, batch: int, T: int, ema: float):
+    """A jitted eps-prediction training step on state (params, ema params, optimizer state):
+    x_0 drawn with replacement from ``data``, t ~ U{0..T-1}, eps ~ N(0, I), loss_fn(p, x0, t, eps)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    @jax.jit
+    def step(state, key):
+        p, e, s = state
+        k_idx, k_t, k_eps = jax.random.split(key, 3)
+        x0 = data[jax.random.randint(k_idx, (batch,), 0, data.shape[0])]
+        t = jax.random.randint(k_t, (batch,), 0, T)
+        eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+        loss, g = jax.value_and_grad(loss_fn)(p, x0, t, eps)
+        upd, s = opt.update(g, s, p)
+        p = optax.apply_updates(p, upd)
+        return (p, ema_update(e, p, ema), s), loss
+
+    return step
+
+
+def card_common(script: str, args, args_list, curve, wall: float, params) -> dict:
+    """The model-card fields every zoo training script writes: the training record's common part
+    (``training``, to be extended), parameter count, seed, command, versions, dtype."""
+    import flax
+    import jax
+    import optax
+
+    return {
+        "training": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed,
+                     "final_loss": curve[-1]["loss"], "loss_curve": curve,
+                     "loss_window": f"each loss is the mean over the preceding {args.log_every} steps (of the raw iterates)",
+                     "wall_time_s": round(wall, 1), "platform": jax.default_backend()},
+        "parameters": int(sum(np.size(a) for a in jax.tree_util.tree_leaves(params))),
+        "seed": args.seed,
+        "command": f"python -m {script}" + (" " + shlex.join(args_list) if args_list else ""),
+        "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__},
+        "dtype": "float32",
+    }
