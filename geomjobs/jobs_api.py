@@ -50,7 +50,12 @@ def client(address: str | None):
     from geomjobs.runner.ray_connect import enable_token_auth_if_available
 
     enable_token_auth_if_available()
-    return JobSubmissionClient(resolve_address(address))
+    url = resolve_address(address)
+    try:
+        return JobSubmissionClient(url)
+    except ConnectionError as e:   # Ray's dashboard SDK raises the builtin ConnectionError
+        raise SpecError("", f"--address: cannot reach the Ray Jobs API at {url} ({e}); check the head's dashboard "
+                                     "address (http://HOST:8265) and that the cluster is up") from None
 
 
 def stage_package(dest: Path) -> Path:

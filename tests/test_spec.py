@@ -94,6 +94,14 @@ def run_cli(*args, cwd):
                           timeout=300)
 
 
+@pytest.mark.parametrize("verb", ["status", "logs"])
+def test_an_unreachable_jobs_api_is_one_line_naming_the_address_and_exit_2(tmp_path, verb):
+    r = run_cli(verb, "raysubmit_0123456789abcdef", "--address", "http://127.0.0.1:1", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "http://127.0.0.1:1" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_cli_bad_spec_exits_2_before_any_work(tmp_path):
     spec = mlp_spec(write_mlp(tmp_path))
     spec["latents"]["count"] = -3
