@@ -10,17 +10,23 @@ is converted to eps / x0 by the identities of :mod:`geomjobs.diffusion`. Prompts
 The generator is built in two steps that can be used on their own: :func:`unet_output` (the
 network's raw, guided output as a function of (params, z)) and :func:`as_prediction` (that output
 as eps or x0).
+
+Where the schedule is known (a scheduler config), the generator also carries its
+:class:`~geomjobs.generators.base.Denoiser` (:func:`unet_denoiser`): the guided eps at any traced
+timestep with the same prompt conditioning and params, what samplers and trajectories evaluate.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from geomjobs import diffusion
-from geomjobs.generators.base import Generator
+from geomjobs.generators.base import Denoiser, Generator
 from geomjobs.generators.diffusers.folders import (
     Numerics,
     cast_params,
@@ -50,6 +56,7 @@ class Target:
     abar: float | None = None
     output_kind: str = "epsilon"
     prediction: str = "eps"
+    alphas_cumprod: Any = None     # the whole schedule (T,) float64 where known: the Denoiser needs it
 
 
 def unet_generator(model: dict, dtype=jnp.float32) -> Generator:
@@ -89,7 +96,7 @@ def _target(model: dict, root: str, shape) -> Target:
         raise SpecError("model.scheduler_config", str(e)) from None
     if t >= len(ab):
         raise SpecError("model.timestep", f"expected 0..{len(ab) - 1} (the scheduler has {len(ab)} steps), got {t}")
-    return Target(shape, t, float(ab[t]), kind, prediction)
+    return Target(shape, t, float(ab[t]), kind, prediction, ab)
 
 
 def _scheduler_config(model: dict, root: str) -> dict | None:
@@ -110,26 +117,54 @@ def unet_from_module(unet, params, cond: Conditioning, target: Target, numerics:
     out_fn, p = unet_output(unet, params, cond, target.timestep, numerics)
     apply = with_remat(as_prediction(out_fn, target.abar, target.output_kind, target.prediction), numerics.remat)
     shape = tuple(target.latent_shape)
+    den = None
+    if target.alphas_cumprod is not None:
+        den = unet_denoiser(unet_output_at(unet, cond, numerics), target.alphas_cumprod, target.output_kind, numerics.out)
     return Generator(model_id=model_id, apply=apply, params=p, latent_shape=shape,
                      output_shape=shape_of(apply, p, shape, numerics.dtype), timestep=target.timestep,
-                     dtype=numerics.dtype, prompt_id=cond.prompt_id)
+                     dtype=numerics.dtype, prompt_id=cond.prompt_id, denoiser=den)
 
 
 def unet_output(unet, params, cond: Conditioning, timestep: int, numerics: Numerics = Numerics()):
     """(out(p, z), p): the UNet's raw output at ``timestep`` for ONE latent z (C, h, w), in
     ``numerics.out``, classifier-free guided when ``cond.guidance_scale`` is set, and its params
     (UNet weights cast to ``numerics.compute`` plus the context)."""
+    p = {"unet": cast_params(params, numerics.compute), "context": jnp.asarray(cond.context, numerics.compute)}
+    out_t = unet_output_at(unet, cond, numerics)
+    return (lambda p, z: out_t(p, z, timestep)), p
+
+
+def unet_output_at(unet, cond: Conditioning, numerics: Numerics = Numerics()):
+    """out(p, z, t): the UNet's raw, guided output (as :func:`unet_output`'s) at timestep t, which
+    may be traced; p as :func:`unet_output` returns it."""
     compute, out_dtype = numerics.compute, numerics.out
-    p = {"unet": cast_params(params, compute), "context": jnp.asarray(cond.context, compute)}
     n_ctx = len(cond.context)
     s = None if cond.guidance_scale is None else float(cond.guidance_scale)
 
-    def out(p, z):
+    def out(p, z, t):
         x = jnp.broadcast_to(z.astype(compute)[None], (n_ctx, *z.shape))   # (1 or 2, C, h, w): NCHW
-        o = unet.apply({"params": p["unet"]}, x, timestep, p["context"]).sample.astype(out_dtype)
+        o = unet.apply({"params": p["unet"]}, x, t, p["context"]).sample.astype(out_dtype)
         return o[0] if s is None else o[0] + s * (o[1] - o[0])   # (uncond, cond) -> guided
 
-    return out, p
+    return out
+
+
+def unet_denoiser(out_t, alphas_cumprod, output_kind: str = "epsilon", out_dtype=jnp.float32) -> Denoiser:
+    """The :class:`Denoiser` of a raw output ``out_t(p, z, t)`` of kind epsilon | v_prediction |
+    sample: eps(p, x_t, t) by the identities of :mod:`geomjobs.diffusion` with abar_t from the
+    schedule (rounded to ``out_dtype``), t an integer timestep (traced or not)."""
+    if output_kind not in OUTPUT_KINDS:
+        raise ValueError(f"expected output_kind in {OUTPUT_KINDS}, got {output_kind!r}")
+    ab64 = np.asarray(alphas_cumprod, np.float64)
+    to_eps = {"epsilon": None, "v_prediction": diffusion.eps_from_v, "sample": diffusion.eps_from_x0}[output_kind]
+
+    def eps(p, z, t):
+        o = out_t(p, z, t)
+        if to_eps is None:
+            return o
+        return to_eps(z.astype(o.dtype), o, jnp.asarray(ab64, out_dtype)[t])
+
+    return Denoiser(eps=eps, abar=ab64)
 
 
 def as_prediction(out_fn, abar: float | None, output_kind: str = "epsilon", prediction: str = "eps"):
