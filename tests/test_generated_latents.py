@@ -175,6 +175,39 @@ def test_a_sampled_job_writes_the_generated_latents_and_their_descriptors(tmp_pa
         np.testing.assert_allclose(df.local_scaling[i], np.log(s).sum(), rtol=0, atol=1e-4)
 
 
+def test_a_trajectory_job_measures_the_denoiser_at_each_records_own_timestep(tmp_path):
+    """psi / nu of the DDPM's x0 prediction along 3 trajectories of DDIM-10, each record at its own
+    state and timestep (step 10, the generated latent, at t = 0), against the exact 2 x 2
+    Jacobian of x0_hat(x, t) = (x - sqrt(1 - abar_t) eps(x, t)) / sqrt(abar_t) at a few steps."""
+    import jax
+
+    from geomjobs import diffusion
+    steps = 10
+    latents = lat("trajectory", sampler={"kind": "ddim", "steps": steps}, count=3, save_latent=True)
+    spec = {"model": {**DDPM, "prediction": "x0"}, "latents": latents,
+            "descriptors": {"local_scaling": {"mode": "exact"}, "local_rank": {}},
+            "execution": {"shard_size": 7, "batch_size": 4}}
+    res = run_job(spec, str(tmp_path / "out"))
+    assert res.ok, res
+    df = pd.read_parquet(tmp_path / "out").sort_values("sample_id").reset_index(drop=True)
+    n = 3 * (steps + 1)
+    assert list(df.sample_id) == list(range(n))
+    assert list(df.trajectory_id) == list(np.repeat(np.arange(3), steps + 1))
+    assert list(df.step) == list(np.tile(np.arange(steps + 1), 3))
+    src = build(latents)
+    np.testing.assert_array_equal(df.timestep.to_numpy(np.int64), src.timesteps(np.arange(n)))
+    np.testing.assert_array_equal(np.stack(df.z.to_numpy()), src.latents(np.arange(n)))
+    gen = build_generator(DDPM)
+    for i in (0, 4, 10, 11 + 3, 32):
+        t, x = int(df.timestep[i]), jnp.asarray(df.z[i], jnp.float32)
+        ab = float(gen.denoiser.abar[t])
+        x0 = lambda v: diffusion.x0_from_eps(v, gen.denoiser.eps(gen.params, v, jnp.int32(t)), ab)  # noqa: E731, B023
+        sv = np.linalg.svd(np.asarray(jax.jacfwd(x0)(x), np.float64), compute_uv=False)
+        np.testing.assert_allclose(df.local_scaling[i], np.log(sv).sum(), rtol=0, atol=1e-4)
+        p = sv / sv.sum()
+        np.testing.assert_allclose(df.local_rank[i], np.exp(-(p * np.log(p)).sum()), rtol=0, atol=1e-4)
+
+
 # --------------------------------------------------------------------------------------------
 # bad input: SpecError naming the key, before any work
 # --------------------------------------------------------------------------------------------
@@ -291,3 +324,17 @@ def test_unet_sampling_then_vae_decoder_descriptors_on_the_tiny_pipeline(pipe, t
     ref = record_psi_nu(build_generator(vae), z, W)
     np.testing.assert_allclose(df.local_scaling, ref[:, 0], rtol=0, atol=1e-3)
     np.testing.assert_allclose(df.local_rank, ref[:, 1], rtol=0, atol=1e-3)
+
+
+def test_the_cluster_sampled_specs_latents_models_pass_the_model_schema():
+    """cluster/jobs specs with generated latents: the whole spec passes the schema (test_cluster_configs),
+    and latents.model passes the model section's own rules (checked when planned)."""
+    from pathlib import Path
+
+    from geomjobs.latents.generated import _model_section
+    from geomjobs.spec import load_spec
+    specs = [load_spec(p) for p in sorted((Path(__file__).parents[1] / "cluster" / "jobs").glob("*.yaml"))]
+    generated = [s for s in specs if s["latents"]["kind"] in ("sampled", "trajectory")]
+    assert generated
+    for s in generated:
+        _model_section(s["latents"])
