@@ -17,7 +17,8 @@ Conventions (Ho et al. 2020, with timesteps numbered 0..T-1):
 
 ``ddpm_generator(name, timestep, prediction)`` returns a :class:`Generator` whose latent is x_t
 (shape (2,)) and whose output is eps_theta(x_t, t) (``prediction="eps"``) or x0_hat
-(``prediction="x0"``). Weights ship in ``geomjobs/zoo/`` as ``<stem>.npz`` (the flattened Flax
+(``prediction="x0"``), and whose ``denoiser`` is eps_theta(params, x_t, t) at any t with the
+float64 schedule (samplers, per-record timesteps). Weights ship in ``geomjobs/zoo/`` as ``<stem>.npz`` (the flattened Flax
 param pytree, '/'-joined keys) plus ``<stem>.json`` (architecture, schedule, data, training);
 ``geomjobs/zoo/train_ddpm_gmm2d.py`` reproduces them; its data and ancestral sampler are in
 :mod:`geomjobs.zoo.gmm2d`.
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from geomjobs import diffusion
-from geomjobs.generators.base import Generator, output_shape_of
+from geomjobs.generators.base import Denoiser, Generator, output_shape_of
 from geomjobs.generators.checkpoint import (
     read_meta,
     read_params,
@@ -182,5 +183,7 @@ def ddpm_generator(name: str = "ddpm-gmm2d", timestep: int = 10, prediction: str
 
     latent_shape = (module.data_dim,)
     model_id = name if str(name) in ZOO_FILES else f"ddpm:{Path(str(name)).with_suffix('').name}"
+    abar64 = diffusion.alphas_cumprod(diffusion.schedule_betas({**meta["schedule"], "kind": "linear"}))
     return Generator(model_id=model_id, apply=apply, params=params, latent_shape=latent_shape,
-                     output_shape=output_shape_of(apply, params, latent_shape), timestep=t, dtype=jnp.float32)
+                     output_shape=output_shape_of(apply, params, latent_shape), timestep=t, dtype=jnp.float32,
+                     denoiser=Denoiser(eps=module.apply, abar=abar64))

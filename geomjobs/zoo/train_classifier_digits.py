@@ -40,7 +40,8 @@ def out_stem(out: str | None, default: Path) -> Path:
     return p.with_suffix("") if p.suffix in (".npz", ".json") else p
 
 
-def train(steps: int, seed: int, batch: int, lr: float, weight_decay: float, noise: float, log_every: int, log=print):
+def train(steps: int, seed: int, batch: int, lr: float, weight_decay: float, noise: float, outlier_weight: float,
+          log_every: int, log=print):
     import jax
     import jax.numpy as jnp
     import optax
@@ -60,17 +61,29 @@ def train(steps: int, seed: int, batch: int, lr: float, weight_decay: float, noi
     opt = optax.adamw(optax.cosine_decay_schedule(lr, max(steps, 1), alpha=0.05), weight_decay=weight_decay)
     opt_state = opt.init(params)
 
-    def loss_fn(p, xb, yb):
+    def loss_fn(p, xb, yb, xo):
         logits, _ = module.apply(p, xb)
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, yb))
+        ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, yb))
+        # outlier exposure: cross-entropy to the uniform distribution on images that are no digit
+        lo, _ = module.apply(p, xo)
+        return ce + outlier_weight * jnp.mean(-jnp.mean(jax.nn.log_softmax(lo, axis=-1), axis=-1))
+
+    def outliers(key, xb):
+        """Half uniform pixel noise, half training digits with their 64 pixels shuffled."""
+        k_u, k_p = jax.random.split(key)
+        flat = xb.reshape(batch, -1)
+        perm = jnp.argsort(jax.random.uniform(k_p, flat.shape), axis=-1)
+        shuffled = jnp.take_along_axis(flat, perm, axis=-1).reshape(xb.shape)
+        uniform = jax.random.uniform(k_u, xb.shape, jnp.float32)
+        return jnp.where((jnp.arange(batch) % 2 == 0)[:, None, None], uniform, shuffled)
 
     @jax.jit
     def step(state, key):
         p, s = state
-        k_idx, k_n = jax.random.split(key)
+        k_idx, k_n, k_o = jax.random.split(key, 3)
         i = jax.random.randint(k_idx, (batch,), 0, x.shape[0])
         xb = x[i] + noise * jax.random.normal(k_n, (batch, *x.shape[1:]), jnp.float32)
-        loss, g = jax.value_and_grad(loss_fn)(p, xb, y[i])
+        loss, g = jax.value_and_grad(loss_fn)(p, xb, y[i], outliers(k_o, x[i]))
         upd, s = opt.update(g, s, p)
         return (optax.apply_updates(p, upd), s), loss
 
@@ -97,6 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate, cosine-decayed to 5%% (default 1e-3)")
     ap.add_argument("--weight-decay", type=float, default=1e-4)
     ap.add_argument("--noise", type=float, default=0.05, help="std of the Gaussian pixel noise added to training batches")
+    ap.add_argument("--outlier-weight", type=float, default=0.5,
+                    help="weight of the outlier-exposure term (cross-entropy to uniform on non-digit images; default 0.5)")
     ap.add_argument("--log-every", type=int, default=500)
     args_list = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(args_list)
@@ -109,7 +124,7 @@ def main(argv=None) -> int:
     from geomjobs.zoo.training import card_common
 
     module, params, curve, wall, data = train(args.steps, args.seed, args.batch, args.lr, args.weight_decay, args.noise,
-                                              max(args.log_every, 1))
+                                              args.outlier_weight, max(args.log_every, 1))
     ev = evaluate(Classifier(module, params, {}), *data)
     print(f"held-out accuracy {ev['heldout_accuracy']:.4f} (train {ev['train_accuracy']:.4f}); "
           f"held-out confidence {ev['heldout_mean_confidence']:.4f}")
@@ -122,7 +137,10 @@ def main(argv=None) -> int:
         **common,
         "training": {**common["training"], "optimizer": "adamw", "weight_decay": args.weight_decay,
                      "lr_schedule": "cosine decay to 5% of lr over all steps",
-                     "augmentation": f"Gaussian pixel noise, std {args.noise}", "loss": "softmax cross-entropy"},
+                     "augmentation": f"Gaussian pixel noise, std {args.noise}",
+                     "loss": f"softmax cross-entropy + {args.outlier_weight} x cross-entropy to uniform on outliers (half uniform "
+                             "pixel noise, half pixel-shuffled training digits; outlier exposure, Hendrycks et al. 2019)",
+                     "outlier_weight": args.outlier_weight},
         "evaluation": ev,
         "versions": {**common["versions"], "scikit-learn": sklearn.__version__},
         "architecture": module_config(module),
