@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from geomjobs.spec import PATH_KEYS, SpecError, load_spec
+from geomjobs.spec import SpecError, load_spec, path_places
 
 MAX_BUNDLED_BYTES = 100 * 1024 * 1024   # Ray's package limit is larger; beyond this use gs://
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -70,8 +70,8 @@ def stage_package(dest: Path) -> Path:
 def bundle_spec(spec: dict, workdir: Path) -> dict:
     """Copy the local files a spec names into ``workdir/inputs`` and point the spec at them."""
     total = 0
-    for section, key in PATH_KEYS:
-        value = spec.get(section, {}).get(key)
+    for label, holder, key in path_places(spec):
+        value = holder.get(key)
         if not isinstance(value, str) or "://" in value or not Path(value).is_file():
             continue
         size = Path(value).stat().st_size
@@ -79,9 +79,9 @@ def bundle_spec(spec: dict, workdir: Path) -> dict:
             continue   # left as an absolute path: the cluster must see it
         total += size
         (workdir / "inputs").mkdir(exist_ok=True)
-        name = f"{section}-{key}-{Path(value).name}"
+        name = f"{label.replace('.', '-')}-{Path(value).name}"
         shutil.copy2(value, workdir / "inputs" / name)
-        spec[section][key] = f"inputs/{name}"
+        holder[key] = f"inputs/{name}"
     return spec
 
 

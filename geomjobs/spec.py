@@ -116,16 +116,29 @@ def load_spec(path: str | Path) -> dict:
     return resolve_paths(spec, p.parent)
 
 
-PATH_KEYS = (("model", "weights"), ("model", "path"), ("latents", "uri"))
+MODEL_PATH_KEYS = ("weights", "path", "prompt_embeddings")
+
+
+def path_places(spec: dict) -> list[tuple[str, dict, str]]:
+    """(dotted key, holder, key) of every local-path key a spec can hold: the model's files, a
+    latent source's ``uri``, an image encoder's folder, and a sampling model's files."""
+    places = []
+    lat = spec.get("latents", {})
+    for label, section in (("model", spec.get("model")), ("latents.model", lat.get("model"))):
+        if isinstance(section, dict):
+            places += [(f"{label}.{k}", section, k) for k in MODEL_PATH_KEYS if k in section]
+    if "uri" in lat:
+        places.append(("latents.uri", lat, "uri"))
+    if isinstance(lat.get("encoder"), dict) and "path" in lat["encoder"]:
+        places.append(("latents.encoder.path", lat["encoder"], "path"))
+    return places
 
 
 def resolve_paths(spec: dict, base: str | Path) -> dict:
     """Make local paths named in a spec absolute. A spec file's relative paths are relative to
     the file's folder (so a spec and its weights travel together); a mapping's, to the cwd.
     Workers on other machines then see the same absolute paths (or URIs)."""
-    enc = spec.get("latents", {}).get("encoder")
-    places = [(spec.get(section, {}), key) for section, key in PATH_KEYS] + ([(enc, "path")] if isinstance(enc, dict) else [])
-    for holder, key in places:
+    for _, holder, key in path_places(spec):
         v = holder.get(key)
         if isinstance(v, str) and "://" not in v and not Path(v).is_absolute():
             holder[key] = str((Path(base) / v).resolve())

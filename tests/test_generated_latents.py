@@ -127,13 +127,13 @@ def test_a_trajectory_runs_from_the_initial_noise_to_the_sampled_latent(sampler)
     np.testing.assert_array_equal(cols["trajectory_id"], np.repeat(np.arange(n), steps + 1))
     np.testing.assert_array_equal(cols["step"], np.tile(np.arange(steps + 1), n))
     assert set(cols["noise_seed"]) == {3} and set(cols["guidance_scale"]) == {0.0}
-    ts = traj.timesteps(ids)
+    ts = traj.denoiser_timesteps(ids)
     assert ts.dtype == np.int64
     np.testing.assert_array_equal(ts[:steps + 1], np.append(sampling.timesteps(100, steps), 0))
     # any subset of records (a shard boundary inside a trajectory) gives the same states
     sub = np.array([7, 20, 21, 22, 60, 104])
     np.testing.assert_array_equal(traj.latents(sub), traj.latents(ids)[sub])
-    np.testing.assert_array_equal(traj.timesteps(sub), ts[sub])
+    np.testing.assert_array_equal(traj.denoiser_timesteps(sub), ts[sub])
 
 
 def test_trajectory_states_are_one_sampler_step_apart():
@@ -142,7 +142,7 @@ def test_trajectory_states_are_one_sampler_step_apart():
     gen, steps = build_generator(DDPM), 8
     traj = build(lat("trajectory", sampler={"kind": "ddim", "steps": steps}, count=2))
     s = traj.latents(np.arange(steps + 1))
-    t = traj.timesteps(np.arange(steps + 1))
+    t = traj.denoiser_timesteps(np.arange(steps + 1))
     ab = gen.denoiser.abar
     for j in range(steps):
         eps = np.asarray(gen.denoiser.eps(gen.params, jnp.asarray(s[j], jnp.float32), jnp.int32(t[j])), np.float64)
@@ -195,7 +195,7 @@ def test_a_trajectory_job_measures_the_denoiser_at_each_records_own_timestep(tmp
     assert list(df.trajectory_id) == list(np.repeat(np.arange(3), steps + 1))
     assert list(df.step) == list(np.tile(np.arange(steps + 1), 3))
     src = build(latents)
-    np.testing.assert_array_equal(df.timestep.to_numpy(np.int64), src.timesteps(np.arange(n)))
+    np.testing.assert_array_equal(df.timestep.to_numpy(np.int64), src.denoiser_timesteps(np.arange(n)))
     np.testing.assert_array_equal(np.stack(df.z.to_numpy()), src.latents(np.arange(n)))
     gen = build_generator(DDPM)
     for i in (0, 4, 10, 11 + 3, 32):

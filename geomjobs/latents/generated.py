@@ -226,7 +226,7 @@ class Trajectory(Sampled):
             self._last = (key, states[where, step])
         return self._last[1]
 
-    def timesteps(self, ids):
+    def denoiser_timesteps(self, ids):
         _, step = self.split(ids)
         ts = np.append(sampling.timesteps(self.run.gen.denoiser.num_timesteps, self.run.sampler.steps), 0)
         return ts[step].astype(np.int64)

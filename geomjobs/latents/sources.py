@@ -28,7 +28,7 @@ class LatentSource:
         """Extra record columns for these ids (e.g. u, v)."""
         return {}
 
-    def timesteps(self, ids: np.ndarray) -> np.ndarray | None:
+    def denoiser_timesteps(self, ids: np.ndarray) -> np.ndarray | None:
         """Each record's own diffusion timestep (int64, one per id) where the job's generator is
         a denoiser evaluated per record (``latents: {kind: trajectory}``); None for sources whose
         records all use the generator as the job built it."""

@@ -110,7 +110,7 @@ def resolve(spec: dict, gen: Generator, lat: LatentSource) -> Plan:
     model = _resolved(gen, spec["model"])
     # a source that times its records (cheap to ask: a schedule lookup) makes the job's model
     # a denoiser evaluated at each record's own timestep
-    per_record = lat.timesteps(np.zeros(1, np.int64)) is not None
+    per_record = lat.denoiser_timesteps(np.zeros(1, np.int64)) is not None
     if per_record:
         model = _per_record_model(gen, spec["model"], model)
         arrays["abar"] = np.asarray(gen.denoiser.abar, np.float64)

@@ -19,7 +19,7 @@ def compute_shard(plan: Plan, shard: int, engine: Engine) -> pa.Table:
     the caller owns it, so nothing is cached behind its back)."""
     ids = plan.shard_ids(shard)
     z = plan.latents.latents(ids)
-    t = plan.latents.timesteps(ids)
+    t = plan.latents.denoiser_timesteps(ids)
     res, errors = engine.compute(z, t)
     ok = np.array([e is None for e in errors])
     n = len(ids)
