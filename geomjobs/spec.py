@@ -37,7 +37,7 @@ def _key(path) -> str:
     return ".".join(parts) if parts else "<root>"
 
 
-def _explain(err: jsonschema.ValidationError) -> SpecError:
+def explain_schema_error(err: jsonschema.ValidationError) -> SpecError:
     """One readable message per schema error: the key, what was expected, what was found."""
     key = _key(err.absolute_path)
     v = err.validator
@@ -78,7 +78,7 @@ def validate_spec(raw: Any) -> dict:
     errors = sorted(validator.iter_errors(raw), key=lambda e: (len(list(e.absolute_path)), str(list(e.absolute_path))))
     if errors:
         # The deepest error says most; jsonschema's best_match prefers it.
-        raise _explain(jsonschema.exceptions.best_match(errors))
+        raise explain_schema_error(jsonschema.exceptions.best_match(errors))
     spec = copy.deepcopy(raw)
     spec["execution"] = {**EXECUTION_DEFAULTS, **spec.get("execution", {})}
     lat = spec["latents"]

@@ -52,7 +52,7 @@ _UNET_PLACEHOLDER_T = 0
 
 def _model_section(lat: dict) -> dict:
     """latents.model checked as the top-level model section is (errors name latents.model.*)."""
-    from geomjobs.spec import _explain, job_schema
+    from geomjobs.spec import explain_schema_error, job_schema
 
     model = copy.deepcopy(lat["model"])
     if model["kind"] == "diffusers-unet":
@@ -60,7 +60,7 @@ def _model_section(lat: dict) -> dict:
     validator = jsonschema.Draft202012Validator(job_schema()["properties"]["model"])
     errors = list(validator.iter_errors(model))
     if errors:
-        raise _rekey(_explain(jsonschema.exceptions.best_match(errors)))
+        raise _rekey(explain_schema_error(jsonschema.exceptions.best_match(errors)))
     return model
 
 
