@@ -71,3 +71,14 @@ def test_reduced_demo_writes_what_it_says(tmp_path):
     r = subprocess.run([sys.executable, "-m", "geomjobs.demo", "--out", str(out), "--resolution", "12", "--quiet"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "(0 computed" in r.stdout
+
+
+def test_generated_digits_example_orders_decoded_samples_by_psi(tmp_path):
+    """examples/generated_digits.py as a user runs it: a sampled job, its PNG grid and query."""
+    out = tmp_path / "gd"
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "generated_digits.py"), "--count", "16", "--steps", "5",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    df = pd.read_parquet(out)
+    assert len(df) == 16 and (df.status == "ok").all() and df.z.map(len).eq(8).all()
+    assert (tmp_path / "gd.png").stat().st_size > 10_000 and "psi_quartile" in r.stdout
