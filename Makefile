@@ -18,7 +18,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 lint: setup
-	$(PY) -m ruff check geomjobs tests benchmarks
+	$(PY) -m ruff check geomjobs tests benchmarks examples
 
 demo: setup
 	$(PY) -m geomjobs.demo --out out/demo
