@@ -115,6 +115,7 @@ def sections(names):
         "ray": ("Ray pipeline overhead (issue 3)", "bench_ray"),
         "estimators": ("psi estimators: error, rank correlation and cost (issue 4)", "estimators"),
         "sd": ("Stable-Diffusion-shaped VAE decoder (issue 4)", "bench_sd"),
+        "generation": ("Generation as a job: samplers, sampled and trajectory jobs (issue 9)", "bench_generation"),
     }
     for name in names:
         title, module = table[name]
@@ -134,7 +135,7 @@ def main(argv=None):
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--only", nargs="+", default=["foundation", "ray", "estimators", "sd"],
+    ap.add_argument("--only", nargs="+", default=["foundation", "ray", "estimators", "sd", "generation"],
                     help="sections to run (default: all)")
     args = ap.parse_args(argv)
     cmd = "make bench  # " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
