@@ -20,6 +20,8 @@ def _cmd_run(args) -> int:
     res = run_job(spec, args.out, resume=args.resume, progress=not args.quiet, address=args.address)
     print(f"{res.job_id}: {res.rows}/{res.count} rows in {res.committed_shards}/{res.num_shards} shards at {res.uri} "
           f"({res.computed_shards} shards computed in {res.seconds:.1f} s)")
+    if res.worker_deaths:
+        print(f"  {res.worker_deaths} worker deaths during the job; {res.workers_replaced} replacement workers joined it")
     if res.errors:
         print(f"  {res.errors} samples have status 'error' (see: geomjobs inspect {res.uri})", file=sys.stderr)
     if res.failed_shards:

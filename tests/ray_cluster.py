@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -169,7 +171,37 @@ class GcsEmulator:
             self.proc = None
 
 
+# ---- running jobs as users do --------------------------------------------------------------
+def cli(*args, env=None, timeout=240, check=False):
+    """``python -m geomjobs.cli ARGS`` in a fresh process (no x64, as users run it)."""
+    full = {**os.environ, **(env or {})}
+    full["PYTHONPATH"] = os.pathsep.join([str(TESTS), full.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    full.pop("JAX_ENABLE_X64", None)
+    p = subprocess.run([sys.executable, "-m", "geomjobs.cli", *args], env=full, capture_output=True, text=True,
+                       timeout=timeout)
+    if check:
+        assert p.returncode == 0, p.stdout + p.stderr
+    return p
+
+
+def write_spec(tmp_path, spec, name="spec.yaml"):
+    import yaml
+
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return str(path)
+
+
 # ---- test generators (kind: python, entrypoint ray_cluster:slow_mlp) -------------------------
+def slow_spec(weights, count, shard_size, delay, batch_size=8, **faults):
+    """A job of :func:`slow_mlp` (``faults``: its kill_token, die_at_start_token, poison)."""
+    kwargs = {"weights": weights, "delay": delay, **faults}
+    return {"model": {"kind": "python", "entrypoint": "ray_cluster:slow_mlp", "kwargs": kwargs, "latent_shape": [6]},
+            "latents": {"kind": "gaussian", "count": count, "shape": [6], "seed": 5},
+            "descriptors": {"local_scaling": {"mode": "projection", "k": 5}, "local_rank": {}},
+            "execution": {"shard_size": shard_size, "batch_size": batch_size, "max_retries": 2}}
+
+
 def _claim(token: str) -> bool:
     try:
         os.rename(token, token + ".claimed")   # atomic: exactly one process claims it
@@ -178,25 +210,106 @@ def _claim(token: str) -> bool:
         return False
 
 
-def slow_mlp(weights: str, delay: float = 0.0, kill_token: str | None = None):
+def slow_mlp(weights: str, delay: float = 0.0, kill_token: str | None = None, die_at_start_token: str | None = None,
+             poison: float | None = None):
     """The MLP of ``weights`` whose every batch takes ``delay`` more seconds. If the file
     ``kill_token`` exists, the first worker process to run a batch after it appeared claims it and
-    kills itself with SIGKILL, mid-shard (a worker process lost, as to the OOM killer)."""
+    kills itself with SIGKILL, mid-shard (a worker process lost, as to the OOM killer). If
+    ``die_at_start_token`` exists, the first process to build the model after it appeared claims
+    it and kills itself there (a worker lost while it starts). A process that computes a latent
+    whose first coordinate is ``poison`` kills itself, every time (a shard that kills every
+    worker it touches)."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     from geomjobs.generators.mlp import load_mlp_weights, mlp_apply
 
+    if die_at_start_token and _claim(die_at_start_token):
+        os.kill(os.getpid(), signal.SIGKILL)
     layers = [(jnp.asarray(w), jnp.asarray(b)) for w, b in load_mlp_weights(weights)]
 
-    def pause():
+    def pause(z):
         if kill_token and _claim(kill_token):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if poison is not None and np.isclose(np.asarray(z).reshape(-1, z.shape[-1])[:, 0], poison, rtol=0, atol=1e-6).any():
             os.kill(os.getpid(), signal.SIGKILL)
         if delay:
             time.sleep(delay)
 
     def apply(params, z):
-        jax.debug.callback(pause)
+        jax.debug.callback(pause, z)
         return mlp_apply(params, z)
 
     return apply, layers
+
+
+# ---- chaos: SIGKILL the job's workers, only below the head this test process started ----------
+def worker_processes(root_pid: int, title: str = "ray::ShardWorker") -> list:
+    """Live processes below ``root_pid`` whose process title (Ray sets it to ``ray::Class`` or
+    ``ray::Class.method``) starts with ``title``."""
+    import psutil
+
+    try:
+        below = psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for p in below:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and _title(p).startswith(title):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _title(p) -> str:
+    try:
+        return (p.cmdline() or [""])[0]
+    except Exception:  # noqa: BLE001 - gone meanwhile
+        return ""
+
+
+class WorkerKiller(threading.Thread):
+    """SIGKILLs a random worker process below ``root_pid`` every ``gap`` (uniform, seconds),
+    at most ``kills`` times and for at most ``seconds``, while ``keep_going()`` holds. ``killed``
+    lists the pids of the kills that landed (each a live process, killed once); ``starting``
+    counts those that were still in their constructor (title ``ray::ShardWorker.__init__``)."""
+
+    def __init__(self, root_pid: int, kills: int, seconds: float, keep_going=lambda: True, gap=(0.5, 1.5)):
+        super().__init__(daemon=True)
+        self.root_pid, self.kills, self.seconds, self.keep_going, self.gap = root_pid, kills, seconds, keep_going, gap
+        self.killed: list[int] = []
+        self.starting = 0                  # of those, workers killed while starting
+        self.done = threading.Event()
+        self.rng = random.Random(0)
+
+    def run(self) -> None:
+        import psutil
+
+        t0 = time.time()
+        while len(self.killed) < self.kills and time.time() - t0 < self.seconds and not self.done.is_set():
+            if self.done.wait(self.rng.uniform(*self.gap)) or not self.keep_going():
+                break
+            # half the kills wait (up to 10 s) for a worker that has started: one that is
+            # starting would be the likelier target, as replacements start while others run
+            want_started, t1 = self.rng.random() < 0.5, time.time()
+            while True:
+                procs = [p for p in worker_processes(self.root_pid) if p.pid not in self.killed]
+                started = [p for p in procs if "__init__" not in _title(p)]
+                if not want_started or started or time.time() - t1 > 10 or self.done.wait(0.1):
+                    break
+            if procs:
+                p = self.rng.choice(started or procs) if want_started else self.rng.choice(procs)
+                try:
+                    title = _title(p)
+                    p.send_signal(signal.SIGKILL)
+                    self.killed.append(p.pid)
+                    self.starting += "__init__" in title
+                except psutil.NoSuchProcess:
+                    pass
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(10)

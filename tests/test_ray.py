@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from geomjobs import run_job
 from geomjobs.runner import local_mode, ray_connect, ray_driver
@@ -24,7 +23,7 @@ from geomjobs.sink.dataset import Dataset, DatasetError
 from geomjobs.spec import SpecError
 
 from jobs import assert_each_sample_once, mlp_spec, read_sorted, write_mlp
-from ray_cluster import TESTS, shared_cluster
+from ray_cluster import TESTS, cli, shared_cluster, slow_spec, write_spec
 
 RECORD_COLUMNS = ["sample_id", "shard_id", "model_id", "timestep", "status", "error",
                   "local_scaling", "local_rank", "local_complexity"]
@@ -33,34 +32,6 @@ RECORD_COLUMNS = ["sample_id", "shard_id", "model_id", "timestep", "status", "er
 @pytest.fixture(scope="module")
 def cluster():
     return shared_cluster()
-
-
-def cli(*args, env=None, timeout=240, check=False):
-    """``python -m geomjobs.cli ARGS`` in a fresh process (no x64, as users run it)."""
-    full = {**os.environ, **(env or {})}
-    full["PYTHONPATH"] = os.pathsep.join([str(TESTS), full.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    full.pop("JAX_ENABLE_X64", None)
-    p = subprocess.run([sys.executable, "-m", "geomjobs.cli", *args], env=full, capture_output=True, text=True,
-                       timeout=timeout)
-    if check:
-        assert p.returncode == 0, p.stdout + p.stderr
-    return p
-
-
-def write_spec(tmp_path, spec, name="spec.yaml"):
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return str(path)
-
-
-def slow_spec(weights, count, shard_size, delay, kill_token=None, batch_size=8):
-    kwargs = {"weights": weights, "delay": delay}
-    if kill_token:
-        kwargs["kill_token"] = kill_token
-    return {"model": {"kind": "python", "entrypoint": "ray_cluster:slow_mlp", "kwargs": kwargs, "latent_shape": [6]},
-            "latents": {"kind": "gaussian", "count": count, "shape": [6], "seed": 5},
-            "descriptors": {"local_scaling": {"mode": "projection", "k": 5}, "local_rank": {}},
-            "execution": {"shard_size": shard_size, "batch_size": batch_size, "max_retries": 2}}
 
 
 def markers(uri):
@@ -86,7 +57,7 @@ def test_pool_size_follows_workers_or_the_cluster():
 def test_actor_options_and_worker_env():
     opts = ray_driver.actor_options({"resources": {"GPU": 1, "TPU": 4}})
     assert opts["num_cpus"] == 1 and opts["num_gpus"] == 1 and opts["resources"] == {"TPU": 4.0}
-    assert opts["max_restarts"] > 0 and opts["max_task_retries"] == 0
+    assert opts["max_restarts"] == 0 and opts["max_task_retries"] == 0   # the pool replaces dead workers
     env = ray_connect.worker_env({"STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"})
     assert env == {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
                    "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"}
@@ -195,6 +166,7 @@ def test_a_worker_killed_mid_job_loses_and_duplicates_nothing(cluster, tmp_path)
     arm.join(5)
     assert Path(str(token) + ".claimed").exists(), "no worker was killed: the job ended first"
     assert res.ok and res.committed_shards == 16 and res.failed_shards == []
+    assert res.worker_deaths == 1 and res.workers_replaced <= 1     # the replacement may come after the end
     df = read_sorted(out)
     assert_each_sample_once(df, 128)
     assert parquet_files(out) == [f"part-{i:06d}.parquet" for i in range(16)]

@@ -29,6 +29,8 @@ class JobResult:
     failed_shards: list[int]    # shards that exhausted their retries
     computed_shards: int        # shards computed by this run (0 for a finished job resumed)
     seconds: float
+    worker_deaths: int = 0      # Ray workers found dead during this run (at start-up or mid-shard)
+    workers_replaced: int = 0   # fresh workers that took a dead one's place and became ready
 
     @property
     def ok(self) -> bool:

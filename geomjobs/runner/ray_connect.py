@@ -18,7 +18,9 @@ EMBEDDED_OBJECT_STORE = 200 * 1024 * 1024   # the driver moves only commit marke
 
 
 class WorkerPoolError(RuntimeError):
-    """No worker could be started or kept alive; committed shards are kept (resume later)."""
+    """The cluster cannot be reached, or a worker cannot start (its constructor raised: the
+    model missing on its node, an import error, another geomjobs version); committed shards are
+    kept (resume later). Worker deaths alone never raise it: dead workers are replaced."""
 
 
 def worker_resources(execution: dict) -> dict[str, float]:

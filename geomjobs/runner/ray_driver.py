@@ -17,16 +17,25 @@ Design
   ...; default ``{CPU: 1}``); the pool has ``execution.workers`` of them, or as many as the
   cluster's resources hold. Workers are spread over nodes. A worker that cannot be placed yet
   (autoscaling) simply joins when it becomes ready: work goes only to ready workers.
-* **Faults.** Ray restarts a dead worker process (``max_restarts``); the driver does not wait
-  for the restart: the shard the dead worker held goes back to the queue and is handed to a
-  live worker (another one when there is one). A shard whose computation raises (a poison
-  input) is retried and, after ``execution.max_retries`` retries, recorded with
-  ``Dataset.record_failure``; the job finishes the other shards and exits 1. Both kinds of
-  failed attempt count towards the same bound, so a shard that kills every worker it touches
-  cannot loop forever. Nothing is written twice: a shard's file name is fixed
-  (``part-<shard>.parquet``), each write replaces it atomically with the same records, and the
-  marker is written after the file (see ``geomjobs.sink.dataset``); a retried shard whose first
-  attempt did commit just rewrites identical bytes.
+* **Faults.** Worker deaths never end a job: a worker found dead (its process killed while it
+  starts or mid-shard, its node lost or preempted) is replaced by a fresh actor in its slot, for
+  as long as the job runs, and the driver does not wait for it: the shard the dead worker was
+  running is charged one attempt and goes back to the queue, the one queued behind it goes back
+  uncharged, and live workers take them. Ray does not restart workers itself
+  (``max_restarts=0``): the driver sees every death, at start-up too, and counts it
+  (``JobResult.worker_deaths`` / ``workers_replaced``, one stderr line per death). What is
+  bounded is attempts per shard: a shard whose computation raises (a poison input), or whose
+  worker dies while running it, is retried and, after ``execution.max_retries`` retries,
+  recorded with ``Dataset.record_failure``; the job finishes the other shards and exits 1, so a
+  shard that kills every worker it touches cannot loop forever. A worker whose constructor
+  raises (the model file missing on its node, an import error, a spec-hash mismatch: Ray's
+  creation-task error) cannot start whatever is retried: the job stops at once with
+  WorkerPoolError naming the reason; so it does after ``START_DEATHS_LIMIT`` workers in a row
+  died while starting with none ready in between (killed loading a model too big for its node,
+  say). Nothing is written twice: a shard's file name is fixed (``part-<shard>.parquet``), each
+  write replaces it atomically with the same records, and the marker is written after the file
+  (see ``geomjobs.sink.dataset``); a retried shard whose first attempt did commit just rewrites
+  identical bytes.
 * **Driver death** loses nothing committed: the manifest is the set of markers in the dataset,
   and ``--resume`` computes exactly the shards without one (the dataset protocol, shared with
   the in-process driver).
@@ -41,8 +50,8 @@ a plan from read to write, and its writes have known problems with write modes a
 outputs (ray-project/ray issues 55043, 54949). Writing through Ray Data would also put its own
 file naming between us and the manifest. With actors, each shard is one call whose outcome
 we see, the commit protocol stays the one the local driver uses (so the local and cluster
-paths are the same code), and retries, bounded attempts and failure records are a few lines
-over Ray's own actor restarts, placement and ``ray.wait``.
+paths are the same code), and replacing dead workers, bounded attempts and failure records are
+a few lines over Ray's own actors, placement and ``ray.wait``.
 
 Local mode
 ----------
@@ -55,13 +64,15 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
+import re
 import sys
 import time
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.exceptions import ActorDiedError, RayActorError, RayError, RayTaskError
 
 from geomjobs.runner.engine import Engine, format_exception
 from geomjobs.runner.job import JobResult, OpenJob, Progress, open_job
@@ -75,8 +86,8 @@ from geomjobs.spec import SpecError
 __all__ = ["ShardWorker", "WorkerPoolError", "actor_options", "drive_ray", "pool_size", "run_ray"]
 
 QUEUE_DEPTH = 2            # shards held by one worker: one running, one queued
-MAX_RESTARTS = 3           # times Ray restarts one worker process before it is given up
 WAIT_TIMEOUT_S = 30.0      # how often the driver reports while nothing finishes
+START_DEATHS_LIMIT = 50    # workers in a row dying while starting, none ready between: cannot start
 
 log = logging.getLogger("geomjobs.ray")
 
@@ -89,12 +100,15 @@ class ShardWorker:
     """
 
     def __init__(self, spec: dict, spec_hash: str):
-        self.plan = plan_job(spec)
-        if self.plan.hash != spec_hash:
-            raise RuntimeError(f"this worker plans the job with spec hash {self.plan.hash[:12]}, the driver with "
-                               f"{spec_hash[:12]}: install the driver's geomjobs version on the cluster")
-        self.ds = Dataset(self.plan.spec["output"])
-        self.engine = Engine(self.plan)
+        try:
+            self.plan = plan_job(spec)
+            if self.plan.hash != spec_hash:
+                raise RuntimeError(f"this worker plans the job with spec hash {self.plan.hash[:12]}, the driver "
+                                   f"with {spec_hash[:12]}: install the driver's geomjobs version on the cluster")
+            self.ds = Dataset(self.plan.spec["output"])
+            self.engine = Engine(self.plan)
+        except Exception as e:   # as a plain RuntimeError: Ray must carry it to the driver (SpecError cannot)
+            raise RuntimeError(f"worker start-up failed: {format_exception(e)}") from None
         self.name = f"ray:{_node_ip()}:{os.getpid()}"
 
     def ready(self) -> dict:
@@ -122,7 +136,9 @@ def _node_ip() -> str:
 # ---- placement -------------------------------------------------------------------------
 def actor_options(execution: dict) -> dict:
     res = worker_resources(execution)
-    opts = {"num_cpus": res.pop("CPU"), "max_restarts": MAX_RESTARTS, "max_task_retries": 0,
+    # max_restarts 0: the pool replaces a dead worker itself, without limit, and so sees every
+    # death (a restart in place would hide one at start-up, while ready() is pending)
+    opts = {"num_cpus": res.pop("CPU"), "max_restarts": 0, "max_task_retries": 0,
             "scheduling_strategy": "SPREAD", "runtime_env": {"env_vars": worker_env()}}
     if "GPU" in res:
         opts["num_gpus"] = res.pop("GPU")
@@ -154,7 +170,8 @@ def run_ray(spec: dict, out: str | None = None, *, address: str | None = None, r
 
     Spec problems raise SpecError before any worker starts; an output that cannot be used
     raises DatasetError. Shards that fail after their retries are recorded and reported in the
-    result (exit code 1); if no worker can be started or kept alive, WorkerPoolError is raised
+    result (exit code 1). Dead workers are replaced for as long as the job runs (the result
+    counts them); a worker that raises while starting raises WorkerPoolError naming the reason,
     and committed shards are kept for ``--resume``.
     """
     started = time.time()
@@ -168,41 +185,76 @@ def drive_ray(job: OpenJob, address: str | None, progress: bool = True) -> JobRe
     embedded = address in (None, "local")
     num_cpus = embedded_cpus(job.plan.spec["execution"]) if embedded else None
     with ray_connection(address, num_cpus=num_cpus):   # an embedded Ray detects its GPUs
-        computed = _Driver(job, progress).run()
+        driver = _Driver(job, progress)
+        computed = driver.run()
     job.ds.clean_staging()
-    return job.result(computed)
+    return dataclasses.replace(job.result(computed), worker_deaths=driver.pool.deaths,
+                               workers_replaced=driver.pool.replaced)
 
 
 class _Pool:
-    """Worker handles and their state: 'starting' (ready() pending), 'ready', 'dead'."""
+    """The job's workers, one per slot: 'starting' (its ready() call pending) or 'ready'. A dead
+    worker is replaced by a fresh actor in its slot (:meth:`replace`), without limit."""
 
     def __init__(self, plan: Plan, n: int):
         # the actor class is made here, for this job: no Ray handle outlives the connection
-        cls = ray.remote(ShardWorker).options(**actor_options(plan.spec["execution"]))
-        # the spec is small: passed inline, so a restart (Ray re-runs the constructor) never
-        # depends on an object-store copy
-        self.actors = [cls.remote(plan.spec, plan.hash) for _ in range(n)]
+        self.cls = ray.remote(ShardWorker).options(**actor_options(plan.spec["execution"]))
+        # the spec is small: passed inline, so a new worker never depends on an object-store copy
+        self.args = (plan.spec, plan.hash)
+        self.actors: list = [None] * n
         self.state = ["starting"] * n
         self.load = [0] * n
         self.info: list[dict | None] = [None] * n
-        self.pings = {a.ready.remote(): i for i, a in enumerate(self.actors)}
-        self.errors: list[str] = []
+        self.pings: dict = {}                    # ready() ref -> slot
+        self.replacing: set[int] = set()         # slots whose worker replaces a dead one
+        self.deaths = self.replaced = self.start_deaths = 0
+        for i in range(n):
+            self._start(i)
+
+    def _start(self, i: int) -> None:
+        self.actors[i] = self.cls.remote(*self.args)
+        self.state[i], self.load[i], self.info[i] = "starting", 0, None
+        self.pings[self.actors[i].ready.remote()] = i
 
     def ping(self, i: int) -> None:
+        """Ask a worker whose call failed without saying why whether it is still alive."""
         if self.state[i] == "ready":
             self.state[i] = "starting"
             self.pings[self.actors[i].ready.remote()] = i
 
-    def on_ping(self, ref) -> None:
-        """A worker's ready() returned: it is ready, or it could not start."""
+    def on_ping(self, ref) -> tuple[int, str] | None:
+        """A worker's ready() returned: it is ready (None), or dead (its slot and the error, for
+        the caller to hand back its shards and :meth:`replace` it). A worker that raised while
+        starting raises WorkerPoolError: no new worker would start either."""
         i = self.pings.pop(ref)
         try:
             self.info[i] = ray.get(ref)
-            self.state[i] = "ready"
-        except (RayError, GetTimeoutError) as e:
-            self.state[i] = "dead"
-            self.errors.append(_short(e))
-            log.warning("worker %d could not start: %s", i, _short(e))
+        except RayActorError as e:
+            if e.actor_init_failed:
+                raise _cannot_start(e) from None
+            if self.info[i] is None:             # never ready: it died while starting
+                self.start_deaths += 1
+            if self.start_deaths >= START_DEATHS_LIMIT:
+                raise WorkerPoolError(f"{self.start_deaths} workers in a row died while starting, none became "
+                                      f"ready; the last: {_short(e, 500)}") from None
+            return i, _short(e)
+        except RayError as e:   # ready() raised, or an error Ray could not carry: as deterministic
+            raise _cannot_start(e) from None
+        self.state[i] = "ready"
+        self.start_deaths = 0
+        if i in self.replacing:
+            self.replacing.discard(i)
+            self.replaced += 1
+        return None
+
+    def replace(self, i: int) -> None:
+        """Slot ``i``'s worker is dead: count it, and start a fresh one there."""
+        self.deaths += 1
+        with contextlib.suppress(Exception):
+            ray.kill(self.actors[i], no_restart=True)
+        self.pings = {ref: j for ref, j in self.pings.items() if j != i}   # the dead one's answers
+        self.replacing.add(i)
+        self._start(i)
 
     def pick(self, avoid: int | None) -> int | None:
         free = [i for i, s in enumerate(self.state) if s == "ready" and self.load[i] < QUEUE_DEPTH]
@@ -212,7 +264,7 @@ class _Pool:
         return min(others, key=lambda i: self.load[i])
 
     def label(self, i: int) -> str:
-        return self.info[i]["worker"] if self.info[i] else str(i)
+        return self.info[i]["worker"] if self.info[i] else f"#{i} (starting)"
 
     def kill_all(self) -> None:
         for a in self.actors:
@@ -222,22 +274,24 @@ class _Pool:
 
 class _Driver:
     """One run of the scheduling loop: hand shards to ready workers (:meth:`dispatch`), wait for
-    any shard or worker, and handle what came back (:meth:`on_ready`, :meth:`on_failure`)."""
+    any shard or worker, and handle what came back (:meth:`on_ready`, :meth:`lost`,
+    :meth:`on_failure`)."""
 
     def __init__(self, job: OpenJob, progress: bool):
         self.job = job
         self.execution = job.plan.spec["execution"]
         self.pool = _Pool(job.plan, pool_size(self.execution, len(job.todo), ray.cluster_resources()))
         self.queue = collections.deque(job.todo)
-        self.inflight: dict = {}                  # ref -> (shard, worker index)
-        self.last_worker: dict[int, int] = {}     # shard -> the worker its last attempt failed on
+        self.inflight: dict = {}                  # ref -> (shard, slot), in the order handed out
+        self.last_worker: dict[int, int] = {}     # shard -> the slot its last attempt failed on
         self.retries = Retries(self.execution["max_retries"], job.ds)
         self.bar = Progress(job, progress)
         self.computed = 0
         self.waited = 0.0
 
     def run(self) -> int:
-        """Until every shard is committed or recorded as failed; returns the shards computed."""
+        """Until every shard is committed or recorded as failed; returns the shards computed.
+        Raises WorkerPoolError if a worker cannot start (:meth:`_Pool.on_ping`)."""
         try:
             while self.queue or self.inflight:
                 self.dispatch()
@@ -248,7 +302,9 @@ class _Driver:
                     continue
                 self.waited = 0.0
                 if ready[0] in self.pool.pings:
-                    self.pool.on_ping(ready[0])
+                    dead = self.pool.on_ping(ready[0])
+                    if dead is not None:
+                        self.lost(*dead)
                 else:
                     self.on_ready(ready[0])
         finally:
@@ -257,8 +313,8 @@ class _Driver:
         return self.computed
 
     def dispatch(self) -> None:
-        """Queued shards to ready workers with room, preferring a worker other than the one the
-        shard last failed on. Raises WorkerPoolError when no worker is left to wait for."""
+        """Queued shards to ready workers with room, preferring a slot other than the one the
+        shard last failed on."""
         while self.queue:
             i = self.pool.pick(self.last_worker.get(self.queue[0]))
             if i is None:
@@ -266,10 +322,6 @@ class _Driver:
             shard = self.queue.popleft()
             self.inflight[self.pool.actors[i].run.remote(shard)] = (shard, i)
             self.pool.load[i] += 1
-        if not self.inflight and not self.pool.pings:
-            last = f"Last worker error: {self.pool.errors[-1]}" if self.pool.errors else ""
-            raise WorkerPoolError("no worker is alive to compute the remaining shards "
-                                  f"({len(self.queue)} left; committed shards are kept, rerun with --resume). " + last)
 
     def on_idle(self) -> None:
         self.waited += WAIT_TIMEOUT_S
@@ -280,21 +332,47 @@ class _Driver:
 
     def on_ready(self, ref) -> None:
         """A shard's run() returned: committed, or failed (raised, or its worker died)."""
-        shard, i = self.inflight.pop(ref)
-        self.pool.load[i] -= 1
+        shard, i = self.inflight[ref]
         try:
-            marker = ray.get(ref)
+            self.committed(ray.get(ref))
+        except ActorDiedError as e:                    # the worker process died, or its node
+            self.lost(i, _short(e))
+            return
         except RayTaskError as e:                      # the shard's computation raised
             self.on_failure(shard, i, _short(e.cause if getattr(e, "cause", None) is not None else e))
-        except RayActorError as e:                     # the worker process died (or vanished)
-            self.pool.ping(i)   # ready again after Ray restarts it, or found dead
-            self.on_failure(shard, i, f"worker {self.pool.label(i)} died: {_short(e)}")
-        except RayError as e:                          # node lost, object lost, ...
+        except RayError as e:                          # unreachable worker, object lost, ...: ask it
             self.pool.ping(i)
             self.on_failure(shard, i, f"{type(e).__name__}: {_short(e)}")
-        else:
-            self.computed += 1
-            self.bar.update(marker["rows"])
+        del self.inflight[ref]
+        self.pool.load[i] -= 1
+
+    def committed(self, marker: dict) -> None:
+        self.computed += 1
+        self.bar.update(marker["rows"])
+
+    def lost(self, i: int, error: str) -> None:
+        """Slot ``i``'s worker is dead; a fresh worker takes the slot. Of the shards handed to
+        it, those that committed before it died count as such; of the others, the first (the one
+        it was running: an actor runs its calls in order) is charged one attempt, and those
+        queued behind it go back to the front of the queue uncharged."""
+        refs = [ref for ref, (_, w) in self.inflight.items() if w == i]
+        finished = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
+        shards = []
+        for ref in refs:
+            shards.append(self.inflight.pop(ref)[0])
+            if ref in finished:
+                with contextlib.suppress(RayError):
+                    self.committed(ray.get(ref))
+                    shards.pop()
+        label = self.pool.label(i)
+        self.pool.replace(i)
+        running = f"; shard {shards[0]} goes to another worker" if shards else ""
+        print(f"geomjobs: worker {label} died, a new one replaces it ({self.pool.deaths} worker deaths so far"
+              f"{running})", file=sys.stderr)
+        log.info("worker %s died: %s", label, error)
+        self.queue.extendleft(reversed(shards[1:]))
+        if shards:
+            self.on_failure(shards[0], i, f"worker {label} died: {error}")
 
     def on_failure(self, shard: int, worker: int, error: str) -> None:
         """Queue the shard again, or (its attempts used up) record it as failed."""
@@ -304,6 +382,16 @@ class _Driver:
             return
         log.warning("shard %d failed after %d attempts: %s", shard, self.retries.attempts[shard], error)
         self.bar.update(len(self.job.plan.shard_ids(shard)))
+
+
+def _cannot_start(e: RayError) -> WorkerPoolError:
+    """The error of a worker that raised while starting: the exception's last line, and where."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    where = re.search(r"\bip=([^,)\s]+)", text)
+    return WorkerPoolError(f"a worker cannot start{' on ' + where.group(1) if where else ''}: "
+                           f"{lines[-1] if lines else type(e).__name__} (raised while it started, so no new worker "
+                           "would start either). Committed shards are kept: fix it and rerun with --resume")
 
 
 def _short(e: BaseException, limit: int = 2000) -> str:

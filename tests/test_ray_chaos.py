@@ -1,0 +1,128 @@
+"""Jobs that outlive their workers, on a real Ray cluster (``ray start --head`` on 127.0.0.1):
+workers SIGKILLed at random throughout a job (only processes below the head this test process
+started), a worker killed while it starts, a shard that kills every worker it touches, and a
+worker that cannot start (its constructor raises) stopping the job with the reason."""
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from geomjobs import run_job
+from geomjobs.runner.job import open_job
+from geomjobs.runner.plan import plan_job
+from geomjobs.runner.ray_connect import WorkerPoolError
+from geomjobs.runner.ray_driver import drive_ray
+from geomjobs.sink.dataset import Dataset
+
+from jobs import assert_each_sample_once, mlp_spec, read_sorted, write_mlp
+from ray_cluster import WorkerKiller, cli, shared_cluster, slow_spec, write_spec
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    return shared_cluster()
+
+
+def committed(out) -> int:
+    return len(list(Path(out, "_geomjobs", "shards").glob("*.json")))
+
+
+def run_under_chaos(cluster, tmp_path, count, kills, seconds):
+    """A job of a tiny MLP in shards of 20 samples on the cluster's 2 workers while a
+    :class:`WorkerKiller` SIGKILLs its workers (until 85 % of the shards are committed, so that
+    no kill races the job's end); then the checks every chaos run makes. Returns (result, kills)."""
+    w = write_mlp(tmp_path)
+    spec = slow_spec(w, count=count, shard_size=20, delay=0.01, batch_size=10)
+    spec["execution"]["max_retries"] = 3
+    out = tmp_path / "chaos"
+    shards = count // 20
+    killer = WorkerKiller(cluster.proc.pid, kills, seconds, keep_going=lambda: committed(out) < 0.85 * shards)
+    killer.start()
+    t0 = time.time()
+    try:
+        res = run_job(spec, str(out), address=cluster.address, progress=False)
+    finally:
+        killer.stop()
+    print(f"chaos: {len(killer.killed)} kills landed ({killer.starting} while starting), {res.worker_deaths} deaths, "
+          f"{res.workers_replaced} replaced, job {time.time() - t0:.1f} s")
+    assert res.ok and res.committed_shards == shards and res.failed_shards == [], res
+    assert res.worker_deaths >= len(killer.killed)
+    df = read_sorted(out)
+    assert_each_sample_once(df, count)
+    assert (df.status == "ok").all() and df.error.isna().all()
+    assert sorted(p.name for p in out.glob("*.parquet")) == [f"part-{i:06d}.parquet" for i in range(shards)]
+    assert not Dataset(str(out)).failures()
+    # the same records as an uninterrupted run of the same job by the in-process driver
+    # (`geomjobs run`, one worker, in a fresh process as users run it: no x64)
+    ref_spec = slow_spec(w, count=count, shard_size=20, delay=0.0, batch_size=10)
+    ref_spec["execution"]["workers"] = 1
+    cli("run", write_spec(tmp_path, ref_spec), "--out", str(tmp_path / "ref"), "-q", check=True)
+    ref = read_sorted(tmp_path / "ref")
+    np.testing.assert_array_equal(df.sample_id, ref.sample_id)
+    for col in ("local_scaling", "local_rank"):
+        np.testing.assert_allclose(df[col], ref[col], rtol=1e-6, err_msg=col)
+    return res, killer.killed
+
+
+def test_random_worker_kills_throughout_a_job_lose_and_duplicate_nothing(cluster, tmp_path):
+    res, killed = run_under_chaos(cluster, tmp_path, count=2400, kills=10, seconds=40)
+    assert len(killed) >= 5, f"only {len(killed)} kills landed: the job ended first"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("GEOMJOBS_SLOW"), reason="longer chaos run: set GEOMJOBS_SLOW=1")
+def test_many_worker_kills_over_a_longer_job(cluster, tmp_path):
+    res, killed = run_under_chaos(cluster, tmp_path, count=12000, kills=40, seconds=150)
+    assert len(killed) >= 25
+
+
+def test_a_worker_killed_while_starting_is_replaced(cluster, tmp_path):
+    """The bug of issue 13: a worker killed while it started was given up for good."""
+    w = write_mlp(tmp_path)
+    token = tmp_path / "die-at-start"
+    spec = slow_spec(w, count=96, shard_size=8, delay=0.05, die_at_start_token=str(token))
+    out = str(tmp_path / "out")
+    job = open_job(plan_job(spec), out, False)      # the driver built the model before the token exists
+    token.write_text("")
+    res = drive_ray(job, cluster.address, progress=False)
+    assert Path(str(token) + ".claimed").exists()
+    assert res.ok and res.committed_shards == 12 and res.worker_deaths == 1 and res.workers_replaced <= 1
+    assert_each_sample_once(read_sorted(out), 96)
+
+
+def test_a_shard_that_kills_every_worker_it_touches_is_recorded(cluster, tmp_path):
+    """Worker deaths are unbounded, attempts per shard are not: the shard holding sample 20
+    SIGKILLs each worker that computes it; after max_retries + 1 attempts (each a death) it is
+    recorded as failed, and the shards queued behind it on the dying workers are not charged."""
+    w = write_mlp(tmp_path)
+    z20 = plan_job(slow_spec(w, count=64, shard_size=8, delay=0.0)).latents.latents(np.array([20]))
+    spec = slow_spec(w, count=64, shard_size=8, delay=0.0, poison=float(np.asarray(z20).reshape(-1)[0]))
+    spec["execution"]["max_retries"] = 1
+    out = str(tmp_path / "out")
+    res = run_job(spec, out, address=cluster.address, progress=False)
+    assert not res.ok and res.failed_shards == [2] and res.committed_shards == 7
+    assert res.worker_deaths == 2
+    fail = Dataset(out).failures()[2]
+    assert fail["attempts"] == 2 and "died" in fail["error"]
+    assert sorted(read_sorted(out).sample_id) == [i for i in range(64) if not 16 <= i < 24]
+
+
+def test_a_worker_that_cannot_start_stops_the_job_with_its_reason(cluster, tmp_path):
+    """The model file is gone by the time the workers load it (as on a node that lacks it):
+    their constructor raises, which no new worker would change: the job stops at once with the
+    reason, instead of replacing workers forever. Fixed, --resume finishes it."""
+    w = write_mlp(tmp_path)
+    spec = mlp_spec(w, count=80, shard_size=10)
+    out = str(tmp_path / "out")
+    job = open_job(plan_job(spec), out, False)      # the driver has read the weights
+    moved = Path(w).rename(tmp_path / "elsewhere.npz")
+    t0 = time.time()
+    with pytest.raises(WorkerPoolError, match=r"a worker cannot start on [\d.]+: .*weight file .* does not exist"):
+        drive_ray(job, cluster.address, progress=False)
+    assert time.time() - t0 < 90
+    assert not Dataset(out).committed()
+    moved.rename(w)
+    res = run_job(spec, out, resume=True, address=cluster.address, progress=False)
+    assert res.ok and res.computed_shards == 8 and res.worker_deaths == 0
