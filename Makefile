@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast lint demo bench clean
+.PHONY: setup test test-slow test-fast lint demo bench clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q tests
+
+test-slow: setup
+	GEOMJOBS_SLOW=1 $(PY) -m pytest -q tests -m slow
 
 lint: setup
 	$(PY) -m ruff check geomjobs tests benchmarks examples
