@@ -67,6 +67,15 @@ def _kill_tree(proc: subprocess.Popen, grace: float = 0.0) -> None:
     proc.wait(timeout=10)
 
 
+# `ray start` for a worker node on loopback. With RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (what keeps
+# every Ray address on 127.0.0.1) `ray start --address` refuses to add a node, and with it =1 Ray
+# rewrites 127.0.0.1 to the machine's interface address, where the head does not listen: so the
+# CLI runs with the variable at 0, its refusal lifted and loopback addresses left as they are.
+_WORKER_NODE = ("import sys; import ray._private.ray_constants as c, ray._private.services as s; "
+                "c.ENABLE_RAY_CLUSTER = True; s.resolve_ip_for_localhost = lambda host: host; "
+                "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())")
+
+
 class RayCluster:
     """``ray start --head --block`` on 127.0.0.1 with 2 CPUs, the dashboard (Jobs API) and
     token authentication, in its own temp dir; clients find the token via RAY_AUTH_TOKEN_PATH."""
@@ -86,6 +95,7 @@ class RayCluster:
                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         env.pop("RAY_ADDRESS", None)
         self.env = env
+        self.nodes: list[subprocess.Popen] = []      # nodes added with add_node
         cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={self.port}", f"--num-cpus={num_cpus}",
                "--num-gpus=0", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
@@ -131,7 +141,43 @@ class RayCluster:
         except Exception:  # noqa: BLE001
             pass
 
+    def add_node(self, num_cpus: int = 1) -> subprocess.Popen:
+        """A second node on loopback (``ray start --address --block``) with its own CPUs; returns
+        its process once it has joined. Stop it with ``stop_node`` (SIGKILL of its
+        whole tree: the node is lost, as a preempted VM)."""
+        log = self.dir / f"node-{len(self.nodes) + 1}.log"
+        cmd = [sys.executable, "-c", _WORKER_NODE, "start", "--block", f"--address={self.address}",
+               f"--num-cpus={num_cpus}", "--num-gpus=0", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+               f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+               f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+               "--min-worker-port=0", "--max-worker-port=0", f"--object-store-memory={100 * 1024 * 1024}"]
+        with open(log, "wb") as f:
+            proc = subprocess.Popen(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        self.nodes.append(proc)
+        t0 = time.time()
+        while "Ray runtime started" not in log.read_text(errors="replace"):   # its raylet has registered
+            if proc.poll() is not None or time.time() - t0 > 90:
+                self.stop_node(proc)
+                raise RuntimeError(f"the node did not start: {log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.3)
+        return proc
+
+    def alive_nodes(self) -> int:
+        import ray
+
+        from geomjobs.runner.ray_connect import ray_connection
+
+        with ray_connection(self.address):
+            return sum(n["Alive"] for n in ray.nodes())
+
+    def stop_node(self, proc: subprocess.Popen) -> None:
+        if proc in self.nodes:
+            self.nodes.remove(proc)
+            _kill_tree(proc)
+
     def stop(self) -> None:
+        for node in list(self.nodes):
+            self.stop_node(node)
         if self.proc is not None:
             _kill_tree(self.proc)
             self.proc = None

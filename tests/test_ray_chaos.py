@@ -1,8 +1,11 @@
 """Jobs that outlive their workers, on a real Ray cluster (``ray start --head`` on 127.0.0.1):
 workers SIGKILLed at random throughout a job (only processes below the head this test process
-started), a worker killed while it starts, a shard that kills every worker it touches, and a
-worker that cannot start (its constructor raises) stopping the job with the reason."""
+started), a worker killed while it starts, a shard that kills every worker it touches, a worker
+that cannot start (its constructor raises) stopping the job with the reason, a second node lost
+mid-job, and SIGTERM (a preemption notice) to a worker mid-shard."""
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from geomjobs.runner.ray_driver import drive_ray
 from geomjobs.sink.dataset import Dataset
 
 from jobs import assert_each_sample_once, mlp_spec, read_sorted, write_mlp
-from ray_cluster import WorkerKiller, cli, shared_cluster, slow_spec, write_spec
+from ray_cluster import WorkerKiller, cli, shared_cluster, slow_spec, worker_processes, write_spec
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +129,84 @@ def test_a_worker_that_cannot_start_stops_the_job_with_its_reason(cluster, tmp_p
     moved.rename(w)
     res = run_job(spec, out, resume=True, address=cluster.address, progress=False)
     assert res.ok and res.computed_shards == 8 and res.worker_deaths == 0
+
+
+def when(condition, action, timeout=120.0):
+    """A thread that runs ``action()`` once ``condition()`` holds (polled every 50 ms)."""
+    def watch():
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if condition():
+                action()
+                return
+            time.sleep(0.05)
+
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    return th
+
+
+def test_a_node_lost_mid_job_loses_and_duplicates_nothing(cluster, tmp_path):
+    """A second node (1 CPU) joins; the job's 3 workers spread over both nodes; once the
+    second node's worker is computing, the whole node is SIGKILLed (raylet and workers, as a
+    preempted VM). Its shards go to the head's workers, the job completes, each sample once."""
+    node = cluster.add_node(num_cpus=1)
+    try:
+        w = write_mlp(tmp_path)
+        spec = slow_spec(w, count=240, shard_size=8, delay=0.1)       # 30 shards of 0.1 s
+        spec["execution"]["workers"] = 3
+        out = tmp_path / "out"
+        on_node = lambda: [p.pid for p in worker_processes(node.pid)]  # noqa: E731
+        lost = {}
+
+        def kill_node():
+            lost["pids"], lost["t"] = on_node(), time.time()
+            cluster.stop_node(node)
+
+        watcher = when(lambda: committed(out) >= 3 and on_node(), kill_node)
+        res = run_job(spec, str(out), address=cluster.address, progress=False)
+        watcher.join(5)
+    finally:
+        cluster.stop_node(node)
+    t0 = time.time()
+    while cluster.alive_nodes() > 1:      # the next test starts on a cluster that knows the node is gone
+        assert time.time() - t0 < 90, "the cluster still counts the lost node as alive"
+        time.sleep(1)
+    print(f"node loss seen by the cluster {time.time() - lost.get('t', t0):.1f} s after the kill")
+    assert lost, "the node was not killed: the job ended first"
+    assert res.ok and res.committed_shards == 30 and res.failed_shards == [] and res.worker_deaths >= 1
+    assert_each_sample_once(read_sorted(out), 240)
+    assert sorted(p.name for p in out.glob("*.parquet")) == [f"part-{i:06d}.parquet" for i in range(30)]
+    marks = Dataset(str(out)).committed()
+    assert all(m["committed_at"] < lost["t"] for m in marks.values()
+               if int(m["worker"].rsplit(":", 1)[1]) in lost["pids"])   # nothing from the lost node after
+    assert not Dataset(str(out)).failures()
+
+
+def test_sigterm_lets_a_worker_finish_its_shard_then_it_stops(cluster, tmp_path):
+    """SIGTERM (a preemption notice) to a worker mid-shard: it commits that shard, hands back
+    the one queued on it (charged nothing), and is stopped; a fresh worker takes its place."""
+    w = write_mlp(tmp_path)
+    spec = slow_spec(w, count=160, shard_size=8, delay=0.3)          # 20 shards of 0.3 s
+    spec["execution"]["max_retries"] = 0                              # a charged attempt would fail it
+    out = tmp_path / "out"
+    running = lambda: [p for p in worker_processes(cluster.proc.pid, "ray::ShardWorker.run")]  # noqa: E731
+    sent = {}
+
+    def term():
+        p = running()[0]
+        sent["pid"], sent["t"] = p.pid, time.time()
+        p.send_signal(signal.SIGTERM)
+
+    watcher = when(lambda: committed(out) >= 2 and running(), term)
+    res = run_job(spec, str(out), address=cluster.address, progress=False)
+    watcher.join(5)
+    assert sent, "no worker got SIGTERM: the job ended first"
+    assert res.ok and res.committed_shards == 20 and res.failed_shards == [] and res.worker_deaths == 1
+    marks = Dataset(str(out)).committed()
+    by_it = [m for m in marks.values() if m["worker"].endswith(f":{sent['pid']}")]
+    assert any(m["committed_at"] > sent["t"] for m in by_it), "its shard was not finished"
+    import psutil
+
+    assert not psutil.pid_exists(sent["pid"]) or psutil.Process(sent["pid"]).status() == psutil.STATUS_ZOMBIE
+    assert_each_sample_once(read_sorted(out), 160)

@@ -1,5 +1,6 @@
 """Connecting to Ray: an existing cluster, or an embedded single-node Ray started for one job;
-token authentication; the environment every worker gets.
+token authentication; what every worker asks Ray for (resources, options, environment) and
+how many workers a job gets.
 
 Nothing here imports Ray at module level, so the CLI (``geomjobs submit``, error handling) can
 use it without paying for Ray's import.
@@ -10,6 +11,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import warnings
 
 from geomjobs.spec import SpecError
@@ -36,6 +38,35 @@ def embedded_cpus(execution: dict) -> int:
     return max(os.cpu_count() or 1, math.ceil(want * worker_resources(execution)["CPU"]))
 
 
+def actor_options(execution: dict) -> dict:
+    """Ray actor options of one worker: its resources, SPREAD over nodes, the workers' environment."""
+    res = worker_resources(execution)
+    # max_restarts 0: the pool replaces a dead worker itself, without limit, and so sees every
+    # death (a restart in place would hide one at start-up, while ready() is pending)
+    opts = {"num_cpus": res.pop("CPU"), "max_restarts": 0, "max_task_retries": 0,
+            "scheduling_strategy": "SPREAD", "runtime_env": {"env_vars": worker_env()}}
+    if "GPU" in res:
+        opts["num_gpus"] = res.pop("GPU")
+    if res:
+        opts["resources"] = res
+    return opts
+
+
+def pool_size(execution: dict, shards_to_do: int, cluster: dict[str, float]) -> int:
+    """``execution.workers``, else as many workers as the cluster's resources hold; never more
+    than there are shards to compute."""
+    n = execution.get("workers")
+    if n is None:
+        req = worker_resources(execution)
+        fits = [int(cluster.get(k, 0.0) // v) for k, v in req.items() if v > 0]
+        n = min(fits) if fits else 1
+        if n < 1:
+            have = {k: cluster.get(k, 0) for k in req}
+            raise SpecError("execution.resources", f"each worker asks for {req} but the cluster has {have}; "
+                                                   "set execution.workers to wait for nodes an autoscaler adds")
+    return max(1, min(n, shards_to_do))
+
+
 def worker_env(environ=None) -> dict[str, str]:
     """Environment variables every worker gets (set through its Ray runtime_env).
 
@@ -55,6 +86,29 @@ def worker_env(environ=None) -> dict[str, str]:
         if key in environ:
             env[key] = environ[key]
     return env
+
+
+def worker_start_error(error: str) -> WorkerPoolError:
+    """The error of a worker that raised while starting (Ray's text of it): the exception's last
+    line, and the node."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    where = re.search(r"\bip=([^,)\s]+)", text)
+    return WorkerPoolError(f"a worker cannot start{' on ' + where.group(1) if where else ''}: "
+                           f"{lines[-1] if lines else 'an error'} (raised while it started, so no new worker "
+                           "would start either). Committed shards are kept: fix it and rerun with --resume")
+
+
+def node_ip() -> str:
+    """The address Ray runs this process's node on (a label: the host name when unknown)."""
+    import ray
+
+    try:
+        return ray._private.worker.global_worker.node_ip_address   # the address Ray runs this node on
+    except Exception:  # noqa: BLE001 - only a label
+        import socket
+
+        return socket.gethostname()
 
 
 def enable_token_auth_if_available() -> bool:

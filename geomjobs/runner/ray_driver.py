@@ -17,25 +17,22 @@ Design
   ...; default ``{CPU: 1}``); the pool has ``execution.workers`` of them, or as many as the
   cluster's resources hold. Workers are spread over nodes. A worker that cannot be placed yet
   (autoscaling) simply joins when it becomes ready: work goes only to ready workers.
-* **Faults.** Worker deaths never end a job: a worker found dead (its process killed while it
-  starts or mid-shard, its node lost or preempted) is replaced by a fresh actor in its slot, for
-  as long as the job runs, and the driver does not wait for it: the shard the dead worker was
-  running is charged one attempt and goes back to the queue, the one queued behind it goes back
-  uncharged, and live workers take them. Ray does not restart workers itself
-  (``max_restarts=0``): the driver sees every death, at start-up too, and counts it
-  (``JobResult.worker_deaths`` / ``workers_replaced``, one stderr line per death). What is
-  bounded is attempts per shard: a shard whose computation raises (a poison input), or whose
-  worker dies while running it, is retried and, after ``execution.max_retries`` retries,
-  recorded with ``Dataset.record_failure``; the job finishes the other shards and exits 1, so a
-  shard that kills every worker it touches cannot loop forever. A worker whose constructor
-  raises (the model file missing on its node, an import error, a spec-hash mismatch: Ray's
-  creation-task error) cannot start whatever is retried: the job stops at once with
-  WorkerPoolError naming the reason; so it does after ``START_DEATHS_LIMIT`` workers in a row
-  died while starting with none ready in between (killed loading a model too big for its node,
-  say). Nothing is written twice: a shard's file name is fixed (``part-<shard>.parquet``), each
-  write replaces it atomically with the same records, and the marker is written after the file
-  (see ``geomjobs.sink.dataset``); a retried shard whose first attempt did commit just rewrites
-  identical bytes.
+* **Faults.** Worker deaths never end a job. Ray does not restart workers (``max_restarts=0``):
+  the pool replaces a dead one (killed while starting or mid-shard, its node lost) with a fresh
+  actor, without limit, so the driver sees and counts every death (``JobResult.worker_deaths``,
+  ``workers_replaced``, a stderr line each) and never waits for one: of the shards a dead worker
+  held, the one it was running is charged one attempt and the ones queued behind it go back
+  uncharged. SIGTERM (a preemption notice) lets a worker finish its shard; the queued ones are
+  handed back and the driver stops it. Attempts per shard are bounded: a shard that raises (a
+  poison input) or kills its worker is retried and, after ``execution.max_retries`` retries,
+  recorded (``Dataset.record_failure``); the job finishes the rest and exits 1. A worker whose
+  constructor raises (model file missing on its node, import error, spec-hash mismatch: Ray's
+  creation-task error) cannot start however often it is replaced: the job stops at once with
+  WorkerPoolError naming the reason, as it does after ``START_DEATHS_LIMIT`` workers in a row
+  died starting with none ready between (killed loading a model too big for its node, say).
+  Nothing is written twice: a shard's file name is fixed (``part-<shard>.parquet``), each write
+  replaces it atomically with the same records, the marker comes after the file
+  (``geomjobs.sink.dataset``): a retried shard that did commit rewrites identical bytes.
 * **Driver death** loses nothing committed: the manifest is the set of markers in the dataset,
   and ``--resume`` computes exactly the shards without one (the dataset protocol, shared with
   the in-process driver).
@@ -67,9 +64,10 @@ import contextlib
 import dataclasses
 import logging
 import os
-import re
+import signal
 import sys
 import time
+import traceback
 
 import ray
 from ray.exceptions import ActorDiedError, RayActorError, RayError, RayTaskError
@@ -77,11 +75,19 @@ from ray.exceptions import ActorDiedError, RayActorError, RayError, RayTaskError
 from geomjobs.runner.engine import Engine, format_exception
 from geomjobs.runner.job import JobResult, OpenJob, Progress, open_job
 from geomjobs.runner.plan import Plan, plan_job
-from geomjobs.runner.ray_connect import WorkerPoolError, embedded_cpus, ray_connection, worker_env, worker_resources
+from geomjobs.runner.ray_connect import (
+    WorkerPoolError,
+    actor_options,
+    embedded_cpus,
+    node_ip,
+    pool_size,
+    ray_connection,
+    worker_resources,
+    worker_start_error,
+)
 from geomjobs.runner.retry import Retries
 from geomjobs.runner.shards import compute_shard
 from geomjobs.sink.dataset import Dataset
-from geomjobs.spec import SpecError
 
 __all__ = ["ShardWorker", "WorkerPoolError", "actor_options", "drive_ray", "pool_size", "run_ray"]
 
@@ -108,8 +114,19 @@ class ShardWorker:
             self.ds = Dataset(self.plan.spec["output"])
             self.engine = Engine(self.plan)
         except Exception as e:   # as a plain RuntimeError: Ray must carry it to the driver (SpecError cannot)
-            raise RuntimeError(f"worker start-up failed: {format_exception(e)}") from None
-        self.name = f"ray:{_node_ip()}:{os.getpid()}"
+            raise RuntimeError("worker start-up failed:\n" + "".join(traceback.format_exception(e)).rstrip()) from None
+        self.name = f"ray:{node_ip()}:{os.getpid()}"
+        self.busy = self.stopping = False
+        if getattr(ray._private.worker.global_worker, "mode", None) == ray.WORKER_MODE:   # in a Ray worker
+            self._exit = signal.getsignal(signal.SIGTERM)   # Ray's: SystemExit
+            signal.signal(signal.SIGTERM, self._on_sigterm)  # Ray runs a sync actor's calls in the main thread
+
+    def _on_sigterm(self, signum, frame) -> None:
+        """A preemption notice: exit now if idle; else finish the shard being computed, hand back
+        the ones queued (:meth:`run`), and let the driver stop this worker."""
+        self.stopping = True
+        if not self.busy and callable(self._exit):
+            self._exit(signum, frame)
 
     def ready(self) -> dict:
         import jax
@@ -118,48 +135,18 @@ class ShardWorker:
                 "batch_size": self.engine.batch_size, **self.engine.describe()}
 
     def run(self, shard: int) -> dict:
+        """Compute and commit ``shard``: its marker; ``stopping`` if SIGTERM came meanwhile.
+        After SIGTERM: ``handed_back``, nothing computed."""
+        if self.stopping:
+            return {"shard": shard, "handed_back": True}
         t0 = time.time()
-        table = compute_shard(self.plan, shard, self.engine)
-        marker = self.ds.commit_shard(shard, table, worker=self.name, engine=self.engine.describe())
-        return {**marker, "seconds": time.time() - t0}
-
-
-def _node_ip() -> str:
-    try:
-        return ray._private.worker.global_worker.node_ip_address   # the address Ray runs this node on
-    except Exception:  # noqa: BLE001 - only a label
-        import socket
-
-        return socket.gethostname()
-
-
-# ---- placement -------------------------------------------------------------------------
-def actor_options(execution: dict) -> dict:
-    res = worker_resources(execution)
-    # max_restarts 0: the pool replaces a dead worker itself, without limit, and so sees every
-    # death (a restart in place would hide one at start-up, while ready() is pending)
-    opts = {"num_cpus": res.pop("CPU"), "max_restarts": 0, "max_task_retries": 0,
-            "scheduling_strategy": "SPREAD", "runtime_env": {"env_vars": worker_env()}}
-    if "GPU" in res:
-        opts["num_gpus"] = res.pop("GPU")
-    if res:
-        opts["resources"] = res
-    return opts
-
-
-def pool_size(execution: dict, shards_to_do: int, cluster: dict[str, float]) -> int:
-    """``execution.workers``, else as many workers as the cluster's resources hold; never more
-    than there are shards to compute."""
-    n = execution.get("workers")
-    if n is None:
-        req = worker_resources(execution)
-        fits = [int(cluster.get(k, 0.0) // v) for k, v in req.items() if v > 0]
-        n = min(fits) if fits else 1
-        if n < 1:
-            have = {k: cluster.get(k, 0) for k in req}
-            raise SpecError("execution.resources", f"each worker asks for {req} but the cluster has {have}; "
-                                                   "set execution.workers to wait for nodes an autoscaler adds")
-    return max(1, min(n, shards_to_do))
+        self.busy = True
+        try:
+            table = compute_shard(self.plan, shard, self.engine)
+            marker = self.ds.commit_shard(shard, table, worker=self.name, engine=self.engine.describe())
+        finally:
+            self.busy = False
+        return {**marker, "seconds": time.time() - t0, "stopping": self.stopping}
 
 
 # ---- the driver ------------------------------------------------------------------------
@@ -197,13 +184,12 @@ class _Pool:
     worker is replaced by a fresh actor in its slot (:meth:`replace`), without limit."""
 
     def __init__(self, plan: Plan, n: int):
-        # the actor class is made here, for this job: no Ray handle outlives the connection
+        # the actor class is made here, for this job: no Ray handle outlives the connection; the
+        # spec is small: passed inline, so a new worker never depends on an object-store copy
         self.cls = ray.remote(ShardWorker).options(**actor_options(plan.spec["execution"]))
-        # the spec is small: passed inline, so a new worker never depends on an object-store copy
         self.args = (plan.spec, plan.hash)
         self.actors: list = [None] * n
-        self.state = ["starting"] * n
-        self.load = [0] * n
+        self.state, self.load = ["starting"] * n, [0] * n
         self.info: list[dict | None] = [None] * n
         self.pings: dict = {}                    # ready() ref -> slot
         self.replacing: set[int] = set()         # slots whose worker replaces a dead one
@@ -231,15 +217,17 @@ class _Pool:
             self.info[i] = ray.get(ref)
         except RayActorError as e:
             if e.actor_init_failed:
-                raise _cannot_start(e) from None
+                raise worker_start_error(str(e)) from None
             if self.info[i] is None:             # never ready: it died while starting
                 self.start_deaths += 1
             if self.start_deaths >= START_DEATHS_LIMIT:
                 raise WorkerPoolError(f"{self.start_deaths} workers in a row died while starting, none became "
                                       f"ready; the last: {_short(e, 500)}") from None
             return i, _short(e)
-        except RayError as e:   # ready() raised, or an error Ray could not carry: as deterministic
-            raise _cannot_start(e) from None
+        except RayError as e:   # ready() raised, an error Ray could not carry, ...
+            if self.info[i] is None:                 # while starting: as deterministic
+                raise worker_start_error(str(e)) from None
+            return i, f"{type(e).__name__}: {_short(e)}"
         self.state[i] = "ready"
         self.start_deaths = 0
         if i in self.replacing:
@@ -258,10 +246,8 @@ class _Pool:
 
     def pick(self, avoid: int | None) -> int | None:
         free = [i for i, s in enumerate(self.state) if s == "ready" and self.load[i] < QUEUE_DEPTH]
-        if not free:
-            return None
         others = [i for i in free if i != avoid] or free
-        return min(others, key=lambda i: self.load[i])
+        return min(others, key=lambda i: self.load[i]) if others else None
 
     def label(self, i: int) -> str:
         return self.info[i]["worker"] if self.info[i] else f"#{i} (starting)"
@@ -286,8 +272,7 @@ class _Driver:
         self.last_worker: dict[int, int] = {}     # shard -> the slot its last attempt failed on
         self.retries = Retries(self.execution["max_retries"], job.ds)
         self.bar = Progress(job, progress)
-        self.computed = 0
-        self.waited = 0.0
+        self.computed, self.waited = 0, 0.0
 
     def run(self) -> int:
         """Until every shard is committed or recorded as failed; returns the shards computed.
@@ -302,8 +287,7 @@ class _Driver:
                     continue
                 self.waited = 0.0
                 if ready[0] in self.pool.pings:
-                    dead = self.pool.on_ping(ready[0])
-                    if dead is not None:
+                    if (dead := self.pool.on_ping(ready[0])) is not None:
                         self.lost(*dead)
                 else:
                     self.on_ready(ready[0])
@@ -334,45 +318,73 @@ class _Driver:
         """A shard's run() returned: committed, or failed (raised, or its worker died)."""
         shard, i = self.inflight[ref]
         try:
-            self.committed(ray.get(ref))
+            reply = ray.get(ref)
         except ActorDiedError as e:                    # the worker process died, or its node
             self.lost(i, _short(e))
             return
         except RayTaskError as e:                      # the shard's computation raised
             self.on_failure(shard, i, _short(e.cause if getattr(e, "cause", None) is not None else e))
-        except RayError as e:                          # unreachable worker, object lost, ...: ask it
-            self.pool.ping(i)
-            self.on_failure(shard, i, f"{type(e).__name__}: {_short(e)}")
+        except RayError as e:                          # unreachable worker (node lost?), ...: ask it
+            self.lost(i, f"{type(e).__name__}: {_short(e)}", dead=False)
+            return
+        else:
+            if reply.get("stopping") or reply.get("handed_back"):
+                self.stopped(i)
+                return
+            self.committed(reply)
         del self.inflight[ref]
         self.pool.load[i] -= 1
 
-    def committed(self, marker: dict) -> None:
+    def committed(self, reply: dict) -> bool:
+        if reply.get("handed_back"):       # not computed: the worker had SIGTERM
+            return False
         self.computed += 1
-        self.bar.update(marker["rows"])
+        self.bar.update(reply["rows"])
+        return True
 
-    def lost(self, i: int, error: str) -> None:
-        """Slot ``i``'s worker is dead; a fresh worker takes the slot. Of the shards handed to
-        it, those that committed before it died count as such; of the others, the first (the one
-        it was running: an actor runs its calls in order) is charged one attempt, and those
-        queued behind it go back to the front of the queue uncharged."""
+    def release(self, i: int) -> list[int]:
+        """Take back every shard handed to slot ``i``: those that committed count as such; the
+        others are returned in the order they were handed out."""
         refs = [ref for ref, (_, w) in self.inflight.items() if w == i]
         finished = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
-        shards = []
+        shards, self.pool.load[i] = [], 0
         for ref in refs:
             shards.append(self.inflight.pop(ref)[0])
             if ref in finished:
                 with contextlib.suppress(RayError):
-                    self.committed(ray.get(ref))
-                    shards.pop()
+                    if self.committed(ray.get(ref)):
+                        shards.pop()
+        return shards
+
+    def lost(self, i: int, error: str, dead: bool = True) -> None:
+        """Slot ``i``'s worker is dead (a fresh worker takes the slot), or unreachable (``dead``
+        False: it is asked whether it is alive). Of the shards it held and did not commit, the
+        first (the one it was running: an actor runs its calls in order) is charged one attempt;
+        those queued behind it go back to the queue's front uncharged."""
         label = self.pool.label(i)
-        self.pool.replace(i)
+        shards = self.release(i)
         running = f"; shard {shards[0]} goes to another worker" if shards else ""
-        print(f"geomjobs: worker {label} died, a new one replaces it ({self.pool.deaths} worker deaths so far"
-              f"{running})", file=sys.stderr)
-        log.info("worker %s died: %s", label, error)
+        if dead:
+            self.pool.replace(i)
+            print(f"geomjobs: worker {label} died, a new one replaces it ({self.pool.deaths} worker deaths so far"
+                  f"{running})", file=sys.stderr)
+        else:
+            self.pool.ping(i)
+        log.info("worker %s lost: %s", label, error)
         self.queue.extendleft(reversed(shards[1:]))
         if shards:
             self.on_failure(shards[0], i, f"worker {label} died: {error}")
+
+    def stopped(self, i: int) -> None:
+        """Slot ``i``'s worker got SIGTERM (a preemption notice) and finished its shard: the
+        shards queued on it go back uncharged, and a fresh worker takes the slot (this one is
+        stopped)."""
+        label = self.pool.label(i)
+        shards = self.release(i)
+        self.pool.replace(i)
+        print(f"geomjobs: worker {label} stopped on SIGTERM after its shard, a new one replaces it "
+              f"({self.pool.deaths} worker deaths so far; handed back: {shards})", file=sys.stderr)
+        self.queue.extendleft(reversed(shards))
 
     def on_failure(self, shard: int, worker: int, error: str) -> None:
         """Queue the shard again, or (its attempts used up) record it as failed."""
@@ -382,16 +394,6 @@ class _Driver:
             return
         log.warning("shard %d failed after %d attempts: %s", shard, self.retries.attempts[shard], error)
         self.bar.update(len(self.job.plan.shard_ids(shard)))
-
-
-def _cannot_start(e: RayError) -> WorkerPoolError:
-    """The error of a worker that raised while starting: the exception's last line, and where."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    where = re.search(r"\bip=([^,)\s]+)", text)
-    return WorkerPoolError(f"a worker cannot start{' on ' + where.group(1) if where else ''}: "
-                           f"{lines[-1] if lines else type(e).__name__} (raised while it started, so no new worker "
-                           "would start either). Committed shards are kept: fix it and rerun with --resume")
 
 
 def _short(e: BaseException, limit: int = 2000) -> str:
