@@ -19,7 +19,6 @@ tests recompute the smallest one from the shipped weights).
 """
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 import time
@@ -96,22 +95,13 @@ def measure_quality(module, params, meta: dict, counts, seed: int, steps: int) -
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m geomjobs.zoo.train_dit_digits", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
-    ap.add_argument("--seed", type=int, default=0, help="seed for init, batches, timesteps, noise and samples (default 0)")
-    ap.add_argument("--out", default=None, help="output stem or directory (default: the shipped geomjobs/zoo/dit_digits)")
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-3, help="peak Adam learning rate (default 1e-3)")
+    from geomjobs.zoo.training import diffusion_cli, parse_cli
+
+    ap = diffusion_cli("geomjobs.zoo.train_dit_digits", __doc__, {
+        "steps": DEFAULT_STEPS, "out": "geomjobs/zoo/dit_digits", "batch": 128, "log_every": 250,
+        "lr_help": "peak Adam learning rate (default 1e-3)"})
     ap.add_argument("--warmup", type=int, default=200, help="linear warm-up steps (default 200)")
-    ap.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped weights (default 0.999)")
-    ap.add_argument("--samples", type=int, default=1000, help="samples scored for the card (default 1000)")
-    ap.add_argument("--log-every", type=int, default=250)
-    ap.add_argument("--rescore", action="store_true",
-                    help="do not train: recompute the card's quality section from the weights at --out (default: the shipped ones)")
-    args_list = sys.argv[1:] if argv is None else list(argv)
-    args = ap.parse_args(args_list)
-    if args.steps < 1 or args.samples < 200:
-        ap.error("--steps must be >= 1 and --samples >= 200")
+    args, args_list = parse_cli(ap, argv)
 
     from geomjobs.generators.dit import load_dit, save_dit
     from geomjobs.zoo.training import card_common

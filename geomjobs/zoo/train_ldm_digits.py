@@ -21,7 +21,6 @@ model reaches through this decoder).
 """
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 import time
@@ -114,21 +113,12 @@ def measure_quality(module, params, meta: dict, counts, seed: int, steps: int) -
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m geomjobs.zoo.train_ldm_digits", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="output stem or directory (default: the shipped geomjobs/zoo/ldm_digits)")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=1e-3, help="peak Adam learning rate, cosine-decayed to 2%% (default 1e-3)")
-    ap.add_argument("--ema", type=float, default=0.999)
-    ap.add_argument("--samples", type=int, default=1000, help="samples scored for the card (default 1000)")
-    ap.add_argument("--log-every", type=int, default=1000)
-    ap.add_argument("--rescore", action="store_true",
-                    help="do not train: recompute the card's quality section from the weights at --out (default: the shipped ones)")
-    args_list = sys.argv[1:] if argv is None else list(argv)
-    args = ap.parse_args(args_list)
-    if args.steps < 1 or args.samples < 200:
-        ap.error("--steps must be >= 1 and --samples >= 200")
+    from geomjobs.zoo.training import diffusion_cli, parse_cli
+
+    ap = diffusion_cli("geomjobs.zoo.train_ldm_digits", __doc__, {
+        "steps": DEFAULT_STEPS, "out": "geomjobs/zoo/ldm_digits", "batch": 256, "log_every": 1000,
+        "lr_help": "peak Adam learning rate, cosine-decayed to 2%% (default 1e-3)"})
+    args, args_list = parse_cli(ap, argv)
 
     from geomjobs.generators.checkpoint import save_pair
     from geomjobs.generators.ddpm import module_config

@@ -2,7 +2,9 @@
 the seed's key, the windowed loss curve the model cards record, and the EMA update."""
 from __future__ import annotations
 
+import argparse
 import shlex
+import sys
 import time
 
 import numpy as np
@@ -75,3 +77,29 @@ def card_common(script: str, args, args_list, curve, wall: float, params) -> dic
         "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__},
         "dtype": "float32",
     }
+
+
+def diffusion_cli(script: str, doc: str, defaults: dict) -> argparse.ArgumentParser:
+    """The options the zoo's diffusion-model training scripts share (``defaults``: steps, out,
+    batch, lr, log_every); each script adds its own before parsing with :func:`parse_cli`."""
+    ap = argparse.ArgumentParser(prog=f"python -m {script}", description=doc.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=defaults["steps"], help=f"optimizer steps (default {defaults['steps']})")
+    ap.add_argument("--seed", type=int, default=0, help="seed for init, batches, timesteps, noise and samples (default 0)")
+    ap.add_argument("--out", default=None, help=f"output stem or directory (default: the shipped {defaults['out']})")
+    ap.add_argument("--batch", type=int, default=defaults["batch"])
+    ap.add_argument("--lr", type=float, default=1e-3, help=defaults["lr_help"])
+    ap.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped weights (default 0.999)")
+    ap.add_argument("--samples", type=int, default=1000, help="samples scored for the card (default 1000)")
+    ap.add_argument("--log-every", type=int, default=defaults["log_every"])
+    ap.add_argument("--rescore", action="store_true",
+                    help="do not train: recompute the card's quality section from the weights at --out (default: the shipped ones)")
+    return ap
+
+
+def parse_cli(ap: argparse.ArgumentParser, argv=None):
+    """(args, the argument list as given): steps >= 1 and at least 200 scored samples."""
+    args_list = sys.argv[1:] if argv is None else list(argv)
+    args = ap.parse_args(args_list)
+    if args.steps < 1 or args.samples < 200:
+        ap.error("--steps must be >= 1 and --samples >= 200")
+    return args, args_list
