@@ -3,7 +3,7 @@ workers SIGKILLed at random throughout a job (only processes below the head this
 started), a worker killed while it starts, a shard that kills every worker it touches, a worker
 that cannot start (its constructor raises) stopping the job with the reason, a second node lost
 mid-job, and SIGTERM (a preemption notice) to a worker mid-shard."""
-import os
+import re
 import signal
 import threading
 import time
@@ -15,12 +15,25 @@ import pytest
 from geomjobs import run_job
 from geomjobs.runner.job import open_job
 from geomjobs.runner.plan import plan_job
-from geomjobs.runner.ray_connect import WorkerPoolError
+from geomjobs.runner.ray_connect import WorkerPoolError, worker_start_error
 from geomjobs.runner.ray_driver import drive_ray
 from geomjobs.sink.dataset import Dataset
 
 from jobs import assert_each_sample_once, mlp_spec, read_sorted, write_mlp
 from ray_cluster import WorkerKiller, cli, shared_cluster, slow_spec, worker_processes, write_spec
+
+
+def test_a_start_error_names_the_exception_and_the_node():
+    """What Ray says of a constructor that raised, reduced to the exception's line and the node."""
+    text = ("The actor died because of an error raised in its creation task, \x1b[36mray::ShardWorker.__init__()"
+            "\x1b[39m (pid=7, ip=10.0.0.7, actor_id=ab12)\n  File \"ray_driver.py\", line 1, in __init__\n"
+            "RuntimeError: worker start-up failed:\nTraceback (most recent call last):\n  File \"mlp.py\"\n"
+            "geomjobs.errors.SpecError: spec key 'model.weights': weight file 'm.npz' does not exist\n")
+    e = worker_start_error(text)
+    assert isinstance(e, WorkerPoolError)
+    assert str(e).startswith("a worker cannot start on 10.0.0.7: geomjobs.errors.SpecError: spec key "
+                             "'model.weights': weight file 'm.npz' does not exist (raised while it started")
+    assert "--resume" in str(e)
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +87,7 @@ def test_random_worker_kills_throughout_a_job_lose_and_duplicate_nothing(cluster
     assert len(killed) >= 5, f"only {len(killed)} kills landed: the job ended first"
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("GEOMJOBS_SLOW"), reason="longer chaos run: set GEOMJOBS_SLOW=1")
+@pytest.mark.slow                      # make test-slow
 def test_many_worker_kills_over_a_longer_job(cluster, tmp_path):
     res, killed = run_under_chaos(cluster, tmp_path, count=12000, kills=40, seconds=150)
     assert len(killed) >= 25
@@ -210,3 +222,15 @@ def test_sigterm_lets_a_worker_finish_its_shard_then_it_stops(cluster, tmp_path)
 
     assert not psutil.pid_exists(sent["pid"]) or psutil.Process(sent["pid"]).status() == psutil.STATUS_ZOMBIE
     assert_each_sample_once(read_sorted(out), 160)
+
+
+def test_the_run_summary_says_how_many_workers_died(cluster, tmp_path):
+    w = write_mlp(tmp_path)
+    token = tmp_path / "kill-token"
+    token.write_text("")                          # the first worker to compute a batch kills itself
+    spec = slow_spec(w, count=48, shard_size=8, delay=0.05, kill_token=str(token))
+    p = cli("run", write_spec(tmp_path, spec), "--address", cluster.address, "--out", str(tmp_path / "out"), "-q",
+            env=cluster.client_env, check=True)
+    assert "48/48 rows in 6/6 shards" in p.stdout
+    assert re.search(r"1 worker deaths during the job; [01] replacement workers joined it", p.stdout), p.stdout
+    assert "died, a new one replaces it (1 worker deaths so far; shard" in p.stderr
