@@ -124,8 +124,9 @@ class _Run:
         for lo in range(0, len(indices), B):
             chunk = [int(i) for i in indices[lo:lo + B]]
             pad = chunk + [chunk[0]] * (B - len(chunk))
-            x_T = jnp.asarray(np.stack([sampling.initial_noise(seed, i, shape) for i in pad]), gen.dtype)
-            noise = (jnp.asarray(np.stack([sampling.step_noise(seed, i, s.steps, shape) for i in pad]), gen.dtype)
+            # cast on the host, as the engine does: no device-side cast program to compile
+            x_T = jnp.asarray(np.stack([sampling.initial_noise(seed, i, shape) for i in pad]).astype(gen.dtype))
+            noise = (jnp.asarray(np.stack([sampling.step_noise(seed, i, s.steps, shape) for i in pad]).astype(gen.dtype))
                      if s.stochastic else None)
             res = fn(gen.params, x_T, noise)
             out.append(np.asarray(res[1] if record else res, np.float64)[:len(chunk)])
