@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-slow test-fast lint demo bench clean
+.PHONY: setup test test-slow test-fast lint demo bench notebooks reward-demo clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,14 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/bench.py --out BENCHMARKS.md
+
+# every notebook at full size; figures under out/notebooks/ (the suite runs each at its small defaults)
+notebooks: setup
+	$(PY) -m geomjobs.analysis.run_notebooks --full --out out/notebooks
+
+# reward data -> train -> guided sampling at scales 0, 1, 2, 4 -> descriptors -> evaluate -> PNG
+reward-demo: setup
+	$(PY) examples/reward_digits.py --out out/reward-demo
 
 clean:
 	rm -rf out .pytest_cache

@@ -105,20 +105,25 @@ def foundation_section(args) -> str:
     ])
 
 
+TABLE = {
+    "foundation": ("Descriptor engine (issue 2)", None),
+    "ray": ("Ray pipeline overhead (issue 3)", "bench_ray"),
+    "estimators": ("psi estimators: error, rank correlation and cost (issue 4)", "estimators"),
+    "sd": ("Stable-Diffusion-shaped VAE decoder (issue 4)", "bench_sd"),
+    "generation": ("Generation as a job: samplers, sampled and trajectory jobs (issue 9)", "bench_generation"),
+    "reward": ("Reward model: training throughput and guided sampling (issue 10)", "bench_reward"),
+    "fisher": ("Fisher metric: Ising sampler and pipeline (issue 12)", "bench_fisher"),
+    "scale": ("Jobs at scale: a million latents, manifests of 10k-40k shards (issue 13)", "bench_scale"),
+}
+
+
 def sections(names):
     """(title, run(args) -> markdown, parse(argv) -> args) of each benchmark section."""
     import importlib
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    table = {
-        "foundation": ("Descriptor engine (issue 2)", None),
-        "ray": ("Ray pipeline overhead (issue 3)", "bench_ray"),
-        "estimators": ("psi estimators: error, rank correlation and cost (issue 4)", "estimators"),
-        "sd": ("Stable-Diffusion-shaped VAE decoder (issue 4)", "bench_sd"),
-        "generation": ("Generation as a job: samplers, sampled and trajectory jobs (issue 9)", "bench_generation"),
-    }
     for name in names:
-        title, module = table[name]
+        title, module = TABLE[name]
         if module is None:
             yield name, title, foundation_section, None
             continue
@@ -130,13 +135,36 @@ def sections(names):
         yield name, title, mod.run, mod.parse
 
 
+ALL = list(TABLE)
+
+
+def previous_sections(path: str) -> dict[str, str]:
+    """The text of each section (title line to the next section) in an existing BENCHMARKS.md."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return {}
+    out, title, body = {}, None, []
+    for line in text.splitlines():
+        if line.startswith("## "):
+            if title:
+                out[title] = "\n".join(body).rstrip() + "\n"
+            title, body = line[3:].strip(), []
+        elif title:
+            body.append(line)
+    if title:
+        out[title] = "\n".join(body).rstrip() + "\n"
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--only", nargs="+", default=["foundation", "ray", "estimators", "sd", "generation"],
-                    help="sections to run (default: all)")
+    ap.add_argument("--only", nargs="+", default=ALL,
+                    help="sections to run (default: all); the others keep their text from the existing --out file")
     args = ap.parse_args(argv)
     cmd = "make bench  # " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -146,18 +174,28 @@ def main(argv=None):
         rev = "?"
     lines = [
         "# Benchmarks", "",
-        f"Written by `{cmd}` on {when} at commit {rev}.",
+        f"Last written by `{cmd}` on {when} at commit {rev}; a section run alone "
+        "(`--only NAME`) replaces only its own text.",
         f"Machine: {machine()}.", "",
         "Each comparison interleaves its variants in rounds and reports medians; the ratio is the figure",
         "to trust on a shared machine, absolute times only on a quiet accelerator.",
         *(["Every figure here is from the CPU named above (no accelerator)."] if jax.devices()[0].platform == "cpu" else []),
         "",
     ]
-    for name, title, run, parse in sections(args.only):
+    old = previous_sections(args.out)
+    fresh = {}
+    for name, _title, run, parse in sections(args.only):
         t = time.perf_counter()
         body = run(args if parse is None else parse([]))
-        lines += [f"## {title}", "", body, "", f"_(section `{name}`: {time.perf_counter() - t:.0f} s)_", ""]
+        fresh[name] = "\n".join(["", body, "", f"_(section `{name}`: {time.perf_counter() - t:.0f} s, "
+                                             f"written {when} at {rev})_", ""])
         print(f"section {name} done in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    for name in ALL:
+        title = TABLE[name][0]
+        if name in fresh:
+            lines += [f"## {title}", fresh[name]]
+        elif title in old:   # kept from an earlier run: its own footer says when and at which commit
+            lines += [f"## {title}", old[title]]
     with open(args.out, "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))

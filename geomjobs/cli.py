@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--address", help=addr_help)
     lg.add_argument("-f", "--follow", action="store_true", help="stream the logs until the job ends")
     lg.set_defaults(fn=_cmd_logs)
+    from geomjobs.fisher.cli import add_parser as add_fisher
+    from geomjobs.reward.cli import add_parser as add_reward
+
+    add_reward(sub)
+    add_fisher(sub)
     return p
 
 

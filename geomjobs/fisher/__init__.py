@@ -1,0 +1,1 @@
+"""The Fisher metric of 2-D families (Lobashev et al.; SPEC sections 4 and 8)."""
