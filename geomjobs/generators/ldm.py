@@ -30,7 +30,7 @@ from geomjobs.generators.base import Generator
 from geomjobs.generators.ddpm import ARCH_KEYS, EpsMLP, module_from_config
 from geomjobs.generators.diffusion_zoo import SCHEDULE_KEYS, abar_of, denoiser_generator, load_flax_pair
 
-ZOO_FILES = {"ldm-digits": "ldm_digits"}
+ZOO_FILES = {"ldm-digits": "ldm_digits", "memo-digits": "memo_digits"}   # memo-digits: geomjobs.zoo.train_memo_digits
 _WHAT, _SCRIPT = "LDM", "geomjobs.zoo.train_ldm_digits"
 
 

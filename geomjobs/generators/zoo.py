@@ -53,6 +53,8 @@ ZOO = {
     "dit-digits": _denoiser_builder("dit-digits", dit_generator, DIT_DEFAULTS),
     # latent diffusion on vae-digits' latents; input z_t (8,), output z_0 (default) or eps; z_0 decodes with vae-digits
     "ldm-digits": _denoiser_builder("ldm-digits", ldm_generator, LDM_DEFAULTS),
+    # ldm-digits' architecture trained with 10 digits duplicated 100 times each (memorizes them)
+    "memo-digits": _denoiser_builder("memo-digits", ldm_generator, LDM_DEFAULTS),
 }
 
 
