@@ -1,0 +1,209 @@
+"""2-D families p(x | theta) for the Fisher-metric job (SPEC sections 4 and 8): samplers and exact
+references.
+
+The interface (stable; the method and the ``geomjobs fisher`` job build on it)::
+
+    family = build_family(spec["family"])          # SpecError("family.<key>", ...) on bad keys
+    family.kind                 # "ising" | "tasep" (the method registers "diffusion-slice")
+    family.theta_names          # ("beta", "h") | ("alpha", "beta")
+    family.sample_shape         # (L, L) spins in {-1, +1} int8 | (L,) occupations in {0, 1} int8
+    family.check_thetas(thetas, key="grid")   # SpecError(key, ...) if a theta is outside the
+                                # family's domain (TASEP rates outside (0, 1], beta < 0 with
+                                # the cluster update); call it on the grid before any work
+    family.sample(thetas, n, seed, index=None) -> (P, n, *sample_shape) int8
+                                # thetas (P, 2); index (P,) ints = the points' *global* grid
+                                # indices (default 0..P-1). Point p's samples depend only on
+                                # (seed, index[p], the family's settings), never on which other
+                                # points share the call, so a sharded job gives the same samples
+                                # as one call over the whole grid.
+    family.exact(thetas) -> {"F": (P,), "dF": (P, 2), "g": (P, 2, 2)} | None
+                                # Ising: F = log Z, dF = E[T], g = Cov(T) = Hess F (enumeration
+                                #   L <= 4, transfer matrix L <= 12, None beyond).
+                                # TASEP: g = the Fisher metric of the stationary law in (alpha,
+                                #   beta) (exact, L <= TASEP_EXACT_MAX_L). TASEP is not an
+                                #   exponential family in (alpha, beta): g is NOT the Hessian of
+                                #   its "F", which is log Z_L of the matrix-product solution
+                                #   (Z_L = <W|(D+E)^L|V>, -log of the current ~ F / L), and "dF"
+                                #   its gradient; also "current" (P,) = Z_{L-1} / Z_L.
+    family.has_oracle           # True where log_likelihood is exact
+    family.log_likelihood(x, thetas) -> (n, P) float64 | None
+                                # exact log p(x_k | theta_p) (the oracle posterior's input);
+                                # None where not computable (Ising L > ORACLE_MAX_L).
+    family.sufficient_statistics(x) -> (..., 2) float64 | None
+                                # T(x) of an exponential family (Ising: (sum_<ij> s_i s_j,
+                                # sum_i s_i)); None for TASEP.
+    family.describe() -> dict   # the resolved settings (sampler, burn-in, thinning) for records
+
+    FAMILIES: dict[str, Callable[[dict], Family]]   # kind -> builder from the spec mapping
+    register_family(kind, builder)                  # how other modules add kinds
+
+Spec keys: ``{kind: ising, L: 8, update: cluster|metropolis, burn_in: steps, thin: steps,
+chains: per point}`` and ``{kind: tasep, L: 8, burn_in: sweeps, thin: sweeps, chains: per point}``;
+the defaults (below) are checked against integrated autocorrelation times by the tests.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+from geomjobs.errors import SpecError
+from geomjobs.fisher import ising, tasep
+
+ORACLE_MAX_L = 4  # Ising: exact likelihoods by enumeration (the issue's oracle size)
+
+
+class Family(Protocol):
+    kind: str
+    theta_names: tuple[str, str]
+    sample_shape: tuple[int, ...]
+    has_oracle: bool
+
+    def check_thetas(self, thetas, key: str = "grid") -> None: ...
+    def sample(self, thetas, n: int, seed: int, index=None) -> np.ndarray: ...
+    def exact(self, thetas) -> dict | None: ...
+    def log_likelihood(self, x, thetas) -> np.ndarray | None: ...
+    def sufficient_statistics(self, x) -> np.ndarray | None: ...
+    def describe(self) -> dict: ...
+
+
+def _int(cfg: dict, key: str, default: int, lo: int, hi: int | None = None) -> int:
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise SpecError(f"family.{key}", f"expected an integer {rng}, got {v!r}")
+    return int(v)
+
+
+def _keys(cfg: dict, allowed: set[str]) -> None:
+    extra = sorted(set(cfg) - allowed)
+    if extra:
+        raise SpecError(f"family.{extra[0]}", f"unknown key for family kind '{cfg.get('kind')}' (expected one of {sorted(allowed)})")
+
+
+def _thetas(thetas) -> np.ndarray:
+    th = np.asarray(thetas, np.float64)
+    if th.ndim == 1:
+        th = th[None]
+    if th.ndim != 2 or th.shape[1] != 2:
+        raise ValueError(f"thetas must be (P, 2), got shape {th.shape}")
+    return th
+
+
+class IsingFamily:
+    kind = "ising"
+    theta_names = ("beta", "h")
+
+    def __init__(self, L: int, update: str = "cluster", burn_in: int | None = None, thin: int | None = None, chains: int = 16):
+        self.L = L
+        self.update = update
+        # defaults: hot start; measured tau_int(B), tau_int(M) at L <= 16 near beta_c are ~1-3 steps
+        # for the cluster update, tens of sweeps for Metropolis (tests/test_fisher_families.py)
+        self.burn_in = burn_in if burn_in is not None else (100 if update == "cluster" else 50 * L + 500)
+        self.thin = thin if thin is not None else (5 if update == "cluster" else 4 * L + 20)
+        self.chains = chains
+        self.sample_shape = (L, L)
+        self.has_oracle = L <= ORACLE_MAX_L
+
+    @classmethod
+    def from_spec(cls, cfg: dict) -> IsingFamily:
+        _keys(cfg, {"kind", "L", "update", "burn_in", "thin", "chains"})
+        if "L" not in cfg:
+            raise SpecError("family.L", "ising needs the lattice size L (an even integer >= 2)")
+        L = _int(cfg, "L", 0, 2, 64)
+        if L % 2:
+            raise SpecError("family.L", f"the checkerboard sampler needs an even L, got {L}")
+        update = cfg.get("update", "cluster")
+        if update not in ising.UPDATES:
+            raise SpecError("family.update", f"expected one of {list(ising.UPDATES)}, got {update!r}")
+        burn = _int(cfg, "burn_in", 0, 0) if "burn_in" in cfg else None
+        thin = _int(cfg, "thin", 1, 1) if "thin" in cfg else None
+        return cls(L, update, burn, thin, _int(cfg, "chains", 16, 1))
+
+    def check_thetas(self, thetas, key: str = "grid") -> None:
+        th = _thetas(thetas)
+        if not np.isfinite(th).all():
+            raise SpecError(key, "theta values must be finite")
+        if self.update == "cluster" and (th[:, 0] < 0).any():
+            raise SpecError(key, f"beta must be >= 0 for the cluster update (got min {th[:, 0].min()}); use family.update: metropolis")
+
+    def sample(self, thetas, n: int, seed: int, index=None) -> np.ndarray:
+        return ising.sample(self.L, _thetas(thetas), n, seed, index, chains=self.chains, burn_in=self.burn_in, thin=self.thin,
+                            update=self.update)
+
+    def exact(self, thetas) -> dict | None:
+        return ising.exact(self.L, _thetas(thetas))
+
+    def log_likelihood(self, x, thetas) -> np.ndarray | None:
+        if not self.has_oracle:
+            return None
+        th = _thetas(thetas)
+        t = self.sufficient_statistics(np.asarray(x).reshape(-1, self.L, self.L))  # (n, 2)
+        return t @ th.T - ising.log_partition(self.L, th)[None, :]
+
+    def sufficient_statistics(self, x) -> np.ndarray:
+        return ising.sufficient_statistics(x)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "L": self.L, "update": self.update, "burn_in": self.burn_in, "thin": self.thin, "chains": self.chains}
+
+
+class TasepFamily:
+    kind = "tasep"
+    theta_names = ("alpha", "beta")
+    has_oracle = True
+
+    def __init__(self, L: int, burn_in: int | None = None, thin: int | None = None, chains: int = 16):
+        self.L = L
+        self.burn_in = burn_in if burn_in is not None else tasep.default_burn_in(L)
+        self.thin = thin if thin is not None else tasep.default_thin(L)
+        self.chains = chains
+        self.sample_shape = (L,)
+
+    @classmethod
+    def from_spec(cls, cfg: dict) -> TasepFamily:
+        _keys(cfg, {"kind", "L", "burn_in", "thin", "chains"})
+        if "L" not in cfg:
+            raise SpecError("family.L", "tasep needs the chain length L (an integer >= 1)")
+        L = _int(cfg, "L", 0, 1, tasep.MAX_L)
+        burn = _int(cfg, "burn_in", 0, 0) if "burn_in" in cfg else None
+        thin = _int(cfg, "thin", 1, 1) if "thin" in cfg else None
+        return cls(L, burn, thin, _int(cfg, "chains", 16, 1))
+
+    def check_thetas(self, thetas, key: str = "grid") -> None:
+        th = _thetas(thetas)
+        if not (np.isfinite(th).all() and (th > 0).all() and (th <= 1).all()):
+            raise SpecError(key, f"TASEP rates (alpha, beta) must lie in (0, 1], got range [{th.min()}, {th.max()}]")
+
+    def sample(self, thetas, n: int, seed: int, index=None) -> np.ndarray:
+        return tasep.sample(self.L, _thetas(thetas), n, seed, index, chains=self.chains, burn_in=self.burn_in, thin=self.thin)
+
+    def exact(self, thetas) -> dict | None:
+        return tasep.exact(self.L, _thetas(thetas))
+
+    def log_likelihood(self, x, thetas) -> np.ndarray:
+        return tasep.log_prob(np.asarray(x).reshape(-1, self.L), _thetas(thetas))
+
+    def sufficient_statistics(self, x) -> None:
+        return None
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "L": self.L, "burn_in": self.burn_in, "thin": self.thin, "chains": self.chains}
+
+
+FAMILIES: dict[str, Callable[[dict], Family]] = {"ising": IsingFamily.from_spec, "tasep": TasepFamily.from_spec}
+
+
+def register_family(kind: str, builder: Callable[[dict], Family]) -> None:
+    FAMILIES[kind] = builder
+
+
+def build_family(cfg) -> Family:
+    """The family of a spec's ``family`` mapping; SpecError naming the key on bad input."""
+    if not isinstance(cfg, dict):
+        raise SpecError("family", f"expected a mapping with 'kind', got {type(cfg).__name__}")
+    kind = cfg.get("kind")
+    if kind not in FAMILIES:
+        raise SpecError("family.kind", f"expected one of {sorted(FAMILIES)}, got {kind!r}")
+    return FAMILIES[kind](cfg)

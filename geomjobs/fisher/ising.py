@@ -1,0 +1,369 @@
+"""2-D Ising model on an L x L periodic lattice at natural parameters theta = (beta, h):
+
+    p(s | beta, h) = exp(beta * B(s) + h * M(s)) / Z(beta, h),
+    B(s) = sum_i (s_i s_{i+x} + s_i s_{i+y})   (each nearest-neighbour bond once, periodic),
+    M(s) = sum_i s_i.
+
+(B, M) are the sufficient statistics, so F = log Z, grad F = E[(B, M)] and the Fisher metric is
+Hess F = Cov(B, M). For L = 2 the periodic neighbours coincide, so each pair is counted twice in B;
+the sampler and the exact references use the same B for every L, so they agree there too.
+
+Samplers (JAX, many chains batched on one device):
+
+* ``metropolis``: checkerboard Metropolis. The two sublattices of an even-L periodic lattice are
+  independent given each other, so one colour is proposed at once (single-spin flips, acceptance
+  min(1, exp(-2 s_i (beta * sum of neighbours + h)))). One *step* = both colours = one sweep.
+* ``cluster`` (default): a Swendsen-Wang update followed by one checkerboard sweep. The bonds of
+  equal neighbours are opened with probability 1 - exp(-2 beta); given the bonds, the field term
+  exp(h * M) factorises over clusters, so each cluster's common spin is drawn by heat bath,
+  +1 with probability 1 / (1 + exp(-2 h |C|)). This is an exact Gibbs step of the joint
+  (spins, bonds) law, valid for beta >= 0 and any h. Clusters are labelled by min-label
+  propagation plus pointer jumping in a ``lax.while_loop``.
+
+Exact references (NumPy, float64):
+
+* enumeration (L <= 4): the density of states g(B, M) over all 2^(L^2) configurations, then
+  log Z, the means and the covariance of (B, M) at any theta by a log-sum-exp over (B, M);
+  also the exact law of B and of M (for the samplers' chi-square tests).
+* transfer matrix (any L up to ~10-12): the symmetric row-to-row matrix
+  T_ab = exp(beta (R(a) + R(b)) / 2 + beta a.b + h (M(a) + M(b)) / 2) over 2^L row states
+  (R = periodic bond sum within a row), Z = tr T^L. Its log-entries are linear in theta, so
+  dT/dtheta_i = T * phi_i, and the first and second derivatives of tr T^L are *exact* in the
+  eigenbasis T = U diag(lam) U^T:
+      d_i tr T^L      = L sum_k lam_k^(L-1) A_i[k,k],                       A_i = U^T (T*phi_i) U
+      d_i d_j tr T^L  = L sum_k lam_k^(L-1) A_ij[k,k] + L sum_kl A_i[k,l] A_j[l,k] G[k,l],
+      G[k,l] = sum_{m=0}^{L-2} lam_l^m lam_k^(L-2-m)   (summed term by term: no divided differences)
+  (powers scaled by lam_max). No finite differences: they are only a test of this.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy.special import logsumexp
+
+# --------------------------------------------------------------------------------------------
+# statistics
+
+
+def bond_sum(s) -> np.ndarray:
+    """B(s) = sum_i s_i (s_{i+x} + s_{i+y}) (periodic) over the last two axes."""
+    s = np.asarray(s, np.int64)
+    return (s * np.roll(s, -1, axis=-1)).sum(axis=(-2, -1)) + (s * np.roll(s, -1, axis=-2)).sum(axis=(-2, -1))
+
+
+def magnetisation(s) -> np.ndarray:
+    return np.asarray(s, np.int64).sum(axis=(-2, -1))
+
+
+def sufficient_statistics(s) -> np.ndarray:
+    """(..., 2) float64: (B(s), M(s)) of spin arrays (..., L, L) in {-1, +1}."""
+    return np.stack([bond_sum(s), magnetisation(s)], axis=-1).astype(np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# exact: enumeration
+
+
+@functools.lru_cache(maxsize=8)
+def density_of_states(L: int):
+    """(B values, M values, log g) with log g[b, m] = log #{s : B(s)=B_b, M(s)=M_m} (-inf if none);
+    all 2^(L*L) configurations enumerated in blocks (L <= 4)."""
+    if not 2 <= L <= 4:
+        raise ValueError(f"enumeration needs 2 <= L <= 4 (2^(L*L) states), got L={L}")
+    n = L * L
+    counts: dict[tuple[int, int], int] = {}
+    block = 1 << min(n, 16)
+    bits = np.arange(n, dtype=np.int64)
+    for start in range(0, 1 << n, block):
+        idx = np.arange(start, start + block, dtype=np.int64)
+        s = (((idx[:, None] >> bits) & 1) * 2 - 1).reshape(-1, L, L)
+        b, m = bond_sum(s), magnetisation(s)
+        key, c = np.unique(np.stack([b, m], 1), axis=0, return_counts=True)
+        for (bb, mm), cc in zip(key.tolist(), c.tolist()):
+            counts[(bb, mm)] = counts.get((bb, mm), 0) + cc
+    bvals = np.array(sorted({k[0] for k in counts}))
+    mvals = np.array(sorted({k[1] for k in counts}))
+    logg = np.full((len(bvals), len(mvals)), -np.inf)
+    bi = {v: i for i, v in enumerate(bvals)}
+    mi = {v: i for i, v in enumerate(mvals)}
+    for (bb, mm), cc in counts.items():
+        logg[bi[bb], mi[mm]] = np.log(cc)
+    return bvals, mvals, logg
+
+
+def _joint_logp(L: int, thetas):
+    """(P, nB, nM) exact log P(B, M | theta) and log Z (P,), by enumeration."""
+    bvals, mvals, logg = density_of_states(L)
+    th = np.atleast_2d(np.asarray(thetas, np.float64))
+    w = logg[None] + th[:, 0, None, None] * bvals[None, :, None] + th[:, 1, None, None] * mvals[None, None, :]
+    logz = logsumexp(w.reshape(len(th), -1), axis=1)
+    return w - logz[:, None, None], logz
+
+
+def exact_enumeration(L: int, thetas) -> dict:
+    """{"F": log Z (P,), "dF": E[(B, M)] (P, 2), "g": Cov(B, M) (P, 2, 2)} by enumeration (L <= 4)."""
+    bvals, mvals, _ = density_of_states(L)
+    logp, logz = _joint_logp(L, thetas)
+    p = np.exp(logp)
+    bb, mm = np.meshgrid(bvals, mvals, indexing="ij")
+    t = np.stack([bb, mm], -1).astype(np.float64)  # (nB, nM, 2)
+    mean = np.einsum("pbm,bmi->pi", p, t)
+    d = t[None] - mean[:, None, None, :]
+    cov = np.einsum("pbm,pbmi,pbmj->pij", p, d, d)
+    return {"F": logz, "dF": mean, "g": cov}
+
+
+def exact_marginals(L: int, theta) -> dict:
+    """Exact laws of B and of M at one theta (L <= 4): {"B": (values, probs), "M": (values, probs)}."""
+    bvals, mvals, _ = density_of_states(L)
+    logp, _ = _joint_logp(L, np.asarray(theta, np.float64)[None])
+    p = np.exp(logp[0])
+    return {"B": (bvals, p.sum(1)), "M": (mvals, p.sum(0))}
+
+
+def log_partition_enumeration(L: int, thetas) -> np.ndarray:
+    return _joint_logp(L, thetas)[1]
+
+
+# --------------------------------------------------------------------------------------------
+# exact: transfer matrix
+
+TRANSFER_MAX_L = 12
+
+
+@functools.lru_cache(maxsize=8)
+def _rows(L: int):
+    a = ((np.arange(1 << L)[:, None] >> np.arange(L)) & 1) * 2 - 1  # (2^L, L) row spins
+    r = (a * np.roll(a, -1, axis=1)).sum(1).astype(np.float64)  # bonds within a row
+    m = a.sum(1).astype(np.float64)
+    phi_b = (r[:, None] + r[None, :]) / 2 + (a @ a.T).astype(np.float64)  # d log T / d beta
+    phi_h = (m[:, None] + m[None, :]) / 2  # d log T / d h
+    return phi_b, phi_h
+
+
+def exact_transfer(L: int, thetas, derivatives: bool = True) -> dict:
+    """{"F": log Z, "dF", "g"} by the row-to-row transfer matrix (2 <= L <= TRANSFER_MAX_L), derivatives
+    exact in the eigenbasis (module docstring)."""
+    if not 2 <= L <= TRANSFER_MAX_L:
+        raise ValueError(f"transfer matrix needs 2 <= L <= {TRANSFER_MAX_L} (2^L row states), got L={L}")
+    phi_b, phi_h = _rows(L)
+    phis = (phi_b, phi_h)
+    th = np.atleast_2d(np.asarray(thetas, np.float64))
+    F = np.empty(len(th))
+    dF = np.empty((len(th), 2))
+    g = np.empty((len(th), 2, 2))
+    for p, (beta, h) in enumerate(th):
+        logt = beta * phi_b + h * phi_h
+        shift = logt.max()
+        T = np.exp(logt - shift)  # T = e^shift * T_scaled
+        lam, U = np.linalg.eigh(T)
+        lmax = np.abs(lam).max()
+        x = lam / lmax  # |x| <= 1
+        z = (x ** L).sum()  # tr T^L = (e^shift lmax)^L z
+        F[p] = L * (shift + np.log(lmax)) + np.log(z)
+        if not derivatives:
+            continue
+        # derivatives of tr(T_s^L) / (lmax^L) with T_s = T / lmax; the e^shift factor is linear in
+        # theta only through shift = max(logt), whose change is exactly compensated (T's entries
+        # are exp(logt)), so work with the unscaled derivative structure dT = T * phi.
+        Ts = T / lmax
+        A = [U.T @ (Ts * ph) @ U for ph in phis]
+        xl1 = x ** (L - 1)
+        G = np.zeros((len(x), len(x)))
+        for m in range(L - 1):
+            G += np.outer(x ** (L - 2 - m), x ** m)  # G[k, l] = sum_m x_k^(L-2-m) x_l^m
+        zi = np.array([L * (xl1 * np.diag(a)).sum() for a in A])
+        zij = np.empty((2, 2))
+        for i, j in itertools.product(range(2), range(2)):
+            aij = U.T @ (Ts * phis[i] * phis[j]) @ U
+            zij[i, j] = L * (xl1 * np.diag(aij)).sum() + L * (A[i] * A[j].T * G).sum()
+        dF[p] = zi / z
+        g[p] = zij / z - np.outer(zi, zi) / z**2
+    out = {"F": F}
+    if derivatives:
+        out.update(dF=dF, g=(g + g.transpose(0, 2, 1)) / 2)
+    return out
+
+
+def exact(L: int, thetas) -> dict | None:
+    """The best exact reference at size L: enumeration for L <= 4, transfer matrix up to
+    TRANSFER_MAX_L, None beyond."""
+    if L <= 4:
+        return exact_enumeration(L, thetas)
+    if L <= TRANSFER_MAX_L:
+        return exact_transfer(L, thetas)
+    return None
+
+
+def log_partition(L: int, thetas) -> np.ndarray | None:
+    if L <= 4:
+        return log_partition_enumeration(L, thetas)
+    if L <= TRANSFER_MAX_L:
+        return exact_transfer(L, thetas, derivatives=False)["F"]
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# samplers (JAX)
+
+UPDATES = ("cluster", "metropolis")
+
+
+def _checkerboard(L: int):
+    i, j = np.indices((L, L))
+    return [jnp.asarray((i + j) % 2 == c) for c in (0, 1)]
+
+
+def _neighbours(s):
+    return jnp.roll(s, 1, -1) + jnp.roll(s, -1, -1) + jnp.roll(s, 1, -2) + jnp.roll(s, -1, -2)
+
+
+def _metropolis_sweep(s, beta, h, key, masks):
+    """One checkerboard sweep of a batch: s (C, L, L) float32, beta/h (C,), key (2,)."""
+    for mask, k in zip(masks, jax.random.split(key, 2)):
+        u = jax.random.uniform(k, s.shape, s.dtype)
+        dlogp = -2.0 * s * (beta[:, None, None] * _neighbours(s) + h[:, None, None])
+        flip = mask & (jnp.log(u) < dlogp)
+        s = jnp.where(flip, -s, s)
+    return s
+
+
+def _labels(open_r, open_d):
+    """Connected-component labels (min site index) of one L x L lattice with open right/down bonds."""
+    L = open_r.shape[-1]
+    open_l = jnp.roll(open_r, 1, -1)  # bond to the left neighbour = right bond of that neighbour
+    open_u = jnp.roll(open_d, 1, -2)
+    big = L * L
+
+    def body(state):
+        lab, _ = state
+        cand = jnp.minimum(
+            jnp.minimum(jnp.where(open_r, jnp.roll(lab, -1, -1), big), jnp.where(open_l, jnp.roll(lab, 1, -1), big)),
+            jnp.minimum(jnp.where(open_d, jnp.roll(lab, -1, -2), big), jnp.where(open_u, jnp.roll(lab, 1, -2), big)),
+        )
+        new = jnp.minimum(lab, cand)
+        flat = new.reshape(-1)
+        for _ in range(2):  # pointer jumping: a label is a site of the same cluster
+            flat = jnp.minimum(flat, flat[flat])
+        new = flat.reshape(L, L)
+        return new, jnp.any(new != lab)
+
+    lab0 = jnp.arange(big, dtype=jnp.int32).reshape(L, L)
+    lab, _ = jax.lax.while_loop(lambda st: st[1], body, (lab0, jnp.array(True)))
+    return lab
+
+
+def _sw_one(s, beta, h, key):
+    """Swendsen-Wang with the field by cluster heat bath, one lattice (L, L)."""
+    L = s.shape[-1]
+    k1, k2, k3 = jax.random.split(key, 3)
+    p_open = 1.0 - jnp.exp(-2.0 * beta)
+    open_r = (s == jnp.roll(s, -1, -1)) & (jax.random.uniform(k1, s.shape, s.dtype) < p_open)
+    open_d = (s == jnp.roll(s, -1, -2)) & (jax.random.uniform(k2, s.shape, s.dtype) < p_open)
+    lab = _labels(open_r, open_d).reshape(-1)
+    size = jax.ops.segment_sum(jnp.ones(L * L, s.dtype), lab, num_segments=L * L)
+    up = jax.random.uniform(k3, (L * L,), s.dtype) < jax.nn.sigmoid(2.0 * h * size)
+    sigma = jnp.where(up, 1.0, -1.0).astype(s.dtype)
+    return sigma[lab].reshape(L, L)
+
+
+def _step(s, beta, h, key, masks, update):
+    if update == "cluster":
+        k_sw, key = jax.random.split(key)
+        s = jax.vmap(_sw_one)(s, beta, h, jax.random.split(k_sw, s.shape[0]))
+    return _metropolis_sweep(s, beta, h, key, masks)
+
+
+@functools.partial(jax.jit, static_argnames=("L", "n_keep", "burn_in", "thin", "update"))
+def _run_chains(keys, beta, h, *, L, n_keep, burn_in, thin, update):
+    """Chains batched on one device: keys (C, 2) (one stream per chain), beta/h (C,). A hot start,
+    ``burn_in`` steps, then ``n_keep`` states ``thin`` steps apart: (n_keep, C, L, L) int8.
+
+    Each chain's random numbers come from its own key alone, so a chain's path does not depend on
+    which other chains share the batch."""
+    masks = _checkerboard(L)
+    split = jax.vmap(jax.random.split)
+
+    def chain_step(carry, _):
+        s, ks = carry
+        both = split(ks)  # (C, 2, 2)
+        ks, sub = both[:, 0], both[:, 1]
+        # one step, per-chain randomness: vmap over chains of a one-chain step
+        s = jax.vmap(lambda si, bi, hi, ki: _step(si[None], bi[None], hi[None], ki, masks, update)[0])(s, beta, h, sub)
+        return (s, ks), None
+
+    k0 = split(keys)
+    keys, kinit = k0[:, 0], k0[:, 1]
+    s = jax.vmap(lambda k: jnp.where(jax.random.bernoulli(k, 0.5, (L, L)), 1.0, -1.0).astype(jnp.float32))(kinit)
+    (s, keys), _ = jax.lax.scan(chain_step, (s, keys), None, length=burn_in)
+
+    def keep(carry, _):
+        carry, _ = jax.lax.scan(chain_step, carry, None, length=thin)
+        return carry, carry[0].astype(jnp.int8)
+
+    _, out = jax.lax.scan(keep, (s, keys), None, length=n_keep)
+    return out
+
+
+def chain_keys(seed: int, index, chains: int) -> jax.Array:
+    """(P * chains, 2) keys: chain c of grid point index[p] gets fold_in(fold_in(key(seed), index[p]), c)."""
+    base = jax.random.PRNGKey(seed)
+    idx = jnp.asarray(np.asarray(index, np.uint32))
+    per_point = jax.vmap(lambda i: jax.random.fold_in(base, i))(idx)
+    return jax.vmap(lambda k: jax.vmap(lambda c: jax.random.fold_in(k, c))(jnp.arange(chains, dtype=jnp.uint32)))(per_point).reshape(-1, 2)
+
+
+def sample(L: int, thetas, n: int, seed: int, index=None, *, chains: int, burn_in: int, thin: int,
+           update: str = "cluster") -> np.ndarray:
+    """(P, n, L, L) int8 spins: at each theta, ``chains`` independent chains (hot start, ``burn_in``
+    steps), each giving ceil(n / chains) states ``thin`` steps apart; sample k is state k // chains
+    of chain k % chains. Grid point p's samples depend only on (seed, index[p]) (index defaults to
+    0..P-1), never on the other points in the call."""
+    if L % 2 or L < 2:
+        raise ValueError(f"the checkerboard sampler needs an even L >= 2, got L={L}")
+    if update not in UPDATES:
+        raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+    th = np.atleast_2d(np.asarray(thetas, np.float64))
+    P = len(th)
+    if update == "cluster" and (th[:, 0] < 0).any():
+        raise ValueError("the cluster update needs beta >= 0 (ferromagnetic bonds)")
+    index = np.arange(P) if index is None else np.asarray(index)
+    chains = max(1, min(chains, n))
+    n_keep = -(-n // chains)
+    keys = chain_keys(seed, index, chains)
+    beta = jnp.asarray(np.repeat(th[:, 0], chains), jnp.float32)
+    h = jnp.asarray(np.repeat(th[:, 1], chains), jnp.float32)
+    out = np.asarray(_run_chains(keys, beta, h, L=L, n_keep=n_keep, burn_in=burn_in, thin=thin, update=update))
+    out = out.reshape(n_keep, P, chains, L, L).transpose(1, 0, 2, 3, 4).reshape(P, n_keep * chains, L, L)
+    return out[:, :n]
+
+
+def chain_series(L: int, theta, steps: int, chains: int, seed: int, *, burn_in: int, update: str = "cluster"):
+    """Per-step (B, M) of ``chains`` chains at one theta after ``burn_in``: (steps, chains, 2), for
+    autocorrelation checks (thin = 1)."""
+    s = sample(L, np.tile(np.asarray(theta, np.float64), (chains, 1)), steps, seed, chains=1, burn_in=burn_in, thin=1, update=update)
+    return sufficient_statistics(s).transpose(1, 0, 2)  # (P=chains, steps, 2) -> (steps, chains, 2)
+
+
+def integrated_autocorr_time(x, c: float = 5.0) -> float:
+    """Integrated autocorrelation time tau = 1 + 2 sum_t rho(t) of a series x (steps, chains),
+    averaged over chains, with Sokal's automatic window (the smallest W with W >= c * tau(W))."""
+    x = np.asarray(x, np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
+    x = x - x.mean(0)
+    n = x.shape[0]
+    f = np.fft.rfft(x, n=2 * n, axis=0)
+    acf = np.fft.irfft(f * np.conj(f), axis=0)[:n].mean(1)
+    if acf[0] <= 0:
+        return 1.0
+    rho = acf / acf[0]
+    taus = 2.0 * np.cumsum(rho) - 1.0
+    for w in range(1, n):
+        if w >= c * taus[w]:
+            return float(taus[w])
+    return float(taus[-1])
