@@ -1,0 +1,152 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+# ruff: noqa: E402
+
+# %% [markdown]
+# # 04 - psi / nu / delta along denoising trajectories
+#
+# A `trajectory` job follows each sample of a diffusion model along its DDIM path: one record per
+# (sample, state), the descriptors of the model's own denoiser x_t -> x0_hat at that state's
+# timestep (step 0 = the initial noise, the last step = the generated sample at t = 0). The paper
+# follows descriptor trajectories in its memorization analysis (Fig. 8, notebook 05); here we ask
+# the general question: where along the path do the descriptors separate the samples that end as
+# good digits from those that end as poor ones?
+#
+# Model: `ldm-digits` (latent diffusion on the `vae-digits` latents). Final quality of a
+# trajectory: the `classifier-digits` confidence (max class probability) of its generated latent
+# decoded by `vae-digits`. Groups: the top and the bottom quartile of that confidence. Per step a
+# Welch t-test (and Mann-Whitney) between the groups, Bonferroni over the steps.
+
+# %% tags=["parameters"]
+count = 200                # trajectories
+steps = 20                 # DDIM steps
+model = "ldm-digits"       # any zoo latent diffusion model decoded by vae-digits (ldm-digits, memo-digits)
+alpha = 0.05
+full = None                # None: from GEOMJOBS_NB_FULL
+out_dir = None             # None: from GEOMJOBS_NB_OUT (default out/notebooks/04_trajectories)
+
+# %%
+import matplotlib
+
+if matplotlib.get_backend().lower() != "module://matplotlib_inline.backend_inline":
+    matplotlib.use("Agg")
+import jax
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from geomjobs import run_job
+from geomjobs.analysis import image_grid, notebook_env, read_ok, save_figure
+from geomjobs.analysis.trajectories import attach_labels, final_rows, first_separation, separation, step_summary
+from geomjobs.generators import build_generator
+from geomjobs.generators.classifier import load_classifier
+
+full, out_dir = notebook_env("04_trajectories", full, out_dir)
+if full:
+    count, steps = 1000, 50
+print(f"full={full} model={model} count={count} steps={steps} out_dir={out_dir}")
+DESCRIPTORS = ["local_scaling", "local_rank", "local_complexity"]
+LABEL = {"local_scaling": "psi", "local_rank": "nu", "local_complexity": "delta"}
+
+# %% [markdown]
+# ## The trajectory job
+
+# %%
+spec = {"job_id": f"nb04-{model}-trajectory-{count}-{steps}",
+        "model": {"kind": "zoo", "name": model, "prediction": "x0"},
+        "latents": {"kind": "trajectory", "model": {"kind": "zoo", "name": model},
+                    "sampler": {"kind": "ddim", "steps": steps, "eta": 0.0}, "count": count, "seed": 0, "save_latent": True},
+        "descriptors": {"local_scaling": {"mode": "exact"}, "local_rank": {},
+                        "local_complexity": {"directions": 4, "radius": 0.05, "seed": 0}},
+        "execution": {"shard_size": 40 * (steps + 1), "batch_size": 8 * (steps + 1)}}
+res = run_job(spec, f"{out_dir}/data/trajectory", resume=True)
+assert res.errors == 0, f"{res.errors} error rows"
+traj = read_ok(res.uri, columns=["trajectory_id", "step", "timestep", "z", *DESCRIPTORS])
+print(f"{len(traj)} records ({count} trajectories x {steps + 1} states) in {res.seconds:.1f} s")
+
+# %% [markdown]
+# ## Final quality of each trajectory
+
+# %%
+last = final_rows(traj)
+decoder = build_generator({"kind": "zoo", "name": "vae-digits"})
+decode = jax.jit(jax.vmap(lambda z: decoder.apply(decoder.params, z)))
+imgs = np.clip(np.asarray(decode(np.stack(last.z.to_numpy()).astype(np.float32))).reshape(-1, 8, 8), 0, 1)
+conf = load_classifier().probs(imgs).max(-1)
+q_lo, q_hi = np.quantile(conf, [0.25, 0.75])
+group = np.where(conf >= q_hi, "high", np.where(conf <= q_lo, "low", "middle"))
+labels = pd.Series(group, index=last.trajectory_id.to_numpy())
+traj = attach_labels(traj, labels, name="quality")
+print(f"final confidence: mean {conf.mean():.4f}, quartiles {q_lo:.5f} / {q_hi:.5f}; "
+      f"{(group == 'high').sum()} high, {(group == 'low').sum()} low")
+fig, axes = plt.subplots(1, 2, figsize=(8, 3), constrained_layout=True)
+for ax, g in zip(axes, ["high", "low"]):
+    sel = np.flatnonzero(group == g)
+    sel = sel[np.argsort(-conf[sel] if g == "high" else conf[sel])][:32]
+    image_grid(imgs[sel], rows=4, cols=8, ax=ax, title=f"{g} final confidence ({len(np.flatnonzero(group == g))})")
+save_figure(fig, out_dir, "final_samples_by_quality")
+
+# %% [markdown]
+# ## Mean and 95 % CI per step, all trajectories and by final quality
+
+# %%
+summ_all = step_summary(traj, DESCRIPTORS)
+summ = step_summary(traj[traj.quality != "middle"], DESCRIPTORS, by="quality")
+print(summ_all.round(3).to_string())
+seps = {col: separation(traj, col, "quality", "high", "low") for col in DESCRIPTORS}
+where = {col: first_separation(seps[col], alpha) for col in DESCRIPTORS}
+
+fig, axes = plt.subplots(2, 3, figsize=(13, 6), sharex=True, constrained_layout=True)
+for k, col in enumerate(DESCRIPTORS):
+    ax = axes[0, k]
+    for g, colour in (("high", "C2"), ("low", "C3")):
+        s = summ[summ.quality == g]
+        ax.plot(s.step, s[f"{col}_mean"], color=colour, label=f"{g} final quality")
+        ax.fill_between(s.step, s[f"{col}_mean"] - s[f"{col}_ci95"], s[f"{col}_mean"] + s[f"{col}_ci95"], color=colour, alpha=0.25)
+    ax.plot(summ_all.step, summ_all[f"{col}_mean"], "k--", lw=0.8, label="all")
+    ax.set_title(f"{LABEL[col]} of the {model} denoiser")
+    ax.legend(fontsize=8)
+    ax = axes[1, k]
+    ax.semilogy(seps[col].step, np.maximum(seps[col].t_p, 1e-300), "k.-")
+    ax.axhline(where[col]["level"], color="r", ls="--", lw=0.8, label=f"alpha / {where[col]['tested']}")
+    ax.set_xlabel("DDIM step (0 = noise)")
+    ax.set_ylabel("Welch p, high vs low")
+    ax.legend(fontsize=8)
+save_figure(fig, out_dir, "descriptors_along_trajectories")
+table = pd.concat({LABEL[c]: seps[c].set_index("step")[["timestep", "mean_a", "mean_b", "t_p", "cohens_d"]] for c in DESCRIPTORS}, axis=1)
+table.to_csv(f"{out_dir}/separation.csv")
+print(table.round(4).to_string())
+
+# %% [markdown]
+# ## Conclusion (numbers from this run)
+
+# %%
+lines = [f"{model}, {count} DDIM-{steps} trajectories; top vs bottom quartile of final classifier confidence "
+          f"(cut-offs {q_hi:.5f} / {q_lo:.5f}; mean confidence high {conf[group == 'high'].mean():.5f}, "
+         f"low {conf[group == 'low'].mean():.4f})."]
+for col in DESCRIPTORS:
+    s, w = seps[col], where[col]
+    end, start = s.iloc[-1], s.iloc[0]
+    best = s.loc[s.t_p.idxmin()]
+    if w["from"] is not None:
+        at = f"apart from step {w['from']} of {steps} (t = {int(s.set_index('step').loc[w['from'], 'timestep'])}) to the end"
+    elif w["first"] is not None:
+        at = f"apart only at steps {w['steps']}, not at the end"
+    else:
+        at = "never apart at the Bonferroni level"
+    lines.append(f"{LABEL[col]}: {at}; at the generated sample high {end.mean_a:.3f} vs low {end.mean_b:.3f} "
+                 f"(p = {end.t_p:.2g}, d = {end.cohens_d:+.2f}); at the noise p = {start.t_p:.2g}; "
+                 f"strongest at step {int(best.step)} (p = {best.t_p:.2g}, d = {best.cohens_d:+.2f}).")
+conclusion = "\n".join(lines)
+print(conclusion)
+with open(f"{out_dir}/conclusion.txt", "w") as f:
+    f.write(conclusion + "\n")
