@@ -3,6 +3,8 @@ by :mod:`geomjobs.reward.train` and :mod:`geomjobs.reward.evaluate`, imported wh
 (so that ``geomjobs --help`` does not import JAX)."""
 from __future__ import annotations
 
+import argparse
+
 
 def _train(args) -> int:
     from geomjobs.reward.train import train_cli
@@ -24,7 +26,23 @@ def add_parser(sub) -> None:
     t.add_argument("--out", required=True, help="reward folder to write (local or gs://)")
     t.add_argument("--target", default="local_scaling", help="record column to regress (default: local_scaling)")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    # train options (network, steps, batch size, resume...) are added by the training module's owner here
+    # training options (defaults: geomjobs.reward.train.TrainConfig)
+    t.add_argument("--steps", type=int, help="optimiser steps at most (default 3000)")
+    t.add_argument("--batch-size", type=int, help="rows per step (default 256)")
+    t.add_argument("--lr", type=float, help="peak AdamW learning rate (default 2e-3; warm-up then cosine decay)")
+    t.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
+    t.add_argument("--eval-every", type=int, help="steps between held-out evaluations and checkpoints (default 100)")
+    t.add_argument("--patience", type=int, help="stop after this many evaluations without a better held-out loss (default 8)")
+    t.add_argument("--val-fraction", type=float, help="share of sample ids held out (default 0.1)")
+    t.add_argument("--val-rows", type=int, help="held-out rows used for early stopping at most (default 20000; "
+                                                "the final metrics use every held-out row)")
+    t.add_argument("--seed", type=int, help="initialisation and batch order seed (default 0)")
+    t.add_argument("--hidden", type=int, help="network width (default 128)")
+    t.add_argument("--depth", type=int, help="network layers / conv stages (default 3)")
+    t.add_argument("--temb", type=int, help="timestep embedding size (default 64)")
+    t.add_argument("--channels", type=int, help="conv net channels of the first stage (default 32)")
+    t.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from OUT/checkpoints when it holds this run's checkpoint (default); --no-resume starts over")
     t.set_defaults(fn=_train)
     e = rs.add_parser("evaluate", help="psi, diversity and quality per level set of the baseline's psi")
     e.add_argument("baseline", metavar="BASELINE", help="the unguided dataset")
