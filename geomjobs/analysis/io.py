@@ -32,8 +32,11 @@ def arrow_dataset(uri: str) -> pds.Dataset:
     return ds
 
 
-def _parquet_glob(uri: str) -> str:
-    return normalize_uri(uri).rstrip("/").replace("'", "''") + "/**/*.parquet"
+def _parquet_files_sql(ds: pds.Dataset) -> str:
+    """The dataset's part files as a DuckDB list literal. An explicit list, not a ``**/*.parquet``
+    glob: DuckDB's glob descends into ``_``-prefixed folders too; the list is the parts present
+    when it was made (a view made while a job runs does not see later shards)."""
+    return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in ds.files) + "]"
 
 
 def _check_columns(names, columns) -> list[str] | None:
@@ -60,7 +63,7 @@ def read_ok(uri: str, columns=None):
         sel = "*" if cols is None else ", ".join(f'"{c}"' for c in cols)
         con = duckdb.connect()
         try:
-            df = con.sql(f"SELECT {sel} FROM read_parquet('{_parquet_glob(uri)}') "
+            df = con.sql(f"SELECT {sel} FROM read_parquet({_parquet_files_sql(ds)}) "
                          "WHERE status = 'ok' ORDER BY sample_id").df()
         finally:
             con.close()
@@ -72,13 +75,14 @@ def read_ok(uri: str, columns=None):
 def duckdb_view(con, name: str, uri: str, *, ok_only: bool = False):
     """Create (or replace) view ``name`` on DuckDB connection ``con`` over every row of the
     dataset at ``uri`` (``ok_only``: only rows with status 'ok') and return it as a relation
-    (lazy: each read re-runs the scan; ``.materialize()`` or ``.df()`` to keep a result)."""
+    (lazy: each read re-runs the scan; ``.materialize()`` or ``.df()`` to keep a result). The view
+    covers the Parquet parts present now (see :func:`_parquet_files_sql`)."""
     if not _IDENT.match(name):
         raise ValueError(f"view name must be an SQL identifier, got {name!r}")
     where = " WHERE status = 'ok'" if ok_only else ""
     if is_local(uri):
-        arrow_dataset(uri)   # the clear error for a missing / empty dataset
-        con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet('{_parquet_glob(uri)}'){where}")
+        files = _parquet_files_sql(arrow_dataset(uri))
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({files}){where}")
     else:
         src = f"_geomjobs_src_{name}"
         con.register(src, arrow_dataset(uri))

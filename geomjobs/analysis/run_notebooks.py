@@ -1,0 +1,118 @@
+"""Run the analysis notebooks (``notebooks/*.py``, jupytext py:percent) and collect their figures.
+
+    python -m geomjobs.analysis.run_notebooks [--full] [--out out/notebooks] [--kernel] [--dir notebooks] [NAME ...]
+
+Each notebook runs in its own process with ``GEOMJOBS_NB_OUT=<out>/<name>`` (its datasets and
+PNGs go there) and, with ``--full``, ``GEOMJOBS_NB_FULL=1`` (see :mod:`geomjobs.analysis.notebook`).
+By default a notebook runs as a plain Python script; ``--kernel`` runs it cell by cell through
+jupytext + nbclient on a real IPython kernel instead (what a reader opening it in Jupyter gets).
+NAME selects notebooks by file stem or prefix (``01`` or ``01_toy_ddpm``); default: all of them.
+Exit status 1 when any notebook fails; a summary line per notebook (time, PNGs written).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from geomjobs.analysis.notebook import FULL_ENV, OUT_ENV
+
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
+
+
+def notebook_paths(names=(), folder: Path | str = NOTEBOOKS_DIR) -> list[Path]:
+    """notebooks/*.py sorted by name; ``names``: only those whose stem equals or starts with one."""
+    paths = sorted(Path(p) for p in glob.glob(os.path.join(str(folder), "*.py")))
+    if names:
+        chosen = [p for p in paths if any(p.stem == n or p.stem.startswith(n) for n in names)]
+        unknown = [n for n in names if not any(p.stem == n or p.stem.startswith(n) for p in paths)]
+        if unknown:
+            raise SystemExit(f"run_notebooks: no notebook matches {unknown} in {folder} (have {[p.stem for p in paths]})")
+        paths = chosen
+    return paths
+
+
+def notebook_environment(out_dir: str, full: bool) -> dict:
+    env = dict(os.environ)
+    env[OUT_ENV] = str(out_dir)
+    env[FULL_ENV] = "1" if full else "0"
+    env.setdefault("MPLBACKEND", "Agg")
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def run_script(path: Path, out_dir: str, full: bool = False, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """``python <notebook>.py`` in a child process (cwd: the output folder); output captured."""
+    os.makedirs(out_dir, exist_ok=True)
+    return subprocess.run([sys.executable, str(path)], cwd=out_dir, env=notebook_environment(out_dir, full),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_kernel(path: Path, out_dir: str, full: bool = False, timeout: int = 600, kernel_name: str = "python3"):
+    """Execute the notebook through jupytext + nbclient on a real kernel (cwd: the output folder);
+    returns the executed nbformat notebook (raises nbclient's CellExecutionError on a failing cell).
+    The kernel gets the notebook environment through os.environ, restored afterwards."""
+    import jupytext
+    from nbclient import NotebookClient
+
+    os.makedirs(out_dir, exist_ok=True)
+    nb = jupytext.read(str(path))
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(notebook_environment(out_dir, full))
+    try:
+        client = NotebookClient(nb, timeout=timeout, kernel_name=kernel_name, resources={"metadata": {"path": out_dir}})
+        client.execute()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return nb
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="*", help="notebook stems or prefixes (default: all)")
+    ap.add_argument("--full", action="store_true", help="full size (GEOMJOBS_NB_FULL=1)")
+    ap.add_argument("--out", default="out/notebooks", help="each notebook writes under OUT/<name>/")
+    ap.add_argument("--kernel", action="store_true", help="run through jupytext + nbclient on a kernel")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per notebook (default: none)")
+    ap.add_argument("--dir", default=str(NOTEBOOKS_DIR), help="the notebooks folder (default: the checkout's notebooks/)")
+    args = ap.parse_args(argv)
+
+    failed = []
+    for path in notebook_paths(args.names, args.dir):
+        out_dir = os.path.abspath(os.path.join(args.out, path.stem))
+        t0 = time.perf_counter()
+        print(f"== {path.name} -> {out_dir}", flush=True)
+        if args.kernel:
+            try:
+                run_kernel(path, out_dir, args.full, timeout=int(args.timeout or 3600))
+                ok, tail = True, ""
+            except Exception as e:  # noqa: BLE001 - report and go on with the others
+                ok, tail = False, f"{type(e).__name__}: {e}"
+        else:
+            try:
+                proc = run_script(path, out_dir, args.full, args.timeout)
+                ok, tail = proc.returncode == 0, proc.stdout + proc.stderr
+            except subprocess.TimeoutExpired:
+                ok, tail = False, f"timed out after {args.timeout} s"
+            if ok:
+                sys.stdout.write(proc.stdout)
+        pngs = sorted(glob.glob(os.path.join(out_dir, "*.png")))
+        print(f"   {'ok' if ok else 'FAILED'} in {time.perf_counter() - t0:.1f} s, {len(pngs)} PNGs", flush=True)
+        if not ok:
+            failed.append(path.name)
+            print("\n".join(tail.splitlines()[-40:]), file=sys.stderr)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The analysis notebooks (notebooks/*.py, jupytext py:percent) at their small defaults: each one
+runs as a plain script into its own folder and writes PNGs that open as images; the cheapest one
+also runs cell by cell through jupytext + nbclient on a real IPython kernel; the runner reports a
+failing notebook with exit status 1. No xdist: kernels and ZMQ ports do not mix with it."""
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from geomjobs.analysis import run_notebooks as rn
+
+NOTEBOOKS = rn.notebook_paths()
+KERNEL_NOTEBOOK = "06_corruptions"       # the cheapest at its defaults
+
+
+def check_pngs(out_dir) -> list[Path]:
+    pngs = sorted(Path(out_dir).glob("*.png"))
+    assert pngs, f"no PNG written in {out_dir}"
+    for p in pngs:
+        assert p.stat().st_size > 0, p
+        with Image.open(p) as im:
+            im.verify()                     # a complete, valid PNG
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.size[0] > 50 and im.size[1] > 50, (p, im.size)
+    return pngs
+
+
+def test_the_notebooks_folder_holds_the_analyses():
+    stems = {p.stem for p in NOTEBOOKS}
+    assert {"01_toy_ddpm", "06_corruptions"} <= stems, stems
+    assert not list(rn.NOTEBOOKS_DIR.glob("*.ipynb")), "no .ipynb is committed: notebooks are py:percent sources"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_as_a_script_at_its_defaults(path, tmp_path):
+    proc = rn.run_script(path, str(tmp_path), full=False, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    check_pngs(tmp_path)
+
+
+def test_the_cheapest_notebook_runs_through_nbclient_on_a_kernel(tmp_path):
+    path = next(p for p in NOTEBOOKS if p.stem == KERNEL_NOTEBOOK)
+    nb = rn.run_kernel(path, str(tmp_path), full=False, timeout=600)
+    tags = [c.metadata.get("tags", []) for c in nb.cells]
+    assert ["parameters"] in tags
+    code = [c for c in nb.cells if c.cell_type == "code" and c.source.strip() and not c.source.startswith("# ruff")]
+    assert all(c.get("execution_count") for c in code)
+    assert not [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    check_pngs(tmp_path)
+
+
+def test_runner_runs_selected_notebooks_and_reports_failures(tmp_path, capsys):
+    d = tmp_path / "nbs"
+    d.mkdir()
+    (d / "a_ok.py").write_text(textwrap.dedent('''
+        # %% tags=["parameters"]
+        full = None
+        out_dir = None
+        # %%
+        import matplotlib.pyplot as plt
+        from geomjobs.analysis import notebook_env, save_figure
+        full, out_dir = notebook_env("a_ok", full, out_dir)
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [0, 1 if not full else 2])
+        save_figure(fig, out_dir, "full" if full else "small")
+        print("finished")
+    '''))
+    (d / "b_fails.py").write_text("raise RuntimeError('broken notebook')\n")
+    out = tmp_path / "out"
+    assert rn.main(["--dir", str(d), "--out", str(out), "--full", "a"]) == 0
+    assert [p.name for p in check_pngs(out / "a_ok")] == ["full.png"]
+    assert "finished" in capsys.readouterr().out
+    assert rn.main(["--dir", str(d), "--out", str(out), "b"]) == 1
+    assert "broken notebook" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no notebook matches"):
+        rn.main(["--dir", str(d), "--out", str(out), "zzz"])
+    assert os.environ.get("GEOMJOBS_NB_FULL") in (None, "0")   # the runner sets it for the child only
