@@ -40,7 +40,11 @@ sample i's path depends only on (seed, i), never on batching or sharding.
 
 Guidance hook: ``guidance(eps, x_t, t, abar_t) -> eps'`` replaces the model's eps at every step
 before the update; :func:`reward_guidance` builds SPEC section 3's classifier guidance from the
-gradient of a reward r(x_t, t). None (the default) leaves eps as it is.
+gradient of a reward r(x_t, t). None (the default) leaves eps as it is. A hook built with
+``with_params=True`` is called as ``guidance(eps, x_t, t, abar_t, params)`` with the sampler's
+``params``, so that a reward's weights are arguments of the jitted sampler (one compile serves
+any weights) rather than constants baked into it (:mod:`geomjobs.reward.guidance` passes
+``{"model": ..., "reward": ...}``).
 """
 from __future__ import annotations
 
@@ -155,7 +159,10 @@ def sample_loop(denoiser, params: Any, x_T, sampler: Sampler, noise=None, record
 
     def eps_at(x, t, ab):
         eps = denoiser.eps(params, x, t).astype(dt)
-        return eps if guidance is None else guidance(eps, x, t, ab).astype(dt)
+        if guidance is None:
+            return eps
+        extra = (params,) if getattr(guidance, "with_params", False) else ()
+        return guidance(eps, x, t, ab, *extra).astype(dt)
 
     if sampler.kind == "ddim":
         eta = float(sampler.eta)
@@ -187,34 +194,44 @@ def sample_loop(denoiser, params: Any, x_T, sampler: Sampler, noise=None, record
 
 def batch_sampler(denoiser, sampler: Sampler, record: bool = False, guidance: Guidance | None = None):
     """A jitted ``fn(params, x_T, noise) -> x_0`` (or ``(x_0, states)``) over a batch: x_T (B, *shape),
-    noise (B, steps, *shape) (or None when the sampler is deterministic), :func:`sample_loop` vmapped."""
+    noise (B, steps, *shape) (or None when the sampler is deterministic), :func:`sample_loop` vmapped.
+    ``fn.jitted`` is the underlying ``jax.jit`` object (compile counting)."""
     if sampler.stochastic:
         def one(params, x, n):
             return sample_loop(denoiser, params, x, sampler, n, record, guidance)
 
-        return jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))
+        f = jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))
+        f.jitted = f
+        return f
 
     def one_det(params, x):
         return sample_loop(denoiser, params, x, sampler, None, record, guidance)
 
     f = jax.jit(jax.vmap(one_det, in_axes=(None, 0)))
-    return lambda params, x, noise=None: f(params, x)
+
+    def run(params, x, noise=None):
+        return f(params, x)
+
+    run.jitted = f                 # the jitted function (its _cache_size() counts compiles)
+    return run
 
 
-def reward_guidance(grad_r: Callable[[jax.Array, jax.Array], jax.Array], scale: float,
-                    window: tuple[int, int] | None = None) -> Guidance:
+def reward_guidance(grad_r: Callable[..., jax.Array], scale: float, window: tuple[int, int] | None = None,
+                    with_params: bool = False) -> Guidance:
     """SPEC section 3's classifier guidance as a :func:`sample_loop` hook: eps' = eps - sqrt(1 -
     abar_t) * scale * grad_r(x_t, t), applied where lo <= t <= hi for ``window = (lo, hi)`` (every
-    step when None). ``grad_r(x_t, t)`` is the gradient of the reward in x_t (one latent)."""
+    step when None). ``grad_r(x_t, t)`` is the gradient of the reward in x_t (one latent); with
+    ``with_params`` it is ``grad_r(params, x_t, t)`` with the sampler's params (module doc)."""
     scale = float(scale)
 
-    def hook(eps, x, t, ab):
-        g = eps - jnp.sqrt(1.0 - ab) * scale * grad_r(x, t).astype(eps.dtype)
+    def hook(eps, x, t, ab, *params):
+        g = eps - jnp.sqrt(1.0 - ab) * scale * grad_r(*params, x, t).astype(eps.dtype)
         if window is None:
             return g
         lo, hi = window
         return jnp.where((t >= lo) & (t <= hi), g, eps)
 
+    hook.with_params = bool(with_params)
     return hook
 
 

@@ -94,7 +94,7 @@ def test_samples_do_not_depend_on_which_ids_are_asked_together_or_on_pickling():
 
 
 def test_sampled_columns_and_resolved_defaults():
-    src = build(lat(count=6, save_latent=True, guidance={"reward": "r/", "scale": 0}))
+    src = build(lat(count=6, save_latent=True))
     ids = np.array([1, 4])
     cols = src.columns(ids)
     assert list(cols["noise_seed"]) == [3, 3] and cols["noise_seed"].dtype == np.int64
@@ -220,7 +220,7 @@ BAD = [
     (dict(sampler={"kind": "ddim", "steps": 10, "eta": -0.1}), "latents.sampler.eta", ">= 0"),
     (dict(sampler={"kind": "dpmpp2m", "steps": 10, "eta": 0.5}), "latents.sampler.eta", "ddim sampler only"),
     (dict(sampler={"kind": "ddim", "steps": 101}), "latents.sampler.steps", "at most T = 100"),
-    (dict(guidance={"reward": "r/", "scale": 2.0}), "latents.guidance.scale", "only scale: 0 is valid"),
+    (dict(guidance={"reward": "r/", "scale": 2.0}), "latents.guidance.reward", "does not exist"),
     (dict(guidance={"scale": 0}), "latents.guidance.reward", "is required"),
     (dict(guidance={"reward": "r/", "scale": 0, "window": [5, 1]}), "latents.guidance.window", "lo <= hi"),
     (dict(model={"kind": "gan"}), "latents.model.kind", "expected one of"),
@@ -258,7 +258,7 @@ def test_a_bad_spec_exits_2_from_the_cli(tmp_path, capsys):
     p.write_text(yaml.safe_dump({"model": DDPM, "latents": lat(guidance={"reward": "r/", "scale": 1.0}),
                                  "descriptors": {"local_rank": {}}}))
     assert main(["run", str(p), "--out", str(tmp_path / "out")]) == 2
-    assert "latents.guidance.scale" in capsys.readouterr().err
+    assert "latents.guidance.reward" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -19,12 +19,14 @@ refuse a model without noise prediction before any work) and again, lazily, in e
 not pickled with the source). The sampler runs in the model's dtype (float32 for the zoo models,
 ``model.dtype`` for diffusers), whatever the job's ``execution.dtype``.
 
-Columns: ``noise_seed`` (= seed), ``guidance_scale`` (0.0 until guidance exists), ``prompt_id``
-(a conditioned model's prompt), ``trajectory_id`` and ``step`` (trajectory) and ``z`` (the
-record's latent, flattened, with ``save_latent: true``).
+Columns: ``noise_seed`` (= seed), ``guidance_scale`` (``latents.guidance.scale``, 0.0 without
+guidance), ``prompt_id`` (a conditioned model's prompt), ``trajectory_id`` and ``step``
+(trajectory) and ``z`` (the record's latent, flattened, with ``save_latent: true``).
 
-``guidance`` ({reward, scale, window}) is accepted by the schema; any scale but 0 is refused until
-the reward model exists (the hook is :func:`geomjobs.sampling.reward_guidance`).
+``guidance`` ({reward, scale, window}): classifier guidance by a reward folder's r(z_t, t)
+(:mod:`geomjobs.reward.guidance`, which loads and checks the folder when the spec is planned). The
+reward's parameters travel with the source when it is pickled; at ``scale: 0`` no hook is
+installed, so the samples are bitwise the unguided job's.
 """
 from __future__ import annotations
 
@@ -94,15 +96,31 @@ class _Run:
     """The generator and the jitted batch samplers of one source, built on first use in each
     process and dropped when pickled (workers rebuild them)."""
 
-    def __init__(self, model: dict, sampler: sampling.Sampler, batch_size: int, gen=None):
+    def __init__(self, model: dict, sampler: sampling.Sampler, batch_size: int, gen=None, guide=None):
         self.model, self.sampler, self.batch_size = model, sampler, batch_size
+        self.guide = guide           # geomjobs.reward.guidance.Guide or None (pickled with its reward)
         self._gen, self._fns = gen, {}
 
     def __getstate__(self):
-        return {"model": self.model, "sampler": self.sampler, "batch_size": self.batch_size}
+        return {"model": self.model, "sampler": self.sampler, "batch_size": self.batch_size, "guide": self.guide}
 
     def __setstate__(self, state):
-        self.__init__(state["model"], state["sampler"], state["batch_size"])
+        self.__init__(state["model"], state["sampler"], state["batch_size"], guide=state.get("guide"))
+
+    def compiled_count(self) -> int:
+        """Programs compiled by this process's batch samplers (one per ``record`` flag used)."""
+        return sum(f.jitted._cache_size() for f in self._fns.values())
+
+    def _sampler_fn(self, record: bool):
+        """(jitted batch sampler, its params): the model's alone, or with an active guide the
+        guided denoiser and ``{"model": ..., "reward": ...}``."""
+        from geomjobs.reward import guidance
+
+        gen, g = self.gen, self.guide
+        if g is None or not g.active:
+            return sampling.batch_sampler(gen.denoiser, self.sampler, record=record), gen.params
+        fn = sampling.batch_sampler(guidance.guided_denoiser(gen.denoiser), self.sampler, record=record, guidance=g.hook())
+        return fn, {"model": gen.params, "reward": g.reward.params}
 
     @property
     def gen(self):
@@ -118,8 +136,8 @@ class _Run:
         gen, s, B = self.gen, self.sampler, self.batch_size
         shape = tuple(gen.latent_shape)
         if record not in self._fns:
-            self._fns[record] = sampling.batch_sampler(gen.denoiser, s, record=record)
-        fn = self._fns[record]
+            self._fns[record], self._params = self._sampler_fn(record)
+        fn, params = self._fns[record], self._params
         out = []
         for lo in range(0, len(indices), B):
             chunk = [int(i) for i in indices[lo:lo + B]]
@@ -128,19 +146,17 @@ class _Run:
             x_T = jnp.asarray(np.stack([sampling.initial_noise(seed, i, shape) for i in pad]).astype(gen.dtype))
             noise = (jnp.asarray(np.stack([sampling.step_noise(seed, i, s.steps, shape) for i in pad]).astype(gen.dtype))
                      if s.stochastic else None)
-            res = fn(gen.params, x_T, noise)
+            res = fn(params, x_T, noise)
             out.append(np.asarray(res[1] if record else res, np.float64)[:len(chunk)])
         tail = (s.steps + 1, *shape) if record else shape
         return np.concatenate(out) if out else np.zeros((0, *tail))
 
 
-def _config(lat: dict) -> tuple[dict, sampling.Sampler, Any]:
-    """(resolved section, Sampler, built generator) of a validated sampled / trajectory section,
-    every check done before any work: guidance first, then the sampler, then the model."""
+def _config(lat: dict) -> tuple[dict, sampling.Sampler, Any, Any]:
+    """(resolved section, Sampler, built generator, Guide or None) of a validated sampled /
+    trajectory section, every check done before any work: the guidance window first, then the
+    sampler, then the model, then the reward folder against the model."""
     g = lat.get("guidance")
-    if g is not None and float(g["scale"]) != 0.0:
-        raise SpecError("latents.guidance.scale", "guidance needs the reward model (not yet available); "
-                                                  "only scale: 0 is valid")
     if g is not None and "window" in g and g["window"][0] > g["window"][1]:
         raise SpecError("latents.guidance.window", f"expected [lo, hi] with lo <= hi, got {g['window']}")
     cfg = {**SAMPLER_DEFAULTS, **lat.get("sampler", {})}
@@ -153,9 +169,12 @@ def _config(lat: dict) -> tuple[dict, sampling.Sampler, Any]:
     T = gen.denoiser.num_timesteps
     if sampler.steps > T:
         raise SpecError("latents.sampler.steps", f"expected at most T = {T} (the model's timesteps), got {sampler.steps}")
+    from geomjobs.reward.guidance import resolve_guidance
+
+    guide = resolve_guidance(g, gen, sampler)
     resolved = {**copy.deepcopy(lat), "sampler": cfg, "seed": lat.get("seed", 0),
                 "save_latent": lat.get("save_latent", False), "batch_size": lat.get("batch_size", DEFAULT_BATCH)}
-    return resolved, sampler, gen
+    return resolved, sampler, gen, guide
 
 
 def _z_column(z: np.ndarray) -> list:
@@ -238,9 +257,9 @@ class Trajectory(Sampled):
 
 
 def _build(cls, lat: dict, count_of) -> Sampled:
-    resolved, sampler, gen = _config(lat)
-    run = _Run(_model_section(lat), sampler, resolved["batch_size"], gen)
-    scale = float(lat.get("guidance", {}).get("scale", 0.0))
+    resolved, sampler, gen, guide = _config(lat)
+    run = _Run(_model_section(lat), sampler, resolved["batch_size"], gen, guide)
+    scale = 0.0 if guide is None else guide.scale
     return cls(count_of(resolved["count"], sampler), tuple(gen.latent_shape), run=run, seed=resolved["seed"],
                save_latent=resolved["save_latent"], guidance_scale=scale, resolved=resolved)
 
