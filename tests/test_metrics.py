@@ -144,3 +144,26 @@ def test_frechet_rejects_bad_input(rng):
         frechet_distance(rng.standard_normal((5, 3)), rng.standard_normal((5, 4)))
     with pytest.raises(ValueError, match="at least 2"):
         frechet_distance(rng.standard_normal((1, 3)), rng.standard_normal((5, 3)))
+
+
+# --------------------------------------------------------------------------------------------
+# the vendi-score package (0.0.3) as an oracle at q = 1 (its score_X ignores q, so only q = 1 is
+# compared; its eigvalsh of K / n keeps rounding-level negative eigenvalues out via p > 0)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(50, 8), (12, 40), (200, 128)])
+def test_vendi_equals_the_vendi_score_package_at_q1(rng, shape):
+    import warnings
+
+    vs = pytest.importorskip("vendi_score.vendi")
+    x = rng.standard_normal(shape) + 0.5 * rng.standard_normal(shape[1])     # correlated items
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)                 # its scipy.sparse.csr namespace
+        want_x = vs.score_X(x, q=1)
+        want_k = vs.score_K(cosine_kernel(x), q=1)
+        want_dual = vs.score_dual(x, q=1)
+    # both are exp(entropy) of the same eigenvalues in float64: agreement to ~1e-10 relative
+    assert vendi_score(x, 1) == pytest.approx(want_x, rel=1e-9)
+    assert vendi_score(x, 1) == pytest.approx(want_k, rel=1e-9)
+    assert vendi_score(x, 1) == pytest.approx(want_dual, rel=1e-9)
+    assert vendi_score(cosine_kernel(x), 1, kernel=True) == pytest.approx(want_k, rel=1e-9)
