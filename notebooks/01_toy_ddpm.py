@@ -116,7 +116,7 @@ save_figure(fig, out_dir, "gap_vs_t")
 # ## Descriptor maps, with the on-manifold set outlined
 
 # %%
-show = [t for t in timesteps if t in (0, 5, 17, 50, 99)] or timesteps[:5]
+show = sorted({timesteps[i] for i in np.linspace(0, len(timesteps) - 1, min(5, len(timesteps))).round().astype(int)})
 fig, axes = plt.subplots(3, len(show), figsize=(3.3 * len(show), 8.4), constrained_layout=True, squeeze=False)
 for j, t in enumerate(show):
     g = df[df.timestep == t]
