@@ -49,7 +49,7 @@ from geomjobs.zoo.gmm2d import gmm_data, gmm_modes
 
 full, out_dir = notebook_env("01_toy_ddpm", full, out_dir)
 if full:
-    resolution, timesteps = 256, [0, 1, 2, 3, 5, 7, 10, 13, 17, 21, 25, 30, 40, 50, 60, 70, 85, 99]
+    resolution, timesteps = 128, [0, 2, 5, 8, 10, 13, 17, 21, 25, 30, 40, 50, 70, 99]
 T = 100
 print(f"full={full} resolution={resolution} timesteps={timesteps} out_dir={out_dir}")
 
