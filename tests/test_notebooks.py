@@ -42,9 +42,13 @@ def test_notebook_runs_as_a_script_at_its_defaults(path, tmp_path):
 
 def test_the_cheapest_notebook_runs_through_nbclient_on_a_kernel(tmp_path):
     path = next(p for p in NOTEBOOKS if p.stem == KERNEL_NOTEBOOK)
-    nb = rn.run_kernel(path, str(tmp_path), full=False, timeout=600)
+    # fewer images than its defaults (which the script test runs): the injected cell must win
+    nb = rn.run_kernel(path, str(tmp_path), full=False, timeout=600, parameters={"n_images": 60})
     tags = [c.metadata.get("tags", []) for c in nb.cells]
-    assert ["parameters"] in tags
+    at = tags.index(["parameters"])
+    assert tags[at + 1] == ["injected-parameters"]
+    printed = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "stream")
+    assert "n_images=60" in printed and "60 held-out digits" in printed
     code = [c for c in nb.cells if c.cell_type == "code" and c.source.strip() and not c.source.startswith("# ruff")]
     assert all(c.get("execution_count") for c in code)
     assert not [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"]
@@ -56,15 +60,18 @@ def test_runner_runs_selected_notebooks_and_reports_failures(tmp_path, capsys):
     d.mkdir()
     (d / "a_ok.py").write_text(textwrap.dedent('''
         # %% tags=["parameters"]
-        full = None
-        out_dir = None
+        # the environment the runner hands a notebook (what notebook_env reads), with no heavy imports
+        import os
+        import zlib, struct
+        out_dir, full = os.environ["GEOMJOBS_NB_OUT"], os.environ["GEOMJOBS_NB_FULL"] == "1"
         # %%
-        import matplotlib.pyplot as plt
-        from geomjobs.analysis import notebook_env, save_figure
-        full, out_dir = notebook_env("a_ok", full, out_dir)
-        fig, ax = plt.subplots()
-        ax.plot([0, 1], [0, 1 if not full else 2])
-        save_figure(fig, out_dir, "full" if full else "small")
+        def png(w, h):   # a valid grey PNG written by hand
+            chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+            raw = b"".join(b"\\x00" + bytes([(x * 4) % 256 for x in range(w)]) for _ in range(h))
+            return (b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+                    + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+        with open(os.path.join(out_dir, "full.png" if full else "small.png"), "wb") as f:
+            f.write(png(64, 64))
         print("finished")
     '''))
     (d / "b_fails.py").write_text("raise RuntimeError('broken notebook')\n")
@@ -77,3 +84,7 @@ def test_runner_runs_selected_notebooks_and_reports_failures(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no notebook matches"):
         rn.main(["--dir", str(d), "--out", str(out), "zzz"])
     assert os.environ.get("GEOMJOBS_NB_FULL") in (None, "0")   # the runner sets it for the child only
+    import nbformat
+
+    with pytest.raises(ValueError, match="no cell tagged 'parameters'"):
+        rn.inject_parameters(nbformat.v4.new_notebook(), {"a": 1})

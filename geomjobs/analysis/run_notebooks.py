@@ -53,15 +53,32 @@ def run_script(path: Path, out_dir: str, full: bool = False, timeout: float | No
                           capture_output=True, text=True, timeout=timeout)
 
 
-def run_kernel(path: Path, out_dir: str, full: bool = False, timeout: int = 600, kernel_name: str = "python3"):
+def inject_parameters(nb, parameters: dict) -> None:
+    """Insert a code cell tagged ``injected-parameters`` right after the cell tagged ``parameters``
+    (papermill's convention) assigning ``parameters`` (their repr), so they override the defaults."""
+    import nbformat
+
+    where = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    if not where:
+        raise ValueError("the notebook has no cell tagged 'parameters'")
+    src = "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
+    cell = nbformat.v4.new_code_cell(src, metadata={"tags": ["injected-parameters"]})
+    nb.cells.insert(where[0] + 1, cell)
+
+
+def run_kernel(path: Path, out_dir: str, full: bool = False, timeout: int = 600, kernel_name: str = "python3",
+               parameters: dict | None = None):
     """Execute the notebook through jupytext + nbclient on a real kernel (cwd: the output folder);
-    returns the executed nbformat notebook (raises nbclient's CellExecutionError on a failing cell).
-    The kernel gets the notebook environment through os.environ, restored afterwards."""
+    ``parameters`` override the parameters cell's values (:func:`inject_parameters`). Returns the
+    executed nbformat notebook (raises nbclient's CellExecutionError on a failing cell). The
+    kernel gets the notebook environment through os.environ, restored afterwards."""
     import jupytext
     from nbclient import NotebookClient
 
     os.makedirs(out_dir, exist_ok=True)
     nb = jupytext.read(str(path))
+    if parameters:
+        inject_parameters(nb, parameters)
     saved = dict(os.environ)
     os.environ.clear()
     os.environ.update(notebook_environment(out_dir, full))
