@@ -44,7 +44,17 @@ import numpy as np
 import pandas as pd
 
 from geomjobs import run_job
-from geomjobs.analysis import correlations, notebook_env, on_manifold_mask, read_ok, save_figure, slice_grid, slice_heatmap, two_sample
+from geomjobs.analysis import (
+    correlations,
+    format_p,
+    notebook_env,
+    on_manifold_mask,
+    read_ok,
+    save_figure,
+    slice_grid,
+    slice_heatmap,
+    two_sample,
+)
 from geomjobs.zoo.gmm2d import gmm_data, gmm_modes
 
 full, out_dir = notebook_env("01_toy_ddpm", full, out_dir)
@@ -172,13 +182,15 @@ lines = [
     f"Most negative psi gap at t = {t_min_psi} ({t_min_psi / T:.2f} T, {piv['psi'].min():+.3f}); "
     f"most negative nu gap at t = {t_min_nu} ({t_min_nu / T:.2f} T, {piv['nu'].min():+.3f}); "
     f"largest delta gap at t = {t_max_delta} ({t_max_delta / T:.2f} T, {piv['delta'].max():+.3f}).",
+    f"Signs over the {len(piv)} timesteps: psi gap < 0 at {int((piv['psi'] < 0).sum())}, nu gap < 0 at "
+    f"{int((piv['nu'] < 0).sum())}, delta gap > 0 at {int((piv['delta'] > 0).sum())}.",
     f"Paper: psi and nu gaps most negative near 0.17 T and delta largest there -> psi: "
     f"{'reproduced' if abs(t_min_psi / T - 0.17) <= 0.1 and piv['psi'].min() < 0 else 'not reproduced'}, nu: "
     f"{'reproduced' if abs(t_min_nu / T - 0.17) <= 0.1 and piv['nu'].min() < 0 else 'not reproduced'}, delta: "
     f"{'reproduced' if abs(t_max_delta / T - 0.17) <= 0.1 and piv['delta'].max() > 0 else 'not reproduced'} "
     f"(within 0.1 T of 0.17 T and of the stated sign).",
     f"psi on the circle of modes at t = {t17}: {ring.loc[t17, 'psi_anti_mode']:.3f} near the anti-modes vs "
-    f"{ring.loc[t17, 'psi_mode']:.3f} near the modes (Welch p = {ring.loc[t17, 'welch_p']:.2g}, Cohen's d = "
+    f"{ring.loc[t17, 'psi_mode']:.3f} near the modes (Welch p = {format_p(ring.loc[t17, 'welch_p'])}, Cohen's d = "
     f"{ring.loc[t17, 'cohens_d']:+.2f}); anti-mode psi > mode psi at {int((ring['diff'] > 0).sum())} of {len(ring)} timesteps "
     f"(significant, p < 0.01: {int(((ring['diff'] > 0) & (ring.welch_p < 0.01)).sum())}).",
     f"Spearman rho(psi, nu) at t = {t17}: {corr.loc['local_scaling', 'local_rank']:.3f}.",

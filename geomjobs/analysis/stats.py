@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-__all__ = ["ci95_halfwidth", "correlations", "level_sets", "on_manifold_mask", "two_sample"]
+__all__ = ["ci95_halfwidth", "correlations", "format_p", "level_sets", "on_manifold_mask", "two_sample"]
 
 
 def _frame(df) -> pd.DataFrame:
@@ -191,3 +191,11 @@ def correlations(df, columns, method: str = "spearman") -> pd.DataFrame:
         raise KeyError(f"columns {missing} are not in the table; it has {list(frame.columns)}")
     sub = frame[columns].astype(np.float64).dropna()
     return sub.corr(method=method)
+
+
+def format_p(p: float) -> str:
+    """A p-value for a sentence: 2 significant digits, '< 1e-300' where it underflowed to 0."""
+    p = float(p)
+    if math.isnan(p):
+        return "nan"
+    return "< 1e-300" if p == 0.0 else f"{p:.2g}"
