@@ -182,6 +182,8 @@ lines = [
     f"Most negative psi gap at t = {t_min_psi} ({t_min_psi / T:.2f} T, {piv['psi'].min():+.3f}); "
     f"most negative nu gap at t = {t_min_nu} ({t_min_nu / T:.2f} T, {piv['nu'].min():+.3f}); "
     f"largest delta gap at t = {t_max_delta} ({t_max_delta / T:.2f} T, {piv['delta'].max():+.3f}).",
+    "Largest |gap| at t = " + ", ".join(f"{piv[d].abs().idxmax()} for {d} ({piv[d][piv[d].abs().idxmax()]:+.3f})"
+                                        for d in ("psi", "nu", "delta")) + ".",
     f"Signs over the {len(piv)} timesteps: psi gap < 0 at {int((piv['psi'] < 0).sum())}, nu gap < 0 at "
     f"{int((piv['nu'] < 0).sum())}, delta gap > 0 at {int((piv['delta'] > 0).sum())}.",
     f"Paper: psi and nu gaps most negative near 0.17 T and delta largest there -> psi: "
