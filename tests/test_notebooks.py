@@ -29,7 +29,7 @@ def check_pngs(out_dir) -> list[Path]:
 
 def test_the_notebooks_folder_holds_the_analyses():
     stems = {p.stem for p in NOTEBOOKS}
-    assert {"01_toy_ddpm", "02_vae_digits", "06_corruptions"} <= stems, stems
+    assert {"01_toy_ddpm", "02_vae_digits", "06_corruptions", "07_reward_guidance"} <= stems, stems
     assert not list(rn.NOTEBOOKS_DIR.glob("*.ipynb")), "no .ipynb is committed: notebooks are py:percent sources"
 
 
