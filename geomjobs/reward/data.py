@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -104,6 +105,8 @@ class RewardSource:
     origin: str                     # "spec" (rebuilt) | "z column"
     latents: object = dataclasses.field(default=None, repr=False)     # LatentSource, for origin "spec"
     z_column: np.ndarray | None = dataclasses.field(default=None, repr=False)   # (n, d) in dtype, origin "z column"
+    # latent sources keep caches (encoded blocks, the last sampler run): one caller at a time
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     @property
     def spec_hash(self) -> str:
@@ -115,7 +118,8 @@ class RewardSource:
         rows = np.asarray(rows, np.int64)
         if self.origin == "z column":
             return self.z_column[rows].reshape(len(rows), *self.latent_shape)
-        z = self.latents.latents(self.ids[rows])
+        with self._lock:
+            z = self.latents.latents(self.ids[rows])
         return np.asarray(np.asarray(z, np.float64).reshape(len(rows), -1), _np_dtype(self.dtype)).reshape(len(rows), *self.latent_shape)
 
     def z(self, rows: np.ndarray) -> np.ndarray:

@@ -239,13 +239,13 @@ def train(datasets: list[str], out: str, target: str = "local_scaling", config: 
     params0 = rm.init_params(net, config.seed)
     if state is None:
         norm = _normalisation(sources, train_rows, config.seed)
-        params, opt_state = params0, tx.init(params0)
+        params, opt_state = params0, jax.jit(tx.init)(params0)
         best = {"params": params0, "loss": float("inf"), "step": 0}
         step, bad, history = 0, 0, []
     else:
         norm = {k: float(v) for k, v in state["norm"].items()}
         params = serialization.from_state_dict(params0, state["params"])
-        opt_state = serialization.from_state_dict(tx.init(params0), state["opt_state"])
+        opt_state = serialization.from_state_dict(jax.eval_shape(tx.init, params0), state["opt_state"])
         best = {"params": serialization.from_state_dict(params0, state["best_params"]),
                 "loss": float(state["best_loss"]), "step": int(state["best_step"])}
         step, bad = int(state["step"]), int(state["bad"])
@@ -291,15 +291,25 @@ def train(datasets: list[str], out: str, target: str = "local_scaling", config: 
 
         bar = tqdm(total=config.steps, initial=step, desc="reward train", unit="step", file=sys.stderr)
     losses = []
+    # throughput of the training loop (batches rebuilt on the fly), the first step (its compile)
+    # and the evaluations / checkpoints left out
+    clock = {"start": None, "steps": 0, "paused": 0.0}
     try:
         while step < config.steps and not stopped_early:
             z, t, y = batches.get(step)
             params, opt_state, loss = train_step(params, opt_state, jnp.asarray(z), jnp.asarray(t), jnp.asarray(y))
             step += 1
             losses.append(loss)
+            if clock["start"] is None:
+                jax.block_until_ready(loss)
+                clock["start"] = time.perf_counter()
+            else:
+                clock["steps"] += 1
             if bar is not None:
                 bar.update(1)
             if step % config.eval_every == 0 or step == config.steps:
+                jax.block_until_ready(loss)
+                paused = time.perf_counter()
                 vl = val_loss(params)
                 tl = float(np.mean(jax.device_get(losses))) if losses else float("nan")
                 losses = []
@@ -316,8 +326,10 @@ def train(datasets: list[str], out: str, target: str = "local_scaling", config: 
                            "opt_state": serialization.to_state_dict(jax.device_get(opt_state)),
                            "best_params": serialization.to_state_dict(jax.device_get(best["params"])),
                            "best_loss": best["loss"], "best_step": best["step"], "history": json.dumps(history)})
+                clock["paused"] += time.perf_counter() - paused
                 if stop_after is not None and step >= stop_after:
                     return {"stopped_at": step}
+        jax.block_until_ready(params)
     finally:
         batches.close()
         if bar is not None:
@@ -335,9 +347,17 @@ def train(datasets: list[str], out: str, target: str = "local_scaling", config: 
                   "loss": "mse of the target normalised by its training mean/std", "split": "split_unit(sample_id) < val_fraction"},
         n_train=int(len(train_rows)), n_val=int(len(val_rows)), val_r2=r2_score(y, pr), val_spearman=spearman(y, pr),
         val_rmse=float(np.sqrt(np.mean((y - pr) ** 2))), best_step=int(best["step"]), steps_run=int(step),
-        stopped_early=bool(stopped_early), history=history, seconds=round(time.time() - started, 2))
+        stopped_early=bool(stopped_early), history=history, seconds=round(time.time() - started, 2),
+        train_rows_per_s=_rate(clock, batches.batch_size))
     rm.save_reward(out, best["params"], meta)
     return meta
+
+
+def _rate(clock: dict, batch: int) -> float | None:
+    if clock["start"] is None or clock["steps"] == 0:
+        return None
+    busy = time.perf_counter() - clock["start"] - clock["paused"]
+    return round(clock["steps"] * batch / busy, 1) if busy > 0 else None
 
 
 def config_from_args(args) -> TrainConfig:
