@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import numpy as np
 
+from geomjobs.latents.streams import per_sample_normal
 from geomjobs.spec import SpecError
 
 
@@ -19,6 +21,9 @@ class LatentSource:
     count: int
     shape: tuple[int, ...]
     resolved: dict = dataclasses.field(default_factory=dict, kw_only=True)   # the latents section, defaults filled
+    # latents(ids) is plain host code (numpy, pyarrow; no JAX, no precision context), safe to call
+    # from another thread: runner.shards then makes the next chunk's latents while the engine runs
+    host_only: ClassVar[bool] = False
 
     def latents(self, ids: np.ndarray) -> np.ndarray:
         """(len(ids), *shape) float64 latents for these sample ids."""
@@ -37,17 +42,19 @@ class LatentSource:
 
 @dataclasses.dataclass
 class Gaussian(LatentSource):
+    host_only: ClassVar[bool] = True
     seed: int = 0
     scale: float = 1.0
 
     def latents(self, ids):
-        # One generator per sample, seeded by (seed, i): independent of sharding and batching.
-        return np.stack([np.random.default_rng([self.seed, int(i)]).standard_normal(self.shape) * self.scale
-                         for i in ids]) if len(ids) else np.zeros((0, *self.shape))
+        # One generator per sample, default_rng([seed, i]): independent of sharding and batching
+        # (streams.per_sample_normal draws exactly its values, with the seeding vectorised)
+        return per_sample_normal(self.seed, ids, tuple(self.shape)) * self.scale
 
 
 @dataclasses.dataclass
 class Grid2d(LatentSource):
+    host_only: ClassVar[bool] = True
     low: tuple[float, float] = (0.0, 0.0)
     high: tuple[float, float] = (1.0, 1.0)
     resolution: tuple[int, int] = (1, 1)
@@ -78,6 +85,7 @@ class Plane3(LatentSource):
     at (0, 0), (|a1 - a0|, 0) and (<a2 - a0, e1>, <a2 - a0, e2>). The grid covers the anchors'
     bounding box in plane coordinates, widened by ``margin`` times its size on every side.
     """
+    host_only: ClassVar[bool] = True
     anchors: np.ndarray = None
     resolution: tuple[int, int] = (1, 1)
     margin: float = 0.25
@@ -115,6 +123,7 @@ class Plane3(LatentSource):
 
 @dataclasses.dataclass
 class ParquetLatents(LatentSource):
+    host_only: ClassVar[bool] = True
     uri: str = ""
     column: str = ""
 

@@ -112,7 +112,7 @@ class Progress:
             from tqdm import tqdm
 
             plan = job.plan
-            already = sum(len(plan.shard_ids(s)) for s in job.done)
+            already = sum(plan.shard_rows(s) for s in job.done)
             self._bar = tqdm(total=plan.count, initial=already, unit="sample", desc=plan.job_id, file=sys.stderr,
                              smoothing=0.1, dynamic_ncols=True)
 

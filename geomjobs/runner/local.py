@@ -6,6 +6,7 @@ The Ray driver (``geomjobs.runner.ray_driver``) shares the job prologue
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import math
 import os
@@ -28,7 +29,8 @@ def run_local(spec: dict, out: str | None = None, *, resume: bool = False, progr
 
 
 def drive_local(job: OpenJob, progress: bool = True) -> JobResult:
-    """Compute ``job.todo`` in this process, one shard after another."""
+    """Compute ``job.todo`` in this process, one shard after another (each one's write overlaps
+    the next one's computation)."""
     plan, ds = job.plan, job.ds
     engine = Engine(plan)
     retries = Retries(plan.spec["execution"]["max_retries"], ds)
@@ -41,20 +43,55 @@ def drive_local(job: OpenJob, progress: bool = True) -> JobResult:
 
 
 def _compute(job: OpenJob, engine: Engine, retries: Retries, bar: Progress) -> int:
+    """Compute ``job.todo``, each shard's write overlapping the next shard's computation (one
+    writer thread, at most one table waiting for it). A shard whose computation or write fails
+    is retried in line, computed and committed before the next (the retry policy's count)."""
     plan, ds = job.plan, job.ds
-    computed = 0
-    for shard in job.todo:
-        while True:
+    done = [0]
+
+    def settle(shard, write) -> None:
+        try:
+            write.result()
+            done[0] += 1
+            bar.update(plan.shard_rows(shard))
+        except Exception as e:  # noqa: BLE001 - a failed write is a failed attempt of its shard
+            if retries.failed(shard, format_exception(e)):
+                _in_line(job, engine, retries, bar, shard, done)
+            else:
+                bar.update(plan.shard_rows(shard))
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="geomjobs-writer") as writer:
+        pending = None
+        for shard in job.todo:
             try:
                 table = compute_shard(plan, shard, engine)
-                ds.commit_shard(shard, table, worker="local", engine=engine.describe())
-                computed += 1
-                break
             except Exception as e:  # noqa: BLE001 - a shard failure is recorded, the job goes on
-                if not retries.failed(shard, format_exception(e)):
-                    break
-        bar.update(len(plan.shard_ids(shard)))
-    return computed
+                if retries.failed(shard, format_exception(e)):
+                    _in_line(job, engine, retries, bar, shard, done)
+                else:
+                    bar.update(plan.shard_rows(shard))
+                continue
+            if pending is not None:
+                settle(*pending)
+            pending = shard, writer.submit(ds.commit_shard, shard, table, worker="local", engine=engine.describe())
+            del table
+        if pending is not None:
+            settle(*pending)
+    return done[0]
+
+
+def _in_line(job: OpenJob, engine: Engine, retries: Retries, bar: Progress, shard: int, done: list) -> None:
+    """Retry ``shard`` until it commits or its attempts are used up (then it is recorded)."""
+    plan, ds = job.plan, job.ds
+    while True:
+        try:
+            ds.commit_shard(shard, compute_shard(plan, shard, engine), worker="local", engine=engine.describe())
+            done[0] += 1
+            break
+        except Exception as e:  # noqa: BLE001 - a shard failure is recorded, the job goes on
+            if not retries.failed(shard, format_exception(e)):
+                break
+    bar.update(plan.shard_rows(shard))
 
 
 @contextlib.contextmanager

@@ -46,6 +46,10 @@ class Plan:
     def num_shards(self) -> int:
         return math.ceil(self.count / self.shard_size)
 
+    def shard_rows(self, shard: int) -> int:
+        """How many samples shard ``shard`` holds (without making its ids)."""
+        return max(0, min(self.shard_size, self.count - shard * self.shard_size))
+
     def shard_ids(self, shard: int) -> np.ndarray:
         if not 0 <= shard < self.num_shards:
             raise IndexError(f"shard {shard} out of range 0..{self.num_shards - 1}")

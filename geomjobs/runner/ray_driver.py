@@ -393,7 +393,7 @@ class _Driver:
             self.queue.append(shard)
             return
         log.warning("shard %d failed after %d attempts: %s", shard, self.retries.attempts[shard], error)
-        self.bar.update(len(self.job.plan.shard_ids(shard)))
+        self.bar.update(self.job.plan.shard_rows(shard))
 
 
 def _short(e: BaseException, limit: int = 2000) -> str:

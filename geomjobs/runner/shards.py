@@ -3,8 +3,16 @@
 :func:`compute_shard` is a pure function of (plan, shard index): the same records whatever
 process, machine, shard order or batch size computes it (up to float rounding of batching),
 so the local driver and the Ray workers call it unchanged.
+
+Inside a shard the latents are made one chunk ahead of the engine (a thread: the engine's
+compiled step releases the GIL), for sources that are plain host code
+(``LatentSource.host_only``); the chunks are whole engine batches, so the batches the engine
+sees are the ones it would see for the whole shard. Record columns are built as arrays
+(no per-record Python loop beyond the error list).
 """
 from __future__ import annotations
+
+import concurrent.futures
 
 import numpy as np
 import pyarrow as pa
@@ -13,42 +21,82 @@ from geomjobs.records import records_table
 from geomjobs.runner.engine import Engine
 from geomjobs.runner.plan import Plan
 
+PREFETCH_SAMPLES = 2048    # latents are made this many samples (rounded to whole batches) ahead
+
 
 def compute_shard(plan: Plan, shard: int, engine: Engine) -> pa.Table:
     """The records of one shard, computed by ``engine`` (built once per process from ``plan``:
     the caller owns it, so nothing is cached behind its back)."""
     ids = plan.shard_ids(shard)
-    z = plan.latents.latents(ids)
-    t = plan.latents.denoiser_timesteps(ids)
-    res, errors = engine.compute(z, t)
-    ok = np.array([e is None for e in errors])
+    res, errors, t = _descriptors(plan, ids, engine)
+    return shard_table(plan, shard, ids, res, errors, t)
+
+
+def _inputs(plan: Plan, ids: np.ndarray):
+    return plan.latents.latents(ids), plan.latents.denoiser_timesteps(ids)
+
+
+def _descriptors(plan: Plan, ids: np.ndarray, engine: Engine):
+    """The engine's results and errors for ``ids``, and the records' own timesteps (or None)."""
+    bs = engine.batch_size
+    step = bs * max(1, PREFETCH_SAMPLES // bs)
+    chunks = [ids[i:i + step] for i in range(0, len(ids), step)] or [ids]
+    if len(chunks) == 1 or not getattr(plan.latents, "host_only", False):
+        z, t = _inputs(plan, ids)
+        res, errors = engine.compute(z, t)
+        return res, errors, t
+    parts, errors, times = [], [], []
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="geomjobs-latents") as pool:
+        ahead = pool.submit(_inputs, plan, chunks[0])
+        for k in range(len(chunks)):
+            z, t = ahead.result()
+            if k + 1 < len(chunks):
+                ahead = pool.submit(_inputs, plan, chunks[k + 1])
+            r, e = engine.compute(z, t)
+            parts.append(r)
+            errors += e
+            times.append(t)
+    res = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    t = None if times[0] is None else np.concatenate(times)
+    return res, errors, t
+
+
+def shard_table(plan: Plan, shard: int, ids: np.ndarray, res: dict, errors: list, t) -> pa.Table:
+    """The shard's records in the record schema, from the engine's per-sample arrays."""
     n = len(ids)
+    ok = np.fromiter((e is None for e in errors), bool, count=n)
+    bad = ~ok
     gen = plan.generator
     cols: dict = {
         "sample_id": ids,
         "shard_id": np.full(n, shard, np.int32),
-        "model_id": [gen.model_id] * n,
-        "timestep": [int(v) for v in t] if t is not None else [gen.timestep] * n,
-        "prompt_id": [gen.prompt_id] * n,
-        "status": ["ok" if o else "error" for o in ok],
+        "model_id": pa.repeat(gen.model_id, n),
+        "timestep": np.asarray(t, np.int32) if t is not None else pa.repeat(gen.timestep, n).cast(pa.int32()),
+        "prompt_id": pa.repeat(gen.prompt_id, n).cast(pa.int64()),
+        "status": np.where(ok, "ok", "error"),
         "error": errors,
     }
     cols.update(plan.latents.columns(ids))
     desc = plan.spec["descriptors"]
 
-    def masked(values, cast=float):
-        return [cast(v) if o else None for v, o in zip(values, ok)]
+    def masked(key, dtype=np.float64):
+        return np.ma.masked_array(np.asarray(res[key], dtype), mask=bad)
+
+    def lists(key, dtype):
+        values = np.asarray(res[key], dtype).reshape(n, -1)
+        width = values.shape[1]
+        arr = pa.ListArray.from_arrays(pa.array(np.arange(0, n * width + 1, width, dtype=np.int32)),
+                                       pa.array(values.reshape(-1)))
+        return arr if ok.all() else pa.ListArray.from_arrays(arr.offsets, arr.values, mask=pa.array(bad))
 
     if "local_scaling" in desc:
-        cols["local_scaling"] = masked(res["local_scaling"])
+        cols["local_scaling"] = masked("local_scaling")
         if "local_rank" in desc:
-            cols["local_rank"] = masked(res["local_rank"])
+            cols["local_rank"] = masked("local_rank")
         if desc["local_scaling"].get("save_singular_values"):
-            cols["singular_values"] = [s.astype(np.float64).tolist() if o else None
-                                       for s, o in zip(res["singular_values"], ok)]
+            cols["singular_values"] = lists("singular_values", np.float64)
     if "local_complexity" in desc:
-        cols["local_complexity"] = masked(res["local_complexity"], int)
+        cols["local_complexity"] = masked("local_complexity", np.int64)
         if desc["local_complexity"].get("per_layer"):
-            cols["local_complexity_per_layer"] = [p.astype(np.int64).tolist() if o else None
-                                                  for p, o in zip(res["local_complexity_per_layer"], ok)]
+            cols["local_complexity_per_layer"] = lists("local_complexity_per_layer", np.int64)
     return records_table(cols, job_metadata={"job_id": plan.job_id, "spec_hash": plan.hash})
