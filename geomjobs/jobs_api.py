@@ -11,6 +11,10 @@
   ``cluster/``).
 
 and submits ``python -m geomjobs.cli run spec.yaml --address auto [--out URI] [--resume]``.
+Before that it checks the cluster (:func:`check_cluster`): a short job of its own runs
+``python`` as the real entrypoint would (the first ``python`` on the head's PATH, with the same
+package) and imports what a geomjobs job imports; if that fails, nothing is submitted and the
+error (exit 2) names the interpreter, the failed import and the remedy.
 The output should be a gs:// URI (or a path on storage every node shares): a local path is a
 path on the cluster's machines. A relative local output is made absolute on the client, as
 ``geomjobs run`` would.
@@ -112,11 +116,90 @@ def build_submission(spec_path: str, *, out: str | None = None, resume: bool = F
 
 
 def submit(spec_path: str, address: str | None = None, *, out: str | None = None, resume: bool = False,
-           submission_id: str | None = None) -> str:
-    """Submit a job spec through the Ray Jobs API; returns the submission (job) id."""
+           submission_id: str | None = None, check: bool | None = None) -> str:
+    """Submit a job spec through the Ray Jobs API; returns the submission (job) id.
+
+    First (unless ``check`` is False, or None and ``GEOMJOBS_SUBMIT_CHECK=0``) the cluster is
+    asked to run :data:`CHECK_ENTRYPOINT` with the job's runtime env (:func:`check_cluster`): a
+    cluster whose job entrypoints cannot import geomjobs and its dependencies is refused with a
+    SpecError (exit 2) saying what to do, before the job is submitted."""
+    if check is None:
+        check = os.environ.get("GEOMJOBS_SUBMIT_CHECK", "1") != "0"
     with tempfile.TemporaryDirectory(prefix="geomjobs-submit-") as tmp:
         sub = build_submission(spec_path, out=out, resume=resume, stage_dir=Path(tmp))
-        return client(address).submit_job(submission_id=submission_id, **sub)
+        jobs = client(address)
+        if check:
+            check_cluster(jobs, sub["runtime_env"], resolve_address(address))
+        return jobs.submit_job(submission_id=submission_id, **sub)
+
+
+# What a submitted job's driver imports (its dependencies first, then the CLI's run path on Ray),
+# run the way the job's entrypoint will be: ``python`` as the head's PATH has it, with the job's
+# py_modules. Every import that fails is reported, on one line.
+CHECK_IMPORTS = ("pyarrow.parquet", "numpy", "jax", "ray", "yaml", "jsonschema", "fsspec", "gcsfs", "tqdm",
+                 "geomjobs.cli", "geomjobs.runner.ray_driver", "geomjobs.runner.local", "geomjobs.sink.dataset")
+_CHECK_SCRIPT = f"""
+import importlib, sys
+bad = []
+for name in {CHECK_IMPORTS!r}:
+    try:
+        importlib.import_module(name)
+    except Exception as e:
+        bad.append(f"{{name}} ({{type(e).__name__}}: {{e}})")
+if bad:
+    print("geomjobs-check: cannot import " + ", ".join(bad))
+    sys.exit(1)
+import geomjobs
+print("geomjobs-check: ok", sys.executable, geomjobs.__version__)
+"""
+CHECK_ENTRYPOINT = ('echo "geomjobs-check: python is $(command -v python || echo missing)"; '
+                    "python -c " + shlex.quote(_CHECK_SCRIPT))
+CHECK_TIMEOUT_S = 300.0   # the first check on a cluster also uploads the package (py_modules) and sets it up
+
+
+def check_cluster(jobs, runtime_env: dict, url: str, *, timeout: float = CHECK_TIMEOUT_S, poll: float = 0.5) -> str:
+    """Run :data:`CHECK_ENTRYPOINT` on the cluster as a job of its own (same py_modules and env
+    vars as the real job; the package upload is reused by the job) and wait for it. Returns the
+    interpreter the cluster runs entrypoints with. Raises SpecError naming the interpreter, the
+    import that failed and the remedy when it fails: nothing else is submitted."""
+    import time
+    import uuid
+
+    env = {k: v for k, v in runtime_env.items() if k != "working_dir"}
+    probe = f"geomjobs-check-{uuid.uuid4().hex[:12]}"
+    jobs.submit_job(submission_id=probe, entrypoint=CHECK_ENTRYPOINT, runtime_env=env,
+                    metadata={"geomjobs_check": "1"})
+    t0 = time.time()
+    try:
+        while True:
+            info = jobs.get_job_info(probe)
+            state = str(getattr(info.status, "value", info.status))
+            if state in TERMINAL:
+                break
+            if time.time() - t0 > timeout:
+                raise SpecError("", f"--address: the check job {probe} on {url} did not finish in {timeout:.0f} s "
+                                    f"(status {state}: {info.message}); see `geomjobs logs {probe}`, or set "
+                                    "GEOMJOBS_SUBMIT_CHECK=0 to submit without the check")
+            time.sleep(poll)
+        text = jobs.get_job_logs(probe)
+    finally:
+        import contextlib
+
+        with contextlib.suppress(Exception):
+            jobs.delete_job(probe)
+    python = next((line.split("python is", 1)[1].strip() for line in text.splitlines()
+                   if line.startswith("geomjobs-check: python is")), "unknown")
+    if state == "SUCCEEDED" and "geomjobs-check: ok" in text:
+        return python
+    cannot = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("geomjobs-check: cannot")]
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("geomjobs-check:")]
+    why = cannot[0] if cannot else lines[-1] if lines else (info.message or state)
+    raise SpecError("", f"the Ray cluster at {url} cannot run geomjobs jobs: a job's entrypoint runs `python` "
+                        f"from the head's PATH ({python}), and it fails: {why}. Ray runs job entrypoints with "
+                        "whatever `python` is first on the PATH `ray start --head` had, not with the Python Ray "
+                        "itself runs on. Start the head from the environment geomjobs is installed in (activate "
+                        "it first, or `PATH=/path/to/venv/bin:$PATH ray start --head ...`), or install geomjobs' "
+                        f"dependencies into {python} (see cluster/README.md). Nothing was submitted.")
 
 
 def status(job_id: str, address: str | None = None) -> dict:
