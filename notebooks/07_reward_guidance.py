@@ -168,6 +168,19 @@ lines = [
     f"{'reproduced' if qual_up > len(both) / 2 else 'not reproduced'}; larger gains at low psi: "
     f"{'reproduced' if low > high else 'not reproduced'}.",
 ]
+# every swept scale, bin by bin against the baseline (the paper shows only the psi-maximising one)
+sweep = []
+for s_, g in guided.groupby("guidance_scale"):
+    m = base[["psi_mean", "vendi", "quality"]].merge(g.set_index("level_set")[["psi_mean", "vendi", "quality"]],
+                                                     left_index=True, right_index=True, suffixes=("", "_g")).dropna()
+    sweep.append({"scale": s_, "bins": len(m), "psi_up": int((m.psi_mean_g > m.psi_mean).sum()),
+                  "vendi_up": int((m.vendi_g > m.vendi).sum()), "quality_up": int((m.quality_g > m.quality).sum())})
+sweep = pd.DataFrame(sweep)
+print(sweep.to_string(index=False))
+mild = sweep[sweep.scale > 0].sort_values("scale").iloc[0] if (sweep.scale > 0).any() else None
+if mild is not None:
+    lines.append(f"At the mildest positive scale ({mild.scale:g}): psi up in {int(mild.psi_up)} of {int(mild.bins)} bins, "
+                 f"Vendi up in {int(mild.vendi_up)}, quality up in {int(mild.quality_up)}.")
 if reward_meta:
     lines.insert(0, f"Reward model: held-out R^2 {reward_meta['val_r2']:.3f}, Spearman {reward_meta['val_spearman']:.3f} "
                     f"({reward_meta['n_train']} training rows, {train_steps} steps).")
