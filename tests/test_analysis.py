@@ -292,3 +292,10 @@ def test_notebook_env_reads_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("GEOMJOBS_NB_FULL", "maybe")
     with pytest.raises(ValueError, match="GEOMJOBS_NB_FULL"):
         A.notebook_env("x")
+
+
+def test_trajectory_summaries_are_reexported():
+    traj = pytest.importorskip("geomjobs.analysis.trajectories")
+    names = list(getattr(traj, "__all__", []))
+    assert names and all(getattr(A, n) is getattr(traj, n) for n in names)
+    assert set(names) <= set(A.__all__)
