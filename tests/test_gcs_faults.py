@@ -1,0 +1,145 @@
+"""gs:// faults: the storage service goes away mid-job and comes back.
+
+A GCS emulator of this test's own (objects on disk, so that they outlive its process) is SIGKILLed
+while a job writes to it and restarted on the same port a few seconds later; meanwhile every
+request fails (connection refused). gcsfs retries such requests (connection errors, 5xx, 429)
+with exponential backoff, six attempts over about half a minute; a shard whose commit still
+fails is retried by the driver (``execution.max_retries``). The job must finish ``ok`` with every
+sample once, equal to an uninterrupted run, and no reader may ever see a half-written object: a
+Parquet file that does not parse, or a marker whose file is missing.
+"""
+import io
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from geomjobs.runner.local import run_local
+from geomjobs.sink.dataset import Dataset
+
+from jobs import assert_each_sample_once, write_mlp
+from ray_cluster import BIN, _kill_tree, free_port, slow_spec, wait_port
+
+OUTAGE = 4.0    # seconds with no emulator process
+
+
+class DiskEmulator:
+    """``gcp-storage-emulator`` on 127.0.0.1 keeping objects under ``data_dir``; stop/start it."""
+
+    def __init__(self, data_dir, bucket="geomjobs-faults"):
+        self.data_dir, self.bucket, self.port = str(data_dir), bucket, free_port()
+        self.host = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+        self.start()
+
+    def start(self):
+        exe = shutil.which("gcp-storage-emulator", path=str(BIN)) or "gcp-storage-emulator"
+        self.proc = subprocess.Popen([exe, f"--data-dir={self.data_dir}", "start", "--host=127.0.0.1", f"--port={self.port}",
+                                      f"--default-bucket={self.bucket}", "--quiet"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_port(self.port, 60)
+
+    def kill(self):
+        _kill_tree(self.proc)     # SIGKILL, this test's own process only
+        self.proc.wait()
+        self.proc = None
+
+    def stop(self):
+        if self.proc is not None:
+            self.kill()
+
+
+class RetryLog(logging.Handler):
+    """Counts gcsfs's 'retrying after exception' lines: requests that failed and were retried."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.retries = 0
+
+    def emit(self, record):
+        if "retrying after exception" in record.getMessage():
+            self.retries += 1
+
+
+@pytest.fixture
+def emulator(tmp_path):
+    em = DiskEmulator(tmp_path / "gcs")
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = em.host
+    yield em
+    em.stop()
+    if old is None:
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    else:
+        os.environ["STORAGE_EMULATOR_HOST"] = old
+
+
+def visible_state(uri):
+    """What a reader sees now: every Parquet file parses; every marker names a file that is there
+    with its row count. Returns (committed shards, Parquet files)."""
+    ds = Dataset(uri)
+    files = [p for p in ds.fs.ls(ds.root, detail=False) if p.endswith(".parquet")]
+    for p in files:
+        pq.read_table(io.BytesIO(ds.fs.cat_file(p)))
+    committed = ds.committed(compact=False)
+    for m in committed.values():
+        assert pq.read_metadata(io.BytesIO(ds.fs.cat_file(f"{ds.root}/{m['file']}"))).num_rows == m["rows"]
+    return set(committed), len(files)
+
+
+def test_a_job_survives_the_storage_service_stopping_and_restarting(emulator, tmp_path):
+    w = write_mlp(tmp_path)
+    # 12 shards of 8 samples, ~0.4 s a shard: the outage lands mid-job, with shards on each side
+    spec = slow_spec(w, count=96, shard_size=8, delay=0.4)
+    spec["execution"]["workers"] = 1
+    uri = f"gs://{emulator.bucket}/faults"
+    ref = run_local(spec, str(tmp_path / "ref"), progress=False)     # the uninterrupted run
+    assert ref.ok
+
+    log = RetryLog()
+    gcsfs_log = logging.getLogger("gcsfs")
+    old_level = gcsfs_log.level
+    gcsfs_log.addHandler(log)
+    gcsfs_log.setLevel(logging.DEBUG)
+    result = {}
+    job = threading.Thread(target=lambda: result.setdefault("res", run_local(spec, uri, progress=False)))
+    try:
+        job.start()
+        ds = Dataset(uri)
+        deadline = time.time() + 120
+        while time.time() < deadline and len(ds.committed(compact=False)) < 3:   # a few shards in
+            time.sleep(0.2)
+        before, _ = visible_state(uri)
+        assert 3 <= len(before) < 12, before
+        emulator.kill()
+        killed_at = time.time()
+        time.sleep(OUTAGE)
+        emulator.start()
+        outage = time.time() - killed_at
+        during, _ = visible_state(uri)                # right after the restart, the job still running
+        assert before <= during
+        job.join(240)
+        assert not job.is_alive()
+    finally:
+        gcsfs_log.removeHandler(log)
+        gcsfs_log.setLevel(old_level)
+
+    res = result["res"]
+    assert res.ok and res.committed_shards == 12 and res.failed_shards == [], res
+    assert log.retries >= 1, "the outage never hit a request"
+    committed, n_files = visible_state(uri)
+    assert committed == set(range(12)) and n_files == 12
+    ds = Dataset(uri)
+    assert ds.failures() == {}
+    got = ds.read_table().to_pandas()
+    assert_each_sample_once(got, 96)
+    want = Dataset(ref.uri).read_table().to_pandas()
+    for col in ("sample_id", "local_scaling", "local_rank", "status"):
+        np.testing.assert_array_equal(got[col].to_numpy(), want[col].to_numpy())
+    print(f"outage {outage:.1f} s, {log.retries} requests retried by gcsfs")
