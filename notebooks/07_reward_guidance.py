@@ -168,6 +168,11 @@ lines = [
     f"{'reproduced' if qual_up > len(both) / 2 else 'not reproduced'}; larger gains at low psi: "
     f"{'reproduced' if low > high else 'not reproduced'}.",
 ]
+bv = base.vendi.dropna()
+if len(bv) >= 3:
+    lines.append(f"Baseline Vendi across its psi level sets: {bv.iloc[0]:.2f} (set {bv.index[0]}) -> peak {bv.max():.2f} "
+                 f"(set {bv.idxmax()}) -> {bv.iloc[-1]:.2f} (set {bv.index[-1]}); paper: rises then falls -> "
+                 f"{'reproduced' if bv.idxmax() not in (bv.index[0], bv.index[-1]) else 'not reproduced'}.")
 # every swept scale, bin by bin against the baseline (the paper shows only the psi-maximising one)
 sweep = []
 for s_, g in guided.groupby("guidance_scale"):
