@@ -24,8 +24,8 @@ def _meta(shape, net, y=(2.0, 3.0), z=(0.5, 4.0)):
 def test_reward_folder_round_trip_and_apply(tmp_path, shape):
     net_cfg = rm.network_config(shape, hidden=16, depth=2, temb=8, channels=4)
     assert net_cfg["kind"] == ("mlp" if len(shape) == 1 else "conv")
-    if len(shape) == 3:   # diffusers' channel-first latents are recognised by their small first axis
-        assert net_cfg["layout"] == ("CHW" if shape[0] < shape[-1] else "HWC")
+    if len(shape) == 3:   # channel-first (diffusers' latents) unless the last axis is the smaller end one
+        assert net_cfg["layout"] == ("HWC" if shape[-1] < shape[0] else "CHW")
     net = rm.build_network(shape, net_cfg)
     params = rm.init_params(net, seed=1)
     meta = _meta(shape, net_cfg)
@@ -443,3 +443,38 @@ def test_a_training_process_killed_mid_run_resumes_from_its_checkpoint(known, tm
     full = train([known], str(tmp_path / "full"), config=cfg, resume=False)
     assert resumed["history"][:killed_at // 20] == full["history"][:killed_at // 20]
     assert resumed["history"] == full["history"] and resumed["val_r2"] == full["val_r2"]
+
+
+@pytest.mark.slow
+def test_sd_path_on_the_tiny_diffusers_pipeline(tmp_path):
+    """The SD recipe on tiny random-weight diffusers models: PNGs -> the VAE encoder -> t random
+    (SD's schedule) -> psi of the VAE decoder at z_t; `reward train` on it rebuilds the encoded,
+    diffused latents (channel-first (4, 4, 4)) bitwise and fits the conv net (CHW)."""
+    from geomjobs.reward.data import open_source
+    from geomjobs.reward.train import TrainConfig, train
+    from geomjobs.runner.plan import plan_job
+
+    from diffusers_tiny import png_folder, quiet, write_pipeline
+
+    quiet()
+    pipe = write_pipeline(tmp_path / "pipe")
+    folder, _ = png_folder(tmp_path, n=24)
+    sched = {"kind": "scaled_linear", "T": 1000, "beta_start": 0.00085, "beta_end": 0.012}
+    spec = {"model": {"kind": "diffusers-vae-decoder", "path": str(pipe["root"]), "subfolder": "vae"},
+            "latents": {"kind": "images", "source": "folder", "uri": str(folder),
+                        "encoder": {"kind": "diffusers-vae", "path": str(pipe["root"]), "subfolder": "vae"},
+                        "diffuse": {"t": "random", "seed": 1, "schedule": sched}},
+            "descriptors": {"local_scaling": {"mode": "projection", "k": 16}, "local_rank": {}},
+            "execution": {"shard_size": 12, "batch_size": 4}}
+    uri = run(spec, tmp_path / "ds")
+    src = open_source(uri, "local_scaling")
+    assert src.latent_shape == (4, 4, 4) and src.num_train_timesteps == 1000
+    rows = np.arange(len(src.ids))[::-1]
+    np.testing.assert_array_equal(src.z_job(rows), np.asarray(plan_job(spec).latents.latents(src.ids[rows]), np.float32))
+    meta = train([uri], str(tmp_path / "r"), config=TrainConfig(steps=20, batch_size=8, eval_every=10, val_fraction=0.25,
+                                                                channels=4, hidden=16, depth=2, temb=16), resume=False)
+    r = rm.load_reward(str(tmp_path / "r"))
+    assert r.latent_shape == (4, 4, 4) and r.meta["network"]["kind"] == "conv" and r.meta["network"]["layout"] == "CHW"
+    assert meta["n_train"] + meta["n_val"] == 24 and np.isfinite(meta["val_r2"])
+    g = jax.jit(jax.grad(lambda z: jnp.sum(r.fn()(z, jnp.full(2, 500.0)))))(jnp.zeros((2, 4, 4, 4), jnp.float32))
+    assert g.shape == (2, 4, 4, 4) and np.all(np.isfinite(np.asarray(g)))

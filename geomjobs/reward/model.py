@@ -96,10 +96,10 @@ class RewardNet(nn.Module):
 
 
 def default_layout(latent_shape) -> str:
-    """Channel axis of a rank-3 latent shape when not given: first if it is the smaller end axis
-    (diffusers' [C, h, w]), else last."""
+    """Channel axis of a rank-3 latent shape when not given: geomjobs' image-shaped latents are
+    diffusers' [C, h, w], so first, unless the last axis is the smaller end axis ([h, w, C])."""
     s = tuple(latent_shape)
-    return "CHW" if len(s) == 3 and s[0] < s[-1] else "HWC"
+    return "HWC" if len(s) == 3 and s[-1] < s[0] else "CHW"
 
 
 def network_config(latent_shape, **overrides) -> dict:
@@ -120,6 +120,11 @@ def build_network(latent_shape, config: dict) -> RewardNet:
 
 
 def init_params(net: RewardNet, seed: int = 0):
+    """Initial parameters, in one compiled program (eager initialisation compiles every op)."""
+    return jax.jit(lambda: _init(net, seed))()
+
+
+def _init(net: RewardNet, seed: int):
     z = jnp.zeros((1, *net.latent_shape), jnp.float32)
     return net.init(jax.random.PRNGKey(seed), z, jnp.zeros((1,), jnp.float32))["params"]
 
@@ -217,7 +222,7 @@ def load_reward(uri: str, key: str = "reward") -> Reward:
     shape = tuple(int(x) for x in meta["latent_shape"])
     try:
         net = build_network(shape, meta["network"])
-        expected = jax.tree_util.tree_map(lambda x: x.shape, init_params(net))
+        expected = jax.tree_util.tree_map(lambda x: tuple(x.shape), jax.eval_shape(lambda: _init(net, 0)))
     except Exception as e:   # a network config this version cannot build
         raise SpecError(key, f"'{uri}/reward.json' describes a network that cannot be built: {e}") from None
     got = jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), params)
