@@ -62,14 +62,24 @@ def test_reward_folder_on_gcs(tmp_path):
     old = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = em.host
     try:
-        cfg = rm.network_config((3,), hidden=8, depth=1, temb=8)
-        params = rm.init_params(rm.build_network((3,), cfg))
+        net_cfg = rm.network_config((3,), hidden=8, depth=1, temb=8)
+        params = rm.init_params(rm.build_network((3,), net_cfg))
         uri = f"gs://{em.bucket}/rewards/r1"
-        rm.save_reward(uri, params, _meta((3,), cfg))
+        rm.save_reward(uri, params, _meta((3,), net_cfg))
         r = rm.load_reward(uri)
         z = np.ones((2, 3))
-        direct = jax.jit(rm.normalised_apply(rm.build_network((3,), cfg), r.normalisation))
+        direct = jax.jit(rm.normalised_apply(rm.build_network((3,), net_cfg), r.normalisation))
         np.testing.assert_array_equal(np.asarray(jax.jit(r.fn())(z, np.zeros(2))), np.asarray(direct(params, z, np.zeros(2))))
+        # reward train with its dataset and its output on gs://
+        from geomjobs.reward.train import TrainConfig, train
+
+        from jobs import mlp_spec, write_mlp
+
+        ds = run(mlp_spec(write_mlp(tmp_path), count=40), f"gs://{em.bucket}/data/mlp")
+        cfg = TrainConfig(steps=10, batch_size=16, eval_every=5, hidden=8, depth=1, temb=8)
+        meta = train([ds], f"gs://{em.bucket}/rewards/r2", config=cfg)
+        r2 = rm.load_reward(f"gs://{em.bucket}/rewards/r2")
+        assert r2.latent_shape == (6,) and r2.meta["n_train"] == meta["n_train"] and r2.meta["datasets"][0]["uri"] == ds
     finally:
         em.stop()
         if old is None:
