@@ -141,3 +141,72 @@ def test_unpaired_datasets_exit_2_naming_the_dataset(datasets, tmp_path, capsys)
         assert main(["reward", "evaluate", datasets["base"], uri, "--out", str(tmp_path / "never")]) == 2
         assert uri in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# the SD path, on the tiny random-weight diffusers pipeline
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.slow            # 14 min measured on the shared 2-core CPU at load 18 (VAE encoder, decoder JVPs, UNet sampler compiles)
+@pytest.mark.timeout(1200)
+def test_the_same_commands_on_the_tiny_diffusers_pipeline(tmp_path, monkeypatch, capsys):
+    """PNGs -> the pipeline's VAE encoder -> diffuse to random t (SD's schedule) -> decoder psi at z_t
+    (reward data); `reward train`; UNet DDIM sampled jobs at scales 0 and 30 (window = the reward's
+    t range) with decoder psi; `reward evaluate` (latent features: no quality network for SD).
+    Scale 0 is bitwise the unguided sampler; the guided latents differ."""
+    pytest.importorskip("diffusers")
+    import json
+
+    import yaml
+
+    from geomjobs.cli import main
+    from geomjobs.latents import build_latents
+    from geomjobs.spec import validate_spec
+
+    from diffusers_tiny import png_folder, quiet, write_pipeline
+
+    quiet()
+    monkeypatch.setenv("GEOMJOBS_LOCAL_MODE", "process")
+    pipe = write_pipeline(tmp_path / "pipe")
+    folder, _ = png_folder(tmp_path, n=12)
+    sched = {"kind": "scaled_linear", "T": 1000, "beta_start": 0.00085, "beta_end": 0.012}
+    vae = {"kind": "diffusers-vae-decoder", "path": str(pipe["root"]), "subfolder": "vae"}
+    desc = {"local_scaling": {"mode": "projection", "k": 6, "chunk": 6}, "local_rank": {}}
+    data = {"model": vae, "latents": {"kind": "images", "source": "folder", "uri": str(folder),
+                                      "encoder": {"kind": "diffusers-vae", "path": str(pipe["root"]), "subfolder": "vae"},
+                                      "diffuse": {"t": "random", "seed": 0, "schedule": sched}},
+            "descriptors": desc, "execution": {"shard_size": 6, "batch_size": 6}}
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(data))
+    assert main(["run", str(tmp_path / "data.yaml"), "--out", str(tmp_path / "data"), "-q"]) == 0
+    reward = str(tmp_path / "reward")
+    assert main(["reward", "train", str(tmp_path / "data"), "--out", reward, "--steps", "20", "--eval-every", "10",
+                 "--batch-size", "8", "--val-fraction", "0.25", "--hidden", "16", "--channels", "4", "-q"]) == 0
+    meta = json.loads((tmp_path / "reward" / "reward.json").read_text())
+    assert meta["latent_shape"] == [4, 4, 4] and meta["num_train_timesteps"] == 1000
+    window = [int(np.ceil(meta["t_range"][0])), int(np.floor(meta["t_range"][1]))]
+    unet = {"kind": "diffusers-unet", "path": str(pipe["root"]), "subfolder": "unet",
+            "prompt_embeddings": str(pipe["root"] / "prompts.npz"), "prompt_index": 1}
+
+    def sampled(scale):
+        return {"model": vae, "latents": {"kind": "sampled", "model": unet, "sampler": {"kind": "ddim", "steps": 4},
+                                          "guidance": {"reward": reward, "scale": scale, "window": window},
+                                          "count": 4, "seed": 1, "save_latent": True, "batch_size": 2},
+                "descriptors": desc, "execution": {"shard_size": 2, "batch_size": 2}}
+
+    uris = {}
+    for s in (0.0, 30.0):
+        (tmp_path / f"s{s:g}.yaml").write_text(yaml.safe_dump(sampled(s)))
+        uris[s] = str(tmp_path / f"sampled{s:g}")
+        assert main(["run", str(tmp_path / f"s{s:g}.yaml"), "--out", uris[s], "-q"]) == 0
+    z0 = np.stack(pd.read_parquet(uris[0.0]).sort_values("sample_id").z.to_numpy())
+    z30 = np.stack(pd.read_parquet(uris[30.0]).sort_values("sample_id").z.to_numpy())
+    plain = sampled(0.0)["latents"]
+    plain.pop("guidance")
+    ref = build_latents(validate_spec({**sampled(0.0), "latents": plain})["latents"]).latents(np.arange(4))
+    assert np.array_equal(z0, ref.reshape(4, -1))
+    assert np.abs(z30 - z0).max() > 1e-4
+    capsys.readouterr()
+    assert main(["reward", "evaluate", uris[0.0], uris[30.0], "--out", str(tmp_path / "ev")]) == 0
+    t = pd.read_parquet(tmp_path / "ev" / "levelsets.parquet")
+    assert (t.features == "latent").all() and t.quality.isna().all() and t["count"].sum() == 8
+    assert "scale 30:" in capsys.readouterr().out
