@@ -192,7 +192,7 @@ lines = [
     f"{'reproduced' if abs(t_max_delta / T - 0.17) <= 0.1 and piv['delta'].max() > 0 else 'not reproduced'} "
     f"(within 0.1 T of 0.17 T and of the stated sign).",
     f"psi on the circle of modes at t = {t17}: {ring.loc[t17, 'psi_anti_mode']:.3f} near the anti-modes vs "
-    f"{ring.loc[t17, 'psi_mode']:.3f} near the modes (Welch p = {format_p(ring.loc[t17, 'welch_p'])}, Cohen's d = "
+    f"{ring.loc[t17, 'psi_mode']:.3f} near the modes (Welch {format_p(ring.loc[t17, 'welch_p'])}, Cohen's d = "
     f"{ring.loc[t17, 'cohens_d']:+.2f}); anti-mode psi > mode psi at {int((ring['diff'] > 0).sum())} of {len(ring)} timesteps "
     f"(significant, p < 0.01: {int(((ring['diff'] > 0) & (ring.welch_p < 0.01)).sum())}).",
     f"Spearman rho(psi, nu) at t = {t17}: {corr.loc['local_scaling', 'local_rank']:.3f}.",

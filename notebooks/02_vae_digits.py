@@ -222,13 +222,13 @@ lines = [
     f"Spearman (encoded): psi-nu {corr.loc['local_scaling', 'local_rank']:+.3f}, psi-delta "
     f"{corr.loc['local_scaling', 'local_complexity']:+.3f}, nu-delta {corr.loc['local_rank', 'local_complexity']:+.3f}; "
     f"(prior: psi-nu {corr_g.loc['local_scaling', 'local_rank']:+.3f}, psi-delta {corr_g.loc['local_scaling', 'local_complexity']:+.3f}).",
-    f"delta vs reconstruction MSE: Spearman rho = {rho_dm.statistic:+.3f} (p = {format_p(rho_dm.pvalue)}) -> higher delta, higher MSE: "
+    f"delta vs reconstruction MSE: Spearman rho = {rho_dm.statistic:+.3f} ({format_p(rho_dm.pvalue)}) -> higher delta, higher MSE: "
     f"{'reproduced' if rho_dm.statistic > 0 and rho_dm.pvalue < 0.01 else 'not reproduced'}.",
     f"Lowest mean delta: digit {lowest} ({means.local_complexity.min():.2f}; digit 1: {means.local_complexity[1]:.2f}, others "
-    f"{ones['mean_b']:.2f}, Welch p = {format_p(ones['t_p'])}) -> delta lowest for 1: {'reproduced' if lowest == 1 else 'not reproduced'}.",
+    f"{ones['mean_b']:.2f}, Welch {format_p(ones['t_p'])}) -> delta lowest for 1: {'reproduced' if lowest == 1 else 'not reproduced'}.",
     f"nu across classes: range of class means {means.local_rank.max() - means.local_rank.min():.3f} (overall sd "
-    f"{real.local_rank.std():.3f}), Kruskal-Wallis p = {format_p(kw_nu.pvalue)}; psi: range "
-    f"{means.local_scaling.max() - means.local_scaling.min():.3f}, p = {format_p(kw_psi.pvalue)}.",
+    f"{real.local_rank.std():.3f}), Kruskal-Wallis {format_p(kw_nu.pvalue)}; psi: range "
+    f"{means.local_scaling.max() - means.local_scaling.min():.3f}, {format_p(kw_psi.pvalue)}.",
     f"Vendi by psi level set, encoded digits: {t_real} -> rise then drop: {'reproduced' if ok_real else 'not reproduced'}.",
     f"Vendi by psi level set, prior samples: {t_gen} -> rise then drop: {'reproduced' if ok_gen else 'not reproduced'}.",
     "Classifier confidence by psi level set (prior samples): "

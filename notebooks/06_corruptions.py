@@ -140,7 +140,7 @@ for kind, paper in (("blur", "lowers"), ("noise", "raises")):
     t = tests[kind]
     direction = "lowers" if t["test"]["mean_a"] < t["test"]["mean_b"] else "raises"
     lines.append(f"{kind}: at severity {t['top']:g} mean psi {t['test']['mean_a']:.3f} vs clean {t['test']['mean_b']:.3f} "
-                 f"(Welch t = {t['test']['t']:+.2f}, p = {format_p(t['test']['t_p'])}, Cohen's d = {t['test']['cohens_d']:+.2f}); "
+                 f"(Welch t = {t['test']['t']:+.2f}, {format_p(t['test']['t_p'])}, Cohen's d = {t['test']['cohens_d']:+.2f}); "
                  f"per image psi rises for {t['frac_up']:.0%}; Spearman rho(severity, psi) = {t['rho']:+.3f} -> {kind} {direction} psi; "
                  f"paper: {kind} {paper} psi -> {'reproduced' if direction == paper and t['test']['t_p'] < 0.01 else 'not reproduced'}.")
 conclusion = "\n".join(lines)

@@ -149,7 +149,7 @@ def test_two_sample_effect_sizes_at_the_extremes_and_against_their_population_va
     assert r["t_p"] < 1e-50 and r["U_p"] < 1e-50
     with pytest.raises(ValueError, match="at least 2"):
         A.two_sample([1.0], [1.0, 2.0])
-    assert A.format_p(0.0) == "< 1e-300" and A.format_p(0.0123) == "0.012" and A.format_p(float("nan")) == "nan"
+    assert A.format_p(0.0) == "p < 1e-300" and A.format_p(0.0123) == "p = 0.012" and A.format_p(float("nan"), "q") == "q = nan"
 
 
 # ---- correlations --------------------------------------------------------------------------

@@ -193,9 +193,10 @@ def correlations(df, columns, method: str = "spearman") -> pd.DataFrame:
     return sub.corr(method=method)
 
 
-def format_p(p: float) -> str:
-    """A p-value for a sentence: 2 significant digits, '< 1e-300' where it underflowed to 0."""
+def format_p(p: float, name: str = "p") -> str:
+    """A p-value for a sentence: 'p = 0.012' (2 significant digits), 'p < 1e-300' where it
+    underflowed to 0."""
     p = float(p)
     if math.isnan(p):
-        return "nan"
-    return "< 1e-300" if p == 0.0 else f"{p:.2g}"
+        return f"{name} = nan"
+    return f"{name} < 1e-300" if p == 0.0 else f"{name} = {p:.2g}"
