@@ -9,7 +9,7 @@ default size (geomjobs.reward.model.DEFAULT_NETWORK; random weights: the cost do
 them) and, for scale, a narrow one. The variants run interleaved in rounds after their compiles;
 medians and their ratio are reported (the machine is shared, so only the side-by-side ratio is
 meaningful). Run alone:
-    .venv/bin/python benchmarks/bench_reward.py [--rounds 5]
+    .venv/bin/python benchmarks/bench_reward.py [--rounds 3]
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ REWARDS = {"default": {}, "narrow (hidden 32, channels 8)": {"hidden": 32, "chan
 
 def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--count", type=int, default=256, help="samples per sampler call")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--count", type=int, default=64, help="samples per sampler call")
     ap.add_argument("--no-training", action="store_true", help="skip reward-train's training section")
     return ap.parse_args(argv)
 
