@@ -373,6 +373,17 @@ def test_bad_input_exits_2_naming_the_dataset_before_any_work(small, known, tmp_
     finally:
         shutil.move(tmp_path / "elsewhere.parquet", moved)
     assert code == 2 and small["parquet"] in err and "cannot be rebuilt" in err and "lat.parquet" in err
+    # a stored spec with a field missing
+    import yaml
+
+    nospec = str(tmp_path / "nospec")
+    shutil.copytree(small["gauss"], nospec)
+    stored = yaml.safe_load(open(os.path.join(nospec, "_geomjobs", "spec.yaml")))
+    del stored["latents"]
+    with open(os.path.join(nospec, "_geomjobs", "spec.yaml"), "w") as f:
+        yaml.safe_dump(stored, f)
+    code, err = reward_cli([nospec, "--out", out], capsys)
+    assert code == 2 and nospec in err and "no 'latents' section" in err
     code, err = reward_cli([small["gauss"], "--out", out, "--val-fraction", "1.5"], capsys)
     assert code == 2 and "--val-fraction" in err
     assert not os.path.exists(out)      # nothing was written by any of them

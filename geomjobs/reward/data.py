@@ -140,7 +140,7 @@ def _num_timesteps(spec: dict, latents) -> int:
     run = getattr(latents, "run", None)        # sampled / trajectory: the sampling model's
     if run is not None:
         return int(run.gen.denoiser.num_timesteps)
-    if "timestep" in spec["model"]:            # a denoiser at a fixed timestep: its own schedule
+    if "timestep" in spec.get("model", {}):    # a denoiser at a fixed timestep: its own schedule
         from geomjobs.generators import build_generator
 
         gen = build_generator(spec["model"], spec["execution"]["dtype"])
@@ -184,7 +184,12 @@ def open_source(uri: str, target: str, *, use_z_column: bool = True) -> RewardSo
         raise _err(uri, f"cannot be read ({type(e).__name__}: {e})") from None
     if not present:
         raise _err(ds.uri, "is not a geomjobs dataset (no _geomjobs/job.json there)")
-    job, spec = ds.job(), ds.spec()
+    try:
+        job, spec = ds.job(), ds.spec()
+    except Exception as e:   # noqa: BLE001 - a truncated or unreadable card
+        raise _err(ds.uri, f"its _geomjobs/job.json or spec.yaml cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("latents"), dict):
+        raise _err(ds.uri, "its stored spec (_geomjobs/spec.yaml) has no 'latents' section to rebuild the latents from")
     index = read_index(ds, target)
     order = np.argsort(index.column("sample_id").to_numpy(), kind="stable")
     ids = index.column("sample_id").to_numpy()[order]
