@@ -36,11 +36,11 @@ NULL_MAX_L = 10  # dense 2^L x 2^L generator
 
 
 def default_burn_in(L: int) -> int:
-    return 10 * L * L + 200
+    return 4 * L * L + 100
 
 
 def default_thin(L: int) -> int:
-    return 2 * L + 10
+    return 6 * L + 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,11 +88,15 @@ def _log_z(alpha, beta, L: int):
     return logs + jnp.log(v[0])
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _log_z_jit(th, L: int):
+    return jax.vmap(lambda t: _log_z(t[0], t[1], L))(th)
+
+
 def log_z(L: int, thetas) -> np.ndarray:
     """log Z_L(alpha, beta) of the matrix-product solution (P,)."""
     with jax.enable_x64(True):
-        th = jnp.asarray(np.atleast_2d(thetas), jnp.float64)
-        return np.asarray(jax.vmap(lambda t: _log_z(t[0], t[1], L))(th))
+        return np.asarray(_log_z_jit(jnp.asarray(np.atleast_2d(thetas), jnp.float64), L))
 
 
 def log_z_closed_form(L: int, alpha: float, beta: float) -> float:
@@ -120,25 +124,47 @@ def _logp_all(theta, L: int):
     return _log_weight(jnp.asarray(all_configurations(L), jnp.int32), D, E) - _log_z(theta[0], theta[1], L)
 
 
+@jax.jit
+def _log_prob_jit(tau, th):
+    L = tau.shape[-1]
+
+    def one(t):
+        D, E = mpa_matrices(t[0], t[1], L)
+        return _log_weight(tau, D, E) - _log_z(t[0], t[1], L)
+
+    return jax.lax.map(one, th).T
+
+
 def log_prob(x, thetas) -> np.ndarray:
     """(n, P) exact log P(x_k | theta_p) by the matrix product, any L <= MAX_L."""
-    x = np.asarray(x)
-    L = x.shape[-1]
     with jax.enable_x64(True):
-        th = jnp.asarray(np.atleast_2d(thetas), jnp.float64)
-        tau = jnp.asarray(x, jnp.int32)
-
-        def one(t):
-            D, E = mpa_matrices(t[0], t[1], L)
-            return _log_weight(tau, D, E) - _log_z(t[0], t[1], L)
-
-        return np.asarray(jax.lax.map(one, th)).T
+        return np.asarray(_log_prob_jit(jnp.asarray(np.asarray(x), jnp.int32), jnp.asarray(np.atleast_2d(thetas), jnp.float64)))
 
 
 def stationary_mpa(L: int, theta) -> np.ndarray:
     """(2^L,) exact stationary law by the matrix product (configurations as all_configurations)."""
     with jax.enable_x64(True):
-        return np.exp(np.asarray(_logp_all(jnp.asarray(theta, jnp.float64), L)))
+        return np.exp(np.asarray(_logp_all_jit(jnp.asarray(theta, jnp.float64), L)))
+
+
+_logp_all_jit = jax.jit(_logp_all, static_argnums=1)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _exact_jit(th, L: int):
+    def metric(t):
+        lp = _logp_all(t, L)
+        s = jax.jacfwd(_logp_all)(t, L)  # (2^L, 2) scores
+        return jnp.einsum("k,ki,kj->ij", jnp.exp(lp), s, s)
+
+    def lz(t):
+        return _log_z(t[0], t[1], L)
+
+    g = jax.lax.map(metric, th)
+    F = jax.vmap(lz)(th)
+    dF = jax.vmap(jax.grad(lz))(th)
+    prev = jax.vmap(lambda t: _log_z(t[0], t[1], L - 1))(th) if L > 1 else jnp.zeros_like(F)  # Z_0 = 1
+    return g, F, dF, jnp.exp(prev - F)
 
 
 def exact(L: int, thetas) -> dict | None:
@@ -147,24 +173,7 @@ def exact(L: int, thetas) -> dict | None:
     if L > EXACT_MAX_L:
         return None
     with jax.enable_x64(True):
-        th = jnp.asarray(np.atleast_2d(thetas), jnp.float64)
-
-        def metric(t):
-            lp = _logp_all(t, L)
-            s = jax.jacfwd(_logp_all)(t, L)  # (2^L, 2) scores
-            p = jnp.exp(lp)
-            return jnp.einsum("k,ki,kj->ij", p, s, s)
-
-        def lz(t):
-            return _log_z(t[0], t[1], L)
-
-        g = jax.lax.map(metric, th)
-        F = jax.vmap(lz)(th)
-        dF = jax.vmap(jax.grad(lz))(th)
-        if L > 1:
-            cur = jnp.exp(jax.vmap(lambda t: _log_z(t[0], t[1], L - 1))(th) - F)
-        else:
-            cur = jnp.exp(-F)  # Z_0 = 1
+        g, F, dF, cur = _exact_jit(jnp.asarray(np.atleast_2d(thetas), jnp.float64), L)
         return {"F": np.asarray(F), "dF": np.asarray(dF), "g": np.asarray(g), "current": np.asarray(cur)}
 
 
@@ -208,21 +217,28 @@ def _null_vector(theta, L: int):
     return jnp.linalg.solve(A, b)
 
 
+_null_vector_jit = jax.jit(_null_vector, static_argnums=1)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _metric_null_jit(t, L: int):
+    p = _null_vector(t, L)
+    dp = jax.jacfwd(_null_vector)(t, L)
+    return jnp.einsum("ki,kj->ij", dp / p[:, None], dp)
+
+
 def stationary_null_vector(L: int, theta) -> np.ndarray:
     """(2^L,) stationary law as the null vector of the generator (L <= NULL_MAX_L)."""
     if L > NULL_MAX_L:
         raise ValueError(f"the dense generator needs L <= {NULL_MAX_L}, got {L}")
     with jax.enable_x64(True):
-        return np.asarray(_null_vector(jnp.asarray(theta, jnp.float64), L))
+        return np.asarray(_null_vector_jit(jnp.asarray(theta, jnp.float64), L))
 
 
 def metric_null_vector(L: int, theta) -> np.ndarray:
     """(2, 2) Fisher metric sum_x d_i pi d_j pi / pi from the null vector, derivatives by autodiff."""
     with jax.enable_x64(True):
-        t = jnp.asarray(theta, jnp.float64)
-        p = _null_vector(t, L)
-        dp = jax.jacfwd(_null_vector)(t, L)
-        return np.asarray(jnp.einsum("ki,kj->ij", dp / p[:, None], dp))
+        return np.asarray(_metric_null_jit(jnp.asarray(theta, jnp.float64), L))
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,26 +274,26 @@ def _sweep(tau, alpha, beta, key):
     return tau, count
 
 
-@functools.partial(jax.jit, static_argnames=("L", "n_keep", "burn_in", "thin"))
-def _run_chains(keys, alpha, beta, *, L, n_keep, burn_in, thin):
+@functools.partial(jax.jit, static_argnames=("L", "n_keep"))
+def _run_chains(keys, alpha, beta, burn_in, thin, *, L, n_keep):
     """keys (C, 2), alpha/beta (C,) float32: (states (n_keep, C, L) int8, extractions (C,) during the
     kept part)."""
     split = jax.vmap(jax.random.split)
     sweep = jax.vmap(_sweep)
 
-    def step(carry, _):
+    def step(_, carry):
         tau, ks, cnt = carry
         both = split(ks)
         tau, c = sweep(tau, alpha, beta, both[:, 1])
-        return (tau, both[:, 0], cnt + c), None
+        return tau, both[:, 0], cnt + c
 
     C = keys.shape[0]
     tau0 = jnp.zeros((C, L), jnp.int32)
     zero = jnp.zeros(C, jnp.int32)
-    (tau, keys, _), _ = jax.lax.scan(step, (tau0, keys, zero), None, length=burn_in)
+    tau, keys, _ = jax.lax.fori_loop(0, burn_in, step, (tau0, keys, zero))
 
     def keep(carry, _):
-        carry, _ = jax.lax.scan(step, carry, None, length=thin)
+        carry = jax.lax.fori_loop(0, thin, step, carry)
         return carry, carry[0].astype(jnp.int8)
 
     (_, _, cnt), out = jax.lax.scan(keep, (tau, keys, zero), None, length=n_keep)
@@ -285,7 +301,7 @@ def _run_chains(keys, alpha, beta, *, L, n_keep, burn_in, thin):
 
 
 def _chains(L, thetas, n, seed, index, chains, burn_in, thin):
-    from geomjobs.fisher.ising import chain_keys
+    from geomjobs.fisher.ising import chain_keys, pad_chains, padded
 
     th = np.atleast_2d(np.asarray(thetas, np.float64))
     P = len(th)
@@ -295,8 +311,10 @@ def _chains(L, thetas, n, seed, index, chains, burn_in, thin):
     keys = chain_keys(seed, index, chains)
     a = jnp.asarray(np.repeat(th[:, 0], chains), jnp.float32)
     b = jnp.asarray(np.repeat(th[:, 1], chains), jnp.float32)
-    out, cnt = _run_chains(keys, a, b, L=L, n_keep=n_keep, burn_in=burn_in, thin=thin)
-    return np.asarray(out), np.asarray(cnt), P, chains, n_keep
+    C = keys.shape[0]
+    keys, a, b = pad_chains(keys, a, b, to=padded(C))
+    out, cnt = _run_chains(keys, a, b, jnp.int32(burn_in), jnp.int32(thin), L=L, n_keep=n_keep)
+    return np.asarray(out)[:, :C], np.asarray(cnt)[:C], P, chains, n_keep
 
 
 def sample(L: int, thetas, n: int, seed: int, index=None, *, chains: int, burn_in: int, thin: int) -> np.ndarray:
