@@ -194,6 +194,8 @@ def run(args) -> str:
         from bench_manifest import section
     except ImportError:
         section = None
+    if args.skip_manifest:
+        section = None
     if section is not None:
         lines += ["", section()]
     return "\n".join(lines)
@@ -207,6 +209,7 @@ def parse(argv=None):
     ap.add_argument("--engine-shards", type=int, default=10, help="shards whose latents time the engine alone")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="cluster runs: workers of each")
     ap.add_argument("--skip-cluster", action="store_true")
+    ap.add_argument("--skip-manifest", action="store_true", help="leave out bench_manifest's figures")
     return ap.parse_args(argv)
 
 
