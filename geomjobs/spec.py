@@ -121,7 +121,8 @@ MODEL_PATH_KEYS = ("weights", "path", "prompt_embeddings")
 
 def path_places(spec: dict) -> list[tuple[str, dict, str]]:
     """(dotted key, holder, key) of every local-path key a spec can hold: the model's files, a
-    latent source's ``uri``, an image encoder's folder, and a sampling model's files."""
+    latent source's ``uri``, an image encoder's folder, a sampling model's files and a guiding
+    reward folder."""
     places = []
     lat = spec.get("latents", {})
     for label, section in (("model", spec.get("model")), ("latents.model", lat.get("model"))):
@@ -131,6 +132,8 @@ def path_places(spec: dict) -> list[tuple[str, dict, str]]:
         places.append(("latents.uri", lat, "uri"))
     if isinstance(lat.get("encoder"), dict) and "path" in lat["encoder"]:
         places.append(("latents.encoder.path", lat["encoder"], "path"))
+    if isinstance(lat.get("guidance"), dict) and "reward" in lat["guidance"]:
+        places.append(("latents.guidance.reward", lat["guidance"], "reward"))
     return places
 
 

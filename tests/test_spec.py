@@ -95,6 +95,10 @@ def test_relative_paths_in_a_spec_file_are_relative_to_the_file(tmp_path):
     loaded = load_spec(tmp_path / "sub" / "gen.yaml")
     assert loaded["model"]["prompt_embeddings"] == str(tmp_path / "sub" / "p.npz")
     assert loaded["latents"]["model"]["weights"] == str(tmp_path / "sub" / "m.npz")
+    # a guiding reward folder
+    spec["latents"]["guidance"] = {"reward": "rw", "scale": 1.0}
+    (tmp_path / "sub" / "guided.yaml").write_text(yaml.safe_dump(spec))
+    assert load_spec(tmp_path / "sub" / "guided.yaml")["latents"]["guidance"]["reward"] == str(tmp_path / "sub" / "rw")
 
 
 def run_cli(*args, cwd):
