@@ -182,7 +182,6 @@ def main(argv=None):
         *(["Every figure here is from the CPU named above (no accelerator)."] if jax.devices()[0].platform == "cpu" else []),
         "",
     ]
-    old = previous_sections(args.out)
     fresh = {}
     for name, _title, run, parse in sections(args.only):
         t = time.perf_counter()
@@ -190,6 +189,7 @@ def main(argv=None):
         fresh[name] = "\n".join(["", body, "", f"_(section `{name}`: {time.perf_counter() - t:.0f} s, "
                                              f"written {when} at {rev})_", ""])
         print(f"section {name} done in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    old = previous_sections(args.out)   # read at the end: sections written meanwhile by another run are kept
     for name in ALL:
         title = TABLE[name][0]
         if name in fresh:
