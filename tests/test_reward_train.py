@@ -434,8 +434,6 @@ def test_a_training_process_killed_mid_run_resumes_from_its_checkpoint(known, tm
 
     from flax import serialization
 
-    from geomjobs.reward.train import TrainConfig, train
-
     out = tmp_path / "killed"
     argv = [sys.executable, "-m", "geomjobs.cli", "reward", "train", known, "--out", str(out), "-q",
             "--steps", "2000", "--eval-every", "20", "--batch-size", "64", "--hidden", "64", "--depth", "3", "--temb", "32"]
@@ -459,9 +457,12 @@ def test_a_training_process_killed_mid_run_resumes_from_its_checkpoint(known, tm
     assert not (out / "reward.json").exists()
     killed_at = int(serialization.msgpack_restore(ckpt.read_bytes())["step"])
     assert 40 <= killed_at < 2000
-    cfg = TrainConfig(steps=2000, batch_size=64, eval_every=20, hidden=64, depth=3, temb=32)
-    resumed = train([known], str(out), config=cfg)
-    full = train([known], str(tmp_path / "full"), config=cfg, resume=False)
+    # the same command again resumes; an uninterrupted run of it, in a process of its own too
+    # (subprocesses run without the tests' x64 mode, so both sides of the comparison do)
+    subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([*argv[:7], str(tmp_path / "full"), *argv[8:]], env=env, check=True, stdout=subprocess.DEVNULL)
+    resumed = json.loads((out / "reward.json").read_text())
+    full = json.loads((tmp_path / "full" / "reward.json").read_text())
     assert resumed["history"][:killed_at // 20] == full["history"][:killed_at // 20]
     assert resumed["history"] == full["history"] and resumed["val_r2"] == full["val_r2"]
 
