@@ -125,6 +125,19 @@ def test_other_job_in_same_folder_is_refused(ising4_run, tmp_path, capsys):
     assert "'output'" in capsys.readouterr().err
 
 
+@pytest.mark.timeout(900)
+def test_ray_sampling_equals_in_process(ising4_run, tmp_path):
+    """The sample shards computed as Ray tasks (an embedded Ray: address 'local') hold the same
+    samples and references as the in-process run's."""
+    _, out, _ = ising4_run
+    spec, family = fjob.validate_fisher_spec(tiny_ising4())
+    r = fjob.sample_grid(spec, family, str(tmp_path / "ray"), address="local", progress=False)
+    assert r == {"computed": 3, "shards": 3}
+    a, b = fjob.load_samples(spec, str(tmp_path / "ray")), fjob.load_samples(spec, str(out))
+    np.testing.assert_array_equal(a["x"], b["x"])
+    np.testing.assert_allclose(a["exact"]["g"], b["exact"]["g"], rtol=1e-12)
+
+
 @pytest.mark.timeout(900)   # ~1 min on an idle 2-core machine; the shared one is many times slower
 def test_no_exact_reference_writes_nulls(tmp_path):
     spec, family = fjob.validate_fisher_spec(tiny_ising4(tmp_path / "o"))
