@@ -45,6 +45,7 @@ class CountingProxy:
         # the emulator serves one request at a time with a listen backlog of 5: more connections
         # than that at once time out, so the proxy queues them (clients still send concurrently)
         self._upstream_slots = threading.Semaphore(2)
+        self._listings: dict = {}      # listing path -> its full response, while it is paged through
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -81,11 +82,15 @@ class CountingProxy:
         url = urllib.parse.urlsplit(path)
         query = urllib.parse.parse_qs(url.query)
         page = None
-        if k == "list":   # fetch the whole listing, hand out one GCS-sized page of it
+        if k == "list":   # fetch the whole listing once (first page), hand out GCS-sized pages of it
             size = min(int(query.pop("maxResults", [GCS_PAGE])[0]), GCS_PAGE)
             start = int(query.pop("pageToken", ["0"])[0])
             page = (start, size)
             path = url.path + "?" + urllib.parse.urlencode(query, doseq=True)
+            with self._lock:
+                held = self._listings.get(path) if start else None
+            if held is not None:
+                return self._page(200, held[0], held[1], page)
         fwd = {h: v for h, v in headers.items() if h.lower() not in ("host", "connection", "content-length")}
         with self._upstream_slots:
             conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=60)
@@ -99,17 +104,22 @@ class CountingProxy:
                 conn.close()
         if page is not None and status == 200:
             doc = json.loads(data)
-            start, size = page
-            items = sorted(doc.get("items") or [], key=lambda o: o["name"])
-            prefixes = doc.get("prefixes") or []
-            entries = [("p", p) for p in sorted(prefixes)] + [("i", o) for o in items]
-            chunk = entries[start:start + size]
-            out = {"kind": "storage#objects", "items": [o for t, o in chunk if t == "i"],
-                   "prefixes": [p for t, p in chunk if t == "p"]}
-            if start + size < len(entries):
-                out["nextPageToken"] = str(start + size)
-            data = json.dumps(out).encode()
+            entries = [("p", p) for p in sorted(doc.get("prefixes") or [])]
+            entries += [("i", o) for o in sorted(doc.get("items") or [], key=lambda o: o["name"])]
+            with self._lock:
+                self._listings[path] = (hdrs, entries)
+            return self._page(status, hdrs, entries, page)
         return status, hdrs, data
+
+    def _page(self, status, hdrs, entries, page):
+        """One GCS page of a listing's ``entries`` (sorted prefixes, then sorted objects)."""
+        start, size = page
+        chunk = entries[start:start + size]
+        out = {"kind": "storage#objects", "items": [o for t, o in chunk if t == "i"],
+               "prefixes": [p for t, p in chunk if t == "p"]}
+        if start + size < len(entries):
+            out["nextPageToken"] = str(start + size)
+        return status, hdrs, json.dumps(out).encode()
 
     def reset(self) -> None:
         with self._lock:
