@@ -37,7 +37,11 @@ from geomjobs.sink.fs import filesystem, join, normalize_uri
 
 POSTERIOR_DEFAULTS = {"bundle": 4, "steps": 1500, "batch": 64, "lr": 3e-3, "holdout": 0.25, "fit_bundle": 32,
                       "bundles_per_point": 8, "seed": 0}
-POTENTIAL_DEFAULTS = {"steps": 2000, "width": 64, "depth": 3, "lr": 3e-3, "seed": 0}
+# A small F net: with learned posteriors (Ising L=8, TASEP L=8, 10 x 10 grids, 128 samples per
+# point) width 32 / depth 2 / 800 steps gave metric errors 0.25 / 0.60 where 64 / 3 / 1500 steps
+# fitted the posteriors' noise (2.0 / 2.9); with the exact likelihood on the same Ising samples
+# 0.22 against 0.41.
+POTENTIAL_DEFAULTS = {"steps": 800, "width": 32, "depth": 2, "lr": 3e-3, "seed": 0}
 
 
 def fisher_schema() -> dict:
