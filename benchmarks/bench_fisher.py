@@ -28,16 +28,22 @@ def parse(argv):
     return ap.parse_args(argv)
 
 
-def numpy_sweeps(s, beta, h, sweeps, rng):
-    """The reference: vectorised NumPy checkerboard heat bath over a batch (C, L, L) of chains."""
+def numpy_sweeps(s, beta, h, sweeps, rng, table: bool):
+    """The reference: vectorised NumPy checkerboard heat bath over a batch (C, L, L) of chains, with
+    p_up from exp per spin or (table=True) from the same 5-entry table per chain as the JAX code."""
     L = s.shape[-1]
     i, j = np.indices((L, L))
     masks = [(i + j) % 2 == c for c in (0, 1)]
     b, hh = beta[:, None, None], h[:, None, None]
+    tab = (1.0 / (1.0 + np.exp(-2.0 * (beta[:, None] * np.arange(-4, 5, 2)[None] + h[:, None])))).astype(np.float32)
+    rows = np.arange(len(s))[:, None, None]
     for _ in range(sweeps):
         for m in masks:
             nb = np.roll(s, 1, -1) + np.roll(s, -1, -1) + np.roll(s, 1, -2) + np.roll(s, -1, -2)
-            p_up = 1.0 / (1.0 + np.exp(-2.0 * (b * nb + hh)))
+            if table:
+                p_up = tab[rows, ((nb + 4) // 2).astype(np.intp)]
+            else:
+                p_up = 1.0 / (1.0 + np.exp(-2.0 * (b * nb + hh)))
             new = np.where(rng.random(s.shape, np.float32) < p_up, 1.0, -1.0).astype(np.float32)
             s = np.where(m, new, s)
     return s
@@ -75,9 +81,10 @@ def spin_rates(args) -> list[str]:
     s0 = np.where(rng.random((C, L, L)) < 0.5, 1.0, -1.0).astype(np.float32)
     beta, h = np.full(C, 0.44, np.float32), np.zeros(C, np.float32)
     jrun = jax_runner(L, C, S, "checkerboard")
-    med = interleaved({"jax": jrun, "numpy": lambda: numpy_sweeps(s0, beta, h, S, rng)}, args.rounds)
+    med = interleaved({"jax": jrun, "numpy": lambda: numpy_sweeps(s0, beta, h, S, rng, True),
+                       "numpy_exp": lambda: numpy_sweeps(s0, beta, h, S, rng, False)}, args.rounds)
     spins = C * L * L * S  # one update per spin per sweep (the JAX call also does its hot start)
-    rj, rn = spins / med["jax"], spins / med["numpy"]
+    rj, rn, re = spins / med["jax"], spins / med["numpy"], spins / med["numpy_exp"]
     lines = [
         f"Ising checkerboard heat bath, {C} chains of {L}x{L} at beta = 0.44, {S} sweeps per call, "
         f"median of {args.rounds} interleaved rounds:",
@@ -85,9 +92,12 @@ def spin_rates(args) -> list[str]:
         "| implementation | s per call | spin updates / s |",
         "|---|---|---|",
         f"| JAX (jit, chains batched) | {med['jax']:.3f} | {rj:.3g} |",
-        f"| NumPy (vectorised over chains) | {med['numpy']:.3f} | {rn:.3g} |",
+        f"| NumPy (vectorised over chains, same 5-entry table) | {med['numpy']:.3f} | {rn:.3g} |",
+        f"| NumPy (vectorised, exp per spin) | {med['numpy_exp']:.3f} | {re:.3g} |",
         "",
-        f"Ratio JAX / NumPy: **{rj / rn:.1f}x** (target >= 10x).",
+        f"Ratio JAX / fastest NumPy variant: **{rj / max(rn, re):.1f}x** (target >= 10x; JAX / table NumPy "
+        f"{rj / rn:.1f}x, JAX / exp NumPy {rj / re:.1f}x). On this shared 2-core CPU both run on one core, so the "
+        "ratio measures XLA's fused loop against NumPy's temporaries, not an accelerator; a GPU run is not measured.",
         "",
     ]
     # for scale: the cluster update (Swendsen-Wang + one sweep) and TASEP, JAX only
