@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from geomjobs.latents import streams
 from geomjobs.latents.sources import Gaussian
 from geomjobs.latents.streams import per_sample_normal
 from geomjobs.runner import job as job_module
@@ -35,6 +36,25 @@ def test_per_sample_normal_is_default_rng_bit_for_bit(seed):
         assert got.shape == (len(ids), *shape) and got.dtype == np.float64
         np.testing.assert_array_equal(got, ref)   # exact: the same PCG64 states, the same draws
     assert per_sample_normal(seed, np.zeros(0, np.int64), (3,)).shape == (0, 3)
+
+
+def test_the_vectorised_draws_are_active_and_mix_with_the_per_sample_redraws():
+    # the tables read from numpy must pass the self-check, else only the slow path is tested above
+    consts = streams._constants()
+    assert consts is not None
+    ids = np.arange(3000)
+    drawn = streams._vector_normal(streams._states(streams._pools(
+        np.stack([np.zeros(3000, np.uint32), ids.astype(np.uint32)], 1)), 4), 8, consts)
+    slow = np.isnan(drawn).any(axis=1)
+    # ~0.7-1.5 % of numpy's ziggurat draws leave the fast path, so with 8 draws per sample some
+    # (but few) samples are redrawn one by one; both kinds must equal default_rng
+    assert 0 < slow.sum() < 0.25 * len(ids)
+    ref = np.stack([np.random.default_rng([0, int(i)]).standard_normal(8) for i in ids])
+    np.testing.assert_array_equal(drawn[~slow], ref[~slow])
+    np.testing.assert_array_equal(per_sample_normal(0, ids, (8,)), ref)
+    wide = (streams.VECTOR_DRAWS_MAX + 1,)      # past the vectorised size: the per-sample path alone
+    np.testing.assert_array_equal(per_sample_normal(4, ids[:20], wide),
+                                  np.stack([np.random.default_rng([4, int(i)]).standard_normal(wide) for i in ids[:20]]))
 
 
 def test_gaussian_latents_are_the_per_sample_generators_scaled():
@@ -148,3 +168,36 @@ def test_many_small_shards_write_each_sample_once_and_the_driver_does_not_grow(w
     few, many = (COUNT // s for s in SHARD_SIZES)
     extra = growth[SHARD_SIZES[1]] - growth[SHARD_SIZES[0]]
     assert extra < PER_SHARD_BYTES * (many - few), growth
+
+
+def test_batches_in_flight_give_each_batch_its_own_results_and_isolate_a_raising_sample(tmp_path):
+    # Engine.compute dispatches batch k+1 before fetching batch k: every row must still get its
+    # own batch's values (equal to running each padded batch alone), and a batch whose step raises
+    # must be retried one sample at a time so that only the culprit fails
+    plan = plan_job(mlp_spec(write_mlp(tmp_path), count=20, shard_size=20, batch_size=8))
+    engine = Engine(plan)
+    z = np.random.default_rng(1).standard_normal((20, plan.generator.latent_dim))
+    res, errors = engine.compute(z)
+    assert errors == [None] * 20
+    for start in range(0, 20, 8):
+        zb = z[start:start + 8]
+        zb = np.concatenate([zb, np.repeat(zb[:1], 8 - len(zb), 0)])
+        alone = engine._run(zb, np.zeros(8, np.int32))
+        for k in res:
+            np.testing.assert_array_equal(res[k][start:start + 8], alone[k][:len(z[start:start + 8])])
+    step = engine._step
+
+    def poisoned(params, arrays, zb, tb):
+        if np.any(np.asarray(zb)[:, 0] == 99.0):
+            raise RuntimeError("poisoned sample")
+        return step(params, arrays, zb, tb)
+
+    engine._step = poisoned
+    z2 = z.copy()
+    z2[11, 0] = 99.0                                  # in the second batch
+    res2, errors2 = engine.compute(z2)
+    assert errors2[11] is not None and "poisoned sample" in errors2[11]
+    assert [e for i, e in enumerate(errors2) if i != 11] == [None] * 19
+    keep = np.arange(20) != 11
+    for k in res:
+        np.testing.assert_allclose(res2[k][keep], res[k][keep], rtol=1e-6)   # batch 2 rows ran one by one: same step, other batch mates
