@@ -428,7 +428,11 @@ def geodesics(spec: dict, pot, exact) -> list[dict]:
     from geomjobs.fisher.geodesic import grid_metric, path_length, psd
 
     pairs = spec["geodesics"].get("pairs") or default_pairs(spec)
-    box = (spec["grid"]["low"], spec["grid"]["high"])
+    # interior points stay one grid cell inside the box: on the edge row F's curvature is pinned
+    # from one side only (see interior_mask) and a noisy, flat edge would be a shortcut
+    lo, hi = np.asarray(spec["grid"]["low"], float), np.asarray(spec["grid"]["high"], float)
+    cell = (hi - lo) / (np.asarray(spec["grid"]["resolution"]) - 1)
+    box = (lo + cell, hi - cell)
     n = spec["geodesics"]["points"]
     met = pot.metric_fn()
     R1, R2 = spec["grid"]["resolution"]
