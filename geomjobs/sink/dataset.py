@@ -14,8 +14,9 @@ A shard is committed in two steps: its Parquet file appears atomically (local: w
 ``_staging/`` and renamed; GCS: an object becomes visible only when its upload completes),
 then its marker is written. Resume skips shards with a marker; a shard whose file exists but
 whose marker does not (a crash between the steps) is recomputed and its file replaced under
-the same name, so no sample is ever present twice. Readers (pandas, pyarrow, DuckDB's
-``**/*.parquet``) skip ``_``-prefixed folders, and staging files never end in ``.parquet``.
+the same name, so no sample is ever present twice. pandas and pyarrow skip ``_``-prefixed
+folders; DuckDB's ``**/*.parquet`` does descend into them, but nothing there ends in
+``.parquet`` (staging files end in ``.tmp``), so every reader sees exactly the part files.
 
 Reading the manifest in a bounded number of requests
 ----------------------------------------------------
