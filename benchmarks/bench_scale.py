@@ -209,7 +209,8 @@ def parse(argv=None):
     ap.add_argument("--engine-shards", type=int, default=10, help="shards whose latents time the engine alone")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="cluster runs: workers of each")
     ap.add_argument("--skip-cluster", action="store_true")
-    ap.add_argument("--skip-manifest", action="store_true", help="leave out bench_manifest's figures")
+    ap.add_argument("--skip-manifest", action="store_true", default=bool(os.environ.get("BENCH_SCALE_SKIP_MANIFEST")),
+                    help="leave out bench_manifest's figures (default from BENCH_SCALE_SKIP_MANIFEST=1, for bench.py --only scale)")
     return ap.parse_args(argv)
 
 

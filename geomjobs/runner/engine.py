@@ -102,13 +102,21 @@ class Engine:
         step is compiled ahead of time, so batches never add to it."""
         return self.compiles
 
-    def _run(self, zb: np.ndarray, tb: np.ndarray) -> dict[str, np.ndarray]:
+    def _dispatch(self, zb: np.ndarray, tb: np.ndarray):
+        """Start the step on one batch; returns the device outputs (JAX dispatches asynchronously,
+        so the host is free to prepare the next batch while this one runs)."""
         with precision(self.dtype):
             # cast on the host: a device-side cast would be one more program to compile
             z = jax.device_put(np.asarray(zb, self.dtype), self._z_sharding)
             t = jax.device_put(np.asarray(tb, np.int32), self._z_sharding)
-            out = self._step(self._params, self._arrays, z, t)
-            return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
+            return self._step(self._params, self._arrays, z, t)
+
+    @staticmethod
+    def _fetch(out) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
+
+    def _run(self, zb: np.ndarray, tb: np.ndarray) -> dict[str, np.ndarray]:
+        return self._fetch(self._dispatch(zb, tb))
 
     def compute(self, z: np.ndarray, t: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], list[str | None]]:
         """Descriptors for latents z (m, *shape), any m; returns per-sample arrays and errors.
@@ -128,6 +136,19 @@ class Engine:
         steps = np.zeros(m, np.int32) if t is None else np.asarray(t, np.int32).reshape(m)
         bs = self.batch_size
         pieces = []
+
+        def settle(start, real, zb, tb, out) -> None:
+            try:
+                if out is None:
+                    raise RuntimeError("dispatch failed")
+                res = self._fetch(out)
+            except Exception:  # noqa: BLE001 - isolate the sample that raises
+                res = self._one_by_one(zb[:real], tb[:real], errors, start)
+            pieces.append({k: v[:real] for k, v in res.items()})
+
+        # one batch in flight: batch k+1 is cast and dispatched before batch k's results are
+        # fetched (the same program on the same inputs, so the same values)
+        pending = None
         for start in range(0, m, bs):
             zb, tb = flat[start:start + bs], steps[start:start + bs]
             real = len(zb)
@@ -135,10 +156,14 @@ class Engine:
                 zb = np.concatenate([zb, np.repeat(zb[:1], bs - real, 0)])
                 tb = np.concatenate([tb, np.repeat(tb[:1], bs - real, 0)])
             try:
-                res = self._run(zb, tb)
-            except Exception:  # noqa: BLE001 - isolate the sample that raises
-                res = self._one_by_one(zb[:real], tb[:real], errors, start)
-            pieces.append({k: v[:real] for k, v in res.items()})
+                out = self._dispatch(zb, tb)
+            except Exception:  # noqa: BLE001 - retried one sample at a time in settle
+                out = None
+            if pending is not None:
+                settle(*pending)
+            pending = start, real, zb, tb, out
+        if pending is not None:
+            settle(*pending)
         res = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]} if pieces else {}
         for key in ("local_scaling", "local_rank"):
             if key in res:
