@@ -185,11 +185,11 @@ def run(args) -> str:
                   "latents of the next chunk are made while the engine runs, and in process the Parquet write of a "
                   "shard overlaps the next shard's computation):", "",
               "| stage | us/sample | share of the serial sum |", "|---|---|---|"]
-    names = {"latents": "Gaussian latents (vectorised seeding, `latents/streams.py`)", "engine": "engine (the step, batches)",
+    names = {"latents": "Gaussian latents (seeding and draws vectorised, `latents/streams.py`)", "engine": "engine (the step, batches)",
              "table": "record columns -> Arrow table", "write": "Parquet (zstd) + commit marker"}
     for k, label in names.items():
         lines.append(f"| {label} | {stages[k]:.2f} | {stages[k] / total:.0%} |")
-    lines.append(f"| (before: `default_rng([seed, i])` one sample at a time) | {stages['latents_loop']:.2f} | |")
+    lines.append(f"| (the former loop: `default_rng([seed, i])` one sample at a time) | {stages['latents_loop']:.2f} | |")
     try:
         from bench_manifest import section
     except ImportError:
