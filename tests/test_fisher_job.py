@@ -47,7 +47,7 @@ BAD = [
     ({"grid": {"low": [0.5, -0.2], "high": [0.1, 0.2], "resolution": [5, 5]}}, "grid.high", "high > low"),
     ({"family": {"kind": "potts", "L": 4}}, "family.kind", "expected one of"),
     ({"family": {"kind": "ising"}}, "family.L", "lattice size"),
-    ({"family": {"kind": "diffusion-slice"}}, "family.kind", "not implemented"),
+    ({"family": {"kind": "diffusion-slice"}}, "posterior.kind", "no exact likelihood"),
     ({"posterior": {"kind": "oracle", "fit_size": 3}}, "posterior.fit_size", "not a known key"),
     ({"geodesics": {"pairs": [[[0.1, 0.0], [0.9, 0.0]]]}}, "geodesics.pairs.0", "outside the grid"),
 ]

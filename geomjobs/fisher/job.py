@@ -90,6 +90,8 @@ def validate_fisher_spec(raw, base: str | Path = ".") -> tuple[dict, object]:
     fam_mod = _families(spec["family"].get("kind"))
     family = fam_mod.build_family(_resolve_family_paths(spec["family"], base))
     spec["family"] = {**spec["family"], **getattr(family, "spec_extra", {})}
+    if family.kind == "diffusion-slice" and "posterior" not in raw:
+        spec["posterior"]["kind"] = "features"
     grid = spec["grid"]
     if "low" not in grid or "high" not in grid:
         box = getattr(family, "default_box", None)
@@ -114,6 +116,9 @@ def validate_fisher_spec(raw, base: str | Path = ".") -> tuple[dict, object]:
         raise SpecError("posterior.kind", "'features' (classifier-feature distances) is for family kind diffusion-slice")
     if post["kind"] == "learned" and family.kind == "diffusion-slice":
         raise SpecError("posterior.kind", "diffusion-slice uses kind: features (feature distances, as the paper does with CLIP)")
+    if post["kind"] == "features" and n < 2:
+        raise SpecError("samples_per_point", f"the feature posterior needs at least 2 samples per point (the first half are "
+                                             f"the point's references, the rest bundle samples), got {n}")
     if n < post["bundle"]:
         raise SpecError("samples_per_point", f"expected at least posterior.bundle = {post['bundle']} samples per point "
                                              f"(one bundle), got {n}")
@@ -355,6 +360,10 @@ def run_fisher(spec: dict, out: str | None = None, address: str | None = None, p
     _write_networks(out, fit)
     if spec.get("figures", True):
         fisher_figure(join(out, "fisher.png"), spec, family, thetas, F, g, exact, geo)
+    if family.kind == "diffusion-slice":
+        from geomjobs.fisher.diffusion_slice import slice_outputs
+
+        summary["slice"] = slice_outputs(family, spec, out, thetas, g, interior, progress)
     summary["seconds"] = time.time() - t_start
     ffs, fpath = filesystem(join(out, "fisher.json"))
     with ffs.open(fpath, "w") as f:

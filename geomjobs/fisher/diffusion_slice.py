@@ -1,0 +1,392 @@
+"""``family: {kind: diffusion-slice}``: the Fisher metric of a 2-D slice of a zoo latent diffusion
+model's noise space (issue 12 item 4; Lobashev et al.'s Stable Diffusion slices, at digits scale).
+
+theta = (u, v), the plane coordinates of :class:`geomjobs.latents.sources.Plane3` through three
+anchor noises a0, a1, a2 (its Gram-Schmidt basis, reused, not re-derived): the noise at theta is
+a0 + u e1 + v e2, exactly the latent a ``latents: {kind: plane3, anchors, resolution}`` job gives
+at the same (u, v); the default grid box is plane3's (anchors' bounding box widened by
+``margin``), so with the same resolution grid point p IS plane3's sample p. (The paper divides
+the plane point by its std; plane3 does not, and we follow plane3.)
+
+Spec keys::
+
+    family: {kind: diffusion-slice,
+             model: ldm-digits,            # ldm-digits | memo-digits (latent models decoded by vae-digits)
+             anchors: [0, 1, 2],           # 3 noise ids: default_rng([anchor_seed, i]) noises, or 3 explicit
+                                           #   latents (lists of 8 numbers)
+             anchor_seed: 0, margin: 0.25,
+             sampler: {steps: 25, eta: 0.5},   # DDIM; eta > 0 is required (see below)
+             batch: 256,                   # the sampler's fixed batch (padded): compiled once
+             psi: true}                    # the psi map and slice.png
+
+Samples: point p's sample j starts from the plane noise at theta_p and runs DDIM with eta > 0
+(:func:`geomjobs.sampling.batch_sampler`), its step noise ``default_rng([seed, index_p, j])
+.standard_normal((steps, 8))``, so it depends only on (seed, grid index, j), never on the
+sharding (the sampler's batch is a fixed size, and vmapped rows do not depend on their
+companions). z_0 is decoded by vae-digits and clipped to [0, 1]: samples are (8, 8) images.
+eta = 0 is refused: every sample of a point would be the same image, the per-point law a point
+mass and the feature posterior degenerate (no within-point spread to scale the distances by).
+
+The posterior (``posterior: {kind: features}``, :func:`feature_loglik`), the paper's CLIP rule
+with classifier-digits' penultimate features phi (128-d): of the m samples of each point, the
+first m_ref = m // 2 are its *references*, mu_q = their mean feature; the other m - m_ref are
+bundle samples. Per-sample log-likelihood of sample x under grid point q:
+``l(x | q) = -|phi(x) - mu_q|^2 / (2 tau^2)``, tau^2 = the pooled within-point variance of the
+reference features (mean over points and feature dims): a unit-variance Gaussian feature model
+after scaling by tau, whose KL is half the squared mean distance, as the paper justifies its
+rule. The job's tempered bundle posterior (the mean of l over a bundle B, normalised over the
+grid) is then exp(-|phibar_B - mu_q|^2 / (2 tau^2)) / Z (the bundle's spread does not depend on
+q and cancels) -- the paper's exp(-(N/2)|E(x(t)) - E(x')|^2) to the power 1/N, with tau^2 = 1.
+
+The psi map (:func:`slice_outputs`): psi of the vae-digits decoder at the DDIM eta = 0 z_0 of
+each grid point, computed by an ordinary descriptor job (``model: vae-digits``, ``latents:
+{kind: parquet}`` on ``OUT/slice/z0.parquet``, exact psi) written to ``OUT/psi``. Why the decoder
+at the eta = 0 sample rather than the denoiser at the plane noise: the denoiser's x0 map at t = 0
+applied to pure noise is not how an image is made, while the eta = 0 sample is the image the slice
+point deterministically produces and the decoder is the last (and, in ldm-digits, the only
+image-space) map of that generation; psi there is the local scaling of the image manifold at the
+very point whose class the figure shows. (psi of the whole noise -> image map would need the
+Jacobian through 25 DDIM steps: not an existing model kind.)
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from geomjobs.errors import SpecError
+from geomjobs.fisher.families import _int, _keys, _thetas, register_family
+
+LATENT_MODELS = ("ldm-digits", "memo-digits")
+SAMPLER_DEFAULTS = {"steps": 25, "eta": 0.5}
+
+
+class DiffusionSliceFamily:
+    kind = "diffusion-slice"
+    theta_names = ("u", "v")
+    sample_shape = (8, 8)
+    has_oracle = False
+
+    def __init__(self, model: str, anchors: np.ndarray, margin: float, steps: int, eta: float, batch: int, psi: bool,
+                 anchor_ids=None, anchor_seed: int = 0):
+        from geomjobs.latents.sources import Plane3
+
+        self.model, self.steps, self.eta, self.batch, self.psi = model, steps, eta, batch, psi
+        self.anchors = np.asarray(anchors, np.float64)
+        self.margin = margin
+        try:
+            self.plane = Plane3(1, (self.anchors.shape[1],), self.anchors, (1, 1), margin)
+        except SpecError as e:
+            raise SpecError("family.anchors", e.message if hasattr(e, "message") else str(e)) from None
+        self.default_box = (self.plane.low, self.plane.high)
+        self.spec_extra = {"anchors": self.anchors.tolist(), "margin": margin, "sampler": {"steps": steps, "eta": eta},
+                           "batch": batch, "psi": psi}
+        self._anchor_ids, self._anchor_seed = anchor_ids, anchor_seed
+
+    @classmethod
+    def from_spec(cls, cfg: dict) -> DiffusionSliceFamily:
+        _keys(cfg, {"kind", "model", "anchors", "anchor_seed", "margin", "sampler", "batch", "psi"})
+        model = cfg.get("model", "ldm-digits")
+        if model not in LATENT_MODELS:
+            raise SpecError("family.model", f"expected one of {list(LATENT_MODELS)} (zoo latent diffusion models decoded by "
+                                            f"vae-digits), got {model!r}")
+        samp = cfg.get("sampler", {})
+        if not isinstance(samp, dict) or set(samp) - {"steps", "eta", "kind"}:
+            raise SpecError("family.sampler", f"expected a mapping with steps and eta (DDIM), got {samp!r}")
+        if samp.get("kind", "ddim") != "ddim":
+            raise SpecError("family.sampler.kind", f"only ddim is stochastic (eta > 0); got {samp.get('kind')!r}")
+        steps = _int({"sampler.steps": samp.get("steps", SAMPLER_DEFAULTS["steps"])}, "sampler.steps", 0, 1, 1000)
+        eta = samp.get("eta", SAMPLER_DEFAULTS["eta"])
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+            raise SpecError("family.sampler.eta", f"expected a number in (0, 1], got {eta!r}")
+        if eta == 0:
+            raise SpecError("family.sampler.eta", "eta = 0 makes DDIM deterministic: every sample of a grid point is the same "
+                                                  "image, so a point has no distribution to tell apart from its neighbours' "
+                                                  "(the Fisher metric needs stochastic samples); use eta > 0, e.g. 0.5")
+        seed = _int(cfg, "anchor_seed", 0, 0)
+        margin = cfg.get("margin", 0.25)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
+            raise SpecError("family.margin", f"expected a number >= 0, got {margin!r}")
+        anchors = cfg.get("anchors", [0, 1, 2])
+        ids = None
+        if isinstance(anchors, list) and len(anchors) == 3 and all(isinstance(a, int) and not isinstance(a, bool) for a in anchors):
+            from geomjobs.sampling import initial_noise
+
+            ids = list(anchors)
+            anchors = np.stack([initial_noise(seed, i, (8,)) for i in ids])
+        else:
+            try:
+                anchors = np.asarray(anchors, np.float64)
+            except (TypeError, ValueError):
+                anchors = np.zeros(0)
+            if anchors.shape != (3, 8) or not np.isfinite(anchors).all():
+                raise SpecError("family.anchors", f"expected 3 noise ids (integers) or 3 latents of 8 numbers each for {model}, "
+                                                  f"got {cfg.get('anchors')!r}")
+        return cls(model, anchors, float(margin), steps, float(eta), _int(cfg, "batch", 256, 1), bool(cfg.get("psi", True)),
+                   ids, seed)
+
+    # ------------------------------------------------------------------ the plane
+    def latents(self, thetas) -> np.ndarray:
+        """(P, 8) float64 noises at plane coordinates thetas (P, 2): origin + u e1 + v e2 (plane3's)."""
+        th = _thetas(thetas)
+        return self.plane.origin[None] + th[:, :1] * self.plane.basis[0][None] + th[:, 1:] * self.plane.basis[1][None]
+
+    def check_thetas(self, thetas, key: str = "grid") -> None:
+        if not np.isfinite(_thetas(thetas)).all():
+            raise SpecError(key, "theta values must be finite")
+
+    # ------------------------------------------------------------------ models, built lazily (not pickled)
+    @functools.cached_property
+    def _models(self):
+        import jax
+        import jax.numpy as jnp
+
+        from geomjobs import sampling
+        from geomjobs.generators.classifier import load_classifier
+        from geomjobs.generators.ldm import ldm_generator
+        from geomjobs.generators.vae import BetaVAE, decoder_params, load_vae
+
+        gen = ldm_generator(self.model)
+        vae, vparams, _ = load_vae("vae-digits")
+        dparams = decoder_params(vparams)
+        decode = jax.jit(lambda z: vae.apply(dparams, z, method=BetaVAE.decode))
+        stoch = sampling.batch_sampler(gen.denoiser, sampling.Sampler("ddim", self.steps, self.eta))
+        det = sampling.batch_sampler(gen.denoiser, sampling.Sampler("ddim", self.steps, 0.0))
+        return {"params": gen.params, "stoch": stoch, "det": det, "decode": decode, "clf": load_classifier(), "jnp": jnp}
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d.pop("_models", None)
+        return d
+
+    def _run(self, x_T, noise=None) -> np.ndarray:
+        """z_0 (N, 8) float32 in fixed batches of self.batch (the tail padded)."""
+        m = self._models
+        jnp = m["jnp"]
+        out = []
+        for lo in range(0, len(x_T), self.batch):
+            xb = x_T[lo:lo + self.batch]
+            k = len(xb)
+            pad = self.batch - k
+            xb = np.concatenate([xb, np.repeat(xb[-1:], pad, 0)])
+            if noise is None:
+                z = m["det"](m["params"], jnp.asarray(xb, jnp.float32))
+            else:
+                nb = noise[lo:lo + self.batch]
+                nb = np.concatenate([nb, np.repeat(nb[-1:], pad, 0)])
+                z = m["stoch"](m["params"], jnp.asarray(xb, jnp.float32), jnp.asarray(nb, jnp.float32))
+            out.append(np.asarray(z)[:k])
+        return np.concatenate(out)
+
+    def decode(self, z) -> np.ndarray:
+        """Images (N, 8, 8) in [0, 1]: the vae-digits decoder's mean, clipped (as the zoo card does)."""
+        jnp = self._models["jnp"]
+        return np.clip(np.asarray(self._models["decode"](jnp.asarray(np.asarray(z, np.float32)))), 0.0, 1.0).reshape(-1, 8, 8)
+
+    def sample(self, thetas, n: int, seed: int, index=None) -> np.ndarray:
+        th = _thetas(thetas)
+        index = np.arange(len(th)) if index is None else np.asarray(index)
+        x_T = np.repeat(self.latents(th), n, axis=0)
+        noise = np.stack([np.random.default_rng([int(seed), int(i), j]).standard_normal((self.steps, 8))
+                          for i in index for j in range(n)])
+        z0 = self._run(x_T, noise)
+        return self.decode(z0).reshape(len(th), n, 8, 8).astype(np.float32)
+
+    def deterministic(self, thetas) -> tuple[np.ndarray, np.ndarray]:
+        """(z_0 (P, 8), images (P, 8, 8)) of DDIM with eta = 0 from each plane point."""
+        z0 = self._run(self.latents(thetas))
+        return z0, self.decode(z0)
+
+    def features(self, images) -> np.ndarray:
+        return np.asarray(self._models["clf"].features(np.asarray(images, np.float32).reshape(-1, 8, 8)), np.float64)
+
+    def classes(self, images) -> np.ndarray:
+        return np.asarray(self._models["clf"].probs(np.asarray(images, np.float32).reshape(-1, 8, 8))).argmax(-1)
+
+    def exact(self, thetas):
+        return None
+
+    def log_likelihood(self, x, thetas):
+        return None
+
+    def sufficient_statistics(self, x):
+        return None
+
+    def describe(self) -> dict:
+        d = {"kind": self.kind, "model": self.model, "anchors": self.anchors.tolist(), "margin": self.margin,
+             "sampler": {"kind": "ddim", "steps": self.steps, "eta": self.eta}, "batch": self.batch, "psi": self.psi}
+        if self._anchor_ids is not None:
+            d["anchor_noise"] = {"seed": self._anchor_seed, "ids": self._anchor_ids}
+        return d
+
+
+def feature_loglik(family, x) -> np.ndarray:
+    """(P, m - m // 2, P) per-sample log-likelihoods from classifier features (module doc's rule)."""
+    P, m = x.shape[:2]
+    if m < 2:
+        raise SpecError("samples_per_point", f"the feature posterior needs >= 2 samples per point (references and bundle samples), got {m}")
+    phi = family.features(x).reshape(P, m, -1)
+    m_ref = m // 2
+    ref, bun = phi[:, :m_ref], phi[:, m_ref:]
+    mu = ref.mean(1)                                            # (P, D)
+    tau2 = float(ref.var(1, ddof=1).mean()) if m_ref > 1 else float(phi.var(1, ddof=1).mean())
+    tau2 = max(tau2, 1e-12)
+    b = bun.reshape(-1, phi.shape[-1])
+    d2 = (b * b).sum(1)[:, None] - 2 * b @ mu.T + (mu * mu).sum(1)[None]
+    return (-np.maximum(d2, 0.0) / (2 * tau2)).reshape(P, m - m_ref, P)
+
+
+# ---------------------------------------------------------------- the slice figure and psi map
+
+def boundary_mask(classes: np.ndarray) -> np.ndarray:
+    """(R1, R2) bool: points with a 4-neighbour of a different class."""
+    c = classes
+    m = np.zeros(c.shape, bool)
+    du = c[1:] != c[:-1]
+    dv = c[:, 1:] != c[:, :-1]
+    m[1:] |= du
+    m[:-1] |= du
+    m[:, 1:] |= dv
+    m[:, :-1] |= dv
+    return m
+
+
+def ridge_mask(s: np.ndarray) -> np.ndarray:
+    """(R1, R2) bool: interior points where the scalar s is a strict local maximum along u or along v
+    and above its interior median (the metric's ridge lines, drawn as points)."""
+    r = np.zeros(s.shape, bool)
+    c = s[1:-1, 1:-1]
+    along_u = (c > s[:-2, 1:-1]) & (c > s[2:, 1:-1])
+    along_v = (c > s[1:-1, :-2]) & (c > s[1:-1, 2:])
+    r[1:-1, 1:-1] = (along_u | along_v) & (c > np.median(c))
+    return r
+
+
+def psi_job(family, spec: dict, out: str, z0: np.ndarray, progress: bool = False) -> np.ndarray:
+    """psi of the vae-digits decoder at each grid point's eta = 0 z_0, by an ordinary descriptor job
+    (``OUT/psi``, latents from ``OUT/slice/z0.parquet``). Returns psi in grid order."""
+    import pandas as pd
+
+    import geomjobs
+    from geomjobs.sink.fs import filesystem, join
+
+    zuri = join(out, "slice", "z0.parquet")
+    fs, path = filesystem(zuri)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as f:
+        pd.DataFrame({"z": [np.asarray(r, np.float64) for r in z0]}).to_parquet(f, index=False)
+    P = len(z0)
+    job = {"job_id": "fisher-slice-psi", "model": {"kind": "zoo", "name": "vae-digits"},
+           "latents": {"kind": "parquet", "uri": zuri, "column": "z"},
+           "descriptors": {"local_scaling": {"mode": "exact"}},
+           "execution": {"shard_size": max(1, min(P, 512)), "batch_size": max(1, min(P, 128))}}
+    puri = join(out, "psi")
+    pfs, ppath = filesystem(puri)
+    if pfs.exists(ppath):
+        pfs.rm(ppath, recursive=True)     # z0 is recomputed each run; a stale psi job would not match it
+    geomjobs.run_job(job, puri, progress=progress)
+    df = pd.read_parquet(puri, columns=["sample_id", "local_scaling", "status"]).sort_values("sample_id")
+    psi = np.full(P, np.nan)
+    ok = df.status == "ok"
+    psi[df.sample_id[ok].to_numpy()] = df.local_scaling[ok].to_numpy()
+    return psi
+
+
+def slice_outputs(family, spec: dict, out: str, thetas: np.ndarray, g: np.ndarray, interior: np.ndarray,
+                  progress: bool = False) -> dict:
+    """eta = 0 classes, the psi map (when ``family.psi``), ``OUT/slice/points.parquet`` and
+    ``slice.png``; returns the summary's ``slice`` entry (the ridge-vs-boundary figure)."""
+    import pandas as pd
+
+    from geomjobs.sink.fs import filesystem, join
+
+    R1, R2 = spec["grid"]["resolution"]
+    z0, imgs = family.deterministic(thetas)
+    cls = family.classes(imgs)
+    tr = np.trace(g, axis1=1, axis2=2)
+    psi = psi_job(family, spec, out, z0, progress) if family.psi else np.full(len(thetas), np.nan)
+    bnd = boundary_mask(cls.reshape(R1, R2)).ravel()
+    ridge = ridge_mask(tr.reshape(R1, R2)).ravel()
+    inner = interior.astype(bool)
+    on, off = inner & bnd, inner & ~bnd
+    res = {"classes": np.bincount(cls, minlength=10).tolist(), "boundary_points": int(on.sum()), "interior_points": int(inner.sum()),
+           "trace_g_boundary_mean": float(tr[on].mean()) if on.any() else None,
+           "trace_g_nonboundary_mean": float(tr[off].mean()) if off.any() else None,
+           "ridge_points": int(ridge.sum()), "ridge_on_boundary_fraction": float(bnd[ridge].mean()) if ridge.any() else None,
+           "boundary_fraction_interior": float(bnd[inner].mean()) if inner.any() else None}
+    if on.any() and off.any():
+        res["trace_g_ratio_boundary_over_nonboundary"] = res["trace_g_boundary_mean"] / res["trace_g_nonboundary_mean"]
+    if family.psi:
+        ok = np.isfinite(psi)
+        res["psi_boundary_mean"] = float(psi[on & ok].mean()) if (on & ok).any() else None
+        res["psi_nonboundary_mean"] = float(psi[off & ok].mean()) if (off & ok).any() else None
+    df = pd.DataFrame({"theta_1": thetas[:, 0], "theta_2": thetas[:, 1], "eta0_class": cls.astype(np.int64), "trace_g": tr,
+                       "psi": psi, "class_boundary": bnd, "ridge": ridge, "z0": [np.asarray(r, np.float64) for r in z0]})
+    fs, path = filesystem(join(out, "slice", "points.parquet"))
+    with fs.open(path, "wb") as f:
+        df.to_parquet(f, index=False)
+    if spec.get("figures", True):
+        slice_figure(join(out, "slice.png"), spec, thetas, tr, psi, cls, ridge, family)
+    return res
+
+
+def slice_figure(uri, spec, thetas, tr, psi, cls, ridge, family) -> None:
+    """log10 tr g and psi side by side; class boundaries of the eta = 0 samples (black) and the metric's
+    ridge points (red) on both; the anchors (white stars)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from geomjobs.sink.fs import filesystem
+
+    R1, R2 = spec["grid"]["resolution"]
+    lo, hi = spec["grid"]["low"], spec["grid"]["high"]
+    ext = [lo[0], hi[0], lo[1], hi[1]]
+    u, v = np.linspace(lo[0], hi[0], R1), np.linspace(lo[1], hi[1], R2)
+    du, dv = (u[1] - u[0]) / 2, (v[1] - v[0]) / 2
+    c = cls.reshape(R1, R2)
+    segs = []
+    for i in range(R1 - 1):
+        for j in range(R2):
+            if c[i, j] != c[i + 1, j]:
+                x = u[i] + du
+                segs.append(([x, x], [v[j] - dv, v[j] + dv]))
+    for i in range(R1):
+        for j in range(R2 - 1):
+            if c[i, j] != c[i, j + 1]:
+                y = v[j] + dv
+                segs.append(([u[i] - du, u[i] + du], [y, y]))
+    anchors_uv = (family.anchors - family.plane.origin) @ family.plane.basis.T
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    panels = [("log10 tr g (Fisher metric)", np.log10(np.maximum(tr, 1e-12))),
+              ("psi (vae-digits decoder at the eta=0 z_0)", psi)]
+    for ax, (title, val) in zip(axes, panels):
+        val = np.asarray(val, float).reshape(R1, R2)
+        if np.isfinite(val).any():
+            box = [ext[0] - du, ext[1] + du, ext[2] - dv, ext[3] + dv]
+            im = ax.imshow(val.T, origin="lower", extent=box, aspect="auto", cmap="viridis")
+            fig.colorbar(im, ax=ax, shrink=0.8)
+        else:
+            ax.text(0.5, 0.5, "psi not computed (family.psi: false)", transform=ax.transAxes, ha="center")
+        for xs, ys in segs:
+            ax.plot(xs, ys, "k-", lw=1.2)
+        rp = thetas[ridge]
+        ax.plot(rp[:, 0], rp[:, 1], "r.", ms=4)
+        ax.plot(anchors_uv[:, 0], anchors_uv[:, 1], "w*", ms=9, mec="k")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("u")
+        ax.set_ylabel("v")
+    fig.suptitle(f"{family.model} slice: class boundaries of the eta=0 samples (black), metric ridges (red)", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    fs, path = filesystem(uri)
+    with fs.open(path, "wb") as f:
+        f.write(buf.getvalue())
+
+
+register_family("diffusion-slice", DiffusionSliceFamily.from_spec)
