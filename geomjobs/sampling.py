@@ -192,22 +192,27 @@ def sample_loop(denoiser, params: Any, x_T, sampler: Sampler, noise=None, record
     return x0, jnp.concatenate([states, x0[None]], axis=0)
 
 
-def batch_sampler(denoiser, sampler: Sampler, record: bool = False, guidance: Guidance | None = None):
+def batch_sampler(denoiser, sampler: Sampler, record: bool = False, guidance: Guidance | None = None,
+                  param_axes: Any = None):
     """A jitted ``fn(params, x_T, noise) -> x_0`` (or ``(x_0, states)``) over a batch: x_T (B, *shape),
     noise (B, steps, *shape) (or None when the sampler is deterministic), :func:`sample_loop` vmapped.
-    ``fn.jitted`` is the underlying ``jax.jit`` object (compile counting)."""
+    ``fn.jitted`` is the underlying ``jax.jit`` object (compile counting).
+
+    ``param_axes``: the ``jax.vmap`` in_axes of ``params`` (None: shared by the whole batch). A
+    pytree prefix such as ``{"unet": None, "context": 0}`` gives each sample its own leaf (here a
+    per-sample prompt context with a leading batch axis) as an argument of the one program."""
     if sampler.stochastic:
         def one(params, x, n):
             return sample_loop(denoiser, params, x, sampler, n, record, guidance)
 
-        f = jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))
+        f = jax.jit(jax.vmap(one, in_axes=(param_axes, 0, 0)))
         f.jitted = f
         return f
 
     def one_det(params, x):
         return sample_loop(denoiser, params, x, sampler, None, record, guidance)
 
-    f = jax.jit(jax.vmap(one_det, in_axes=(None, 0)))
+    f = jax.jit(jax.vmap(one_det, in_axes=(param_axes, 0)))
 
     def run(params, x, noise=None):
         return f(params, x)

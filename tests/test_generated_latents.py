@@ -136,6 +136,28 @@ def test_a_trajectory_runs_from_the_initial_noise_to_the_sampled_latent(sampler)
     np.testing.assert_array_equal(traj.denoiser_timesteps(sub), ts[sub])
 
 
+@pytest.mark.parametrize("sampler", [{"kind": "ddim", "steps": 6, "eta": 0.5}, {"kind": "dpmpp2m", "steps": 6}])
+def test_consecutive_shards_sample_a_trajectory_they_share_once_with_the_same_records(sampler):
+    """Shards cut inside trajectories: the next shard reuses the cut trajectory's states (sampled
+    once, not once per shard), bit for bit what a fresh source computes for that shard alone."""
+    n, per = 9, 7
+    traj = build(lat("trajectory", sampler=sampler, count=n, batch_size=4))
+    asked = []
+    generate = traj.run.generate
+    traj.run.generate = lambda seed, idx, record: asked.append(list(idx)) or generate(seed, idx, record)
+    bounds = [0, 10, 24, 25, 40, n * per]            # cuts inside trajectories 1, 3, 3 and 5
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        ids = np.arange(lo, hi)
+        fresh = build(lat("trajectory", sampler=sampler, count=n, batch_size=4))
+        np.testing.assert_array_equal(traj.latents(ids), fresh.latents(ids))
+    assert sorted(sum(asked, [])) == list(range(n))     # every trajectory sampled exactly once
+    # only the previous call's cut ends are kept: ids elsewhere sample their own trajectories
+    asked.clear()
+    np.testing.assert_array_equal(traj.latents(np.arange(3, 12)), build(lat("trajectory", sampler=sampler, count=n,
+                                                                            batch_size=4)).latents(np.arange(3, 12)))
+    assert asked == [[0, 1]]
+
+
 def test_trajectory_states_are_one_sampler_step_apart():
     """States j and j + 1 of a DDIM trajectory: j + 1 = ddim_step(j, eps_theta(j, t_j)) (float32)."""
     from geomjobs import diffusion

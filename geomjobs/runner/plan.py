@@ -116,6 +116,9 @@ def resolve(spec: dict, gen: Generator, lat: LatentSource) -> Plan:
     # a denoiser evaluated at each record's own timestep
     per_record = lat.denoiser_timesteps(np.zeros(1, np.int64)) is not None
     if per_record:
+        if gen.prompt_id is not None and getattr(lat, "per_sample_prompts", False):
+            raise SpecError("latents.prompts", "a trajectory job whose descriptor model is prompt-conditioned (one prompt "
+                                               "per job) cannot follow per-sample prompts; remove latents.prompts")
         model = _per_record_model(gen, spec["model"], model)
         arrays["abar"] = np.asarray(gen.denoiser.abar, np.float64)
     if "local_scaling" in desc:
