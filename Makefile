@@ -21,7 +21,7 @@ test-slow: setup
 	GEOMJOBS_SLOW=1 $(PY) -m pytest -q tests -m slow
 
 lint: setup
-	$(PY) -m ruff check geomjobs tests benchmarks examples
+	$(PY) -m ruff check geomjobs tests benchmarks examples notebooks
 
 demo: setup
 	$(PY) -m geomjobs.demo --out out/demo
