@@ -315,7 +315,12 @@ def slice_outputs(family, spec: dict, out: str, thetas: np.ndarray, g: np.ndarra
            "ridge_points": int(ridge.sum()), "ridge_on_boundary_fraction": float(bnd[ridge].mean()) if ridge.any() else None,
            "boundary_fraction_interior": float(bnd[inner].mean()) if inner.any() else None}
     if on.any() and off.any():
+        # the mean ratio is dominated by a few very large tr g; the medians and the mean of log10 tr g
+        # are the robust figures
         res["trace_g_ratio_boundary_over_nonboundary"] = res["trace_g_boundary_mean"] / res["trace_g_nonboundary_mean"]
+        res["trace_g_median_ratio"] = float(np.median(tr[on]) / np.median(tr[off]))
+        lt = np.log10(np.maximum(tr, 1e-12))
+        res["log10_trace_g_boundary_minus_nonboundary"] = float(lt[on].mean() - lt[off].mean())
     if family.psi:
         ok = np.isfinite(psi)
         res["psi_boundary_mean"] = float(psi[on & ok].mean()) if (on & ok).any() else None
@@ -323,6 +328,7 @@ def slice_outputs(family, spec: dict, out: str, thetas: np.ndarray, g: np.ndarra
     df = pd.DataFrame({"theta_1": thetas[:, 0], "theta_2": thetas[:, 1], "eta0_class": cls.astype(np.int64), "trace_g": tr,
                        "psi": psi, "class_boundary": bnd, "ridge": ridge, "z0": [np.asarray(r, np.float64) for r in z0]})
     fs, path = filesystem(join(out, "slice", "points.parquet"))
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "wb") as f:
         df.to_parquet(f, index=False)
     if spec.get("figures", True):
