@@ -319,8 +319,12 @@ def slice_outputs(family, spec: dict, out: str, thetas: np.ndarray, g: np.ndarra
         # are the robust figures
         res["trace_g_ratio_boundary_over_nonboundary"] = res["trace_g_boundary_mean"] / res["trace_g_nonboundary_mean"]
         res["trace_g_median_ratio"] = float(np.median(tr[on]) / np.median(tr[off]))
-        lt = np.log10(np.maximum(tr, 1e-12))
-        res["log10_trace_g_boundary_minus_nonboundary"] = float(lt[on].mean() - lt[off].mean())
+        pos = tr > 0
+        if (on & pos).any() and (off & pos).any():
+            lt = np.log10(np.where(pos, tr, 1.0))
+            res["log10_trace_g_boundary_minus_nonboundary"] = float(lt[on & pos].mean() - lt[off & pos].mean())
+    # F is an unconstrained MLP: where its fit is not convex, tr g <= 0 (shown grey in slice.png)
+    res["nonpositive_trace_fraction_interior"] = float((tr[inner] <= 0).mean()) if inner.any() else None
     if family.psi:
         ok = np.isfinite(psi)
         res["psi_boundary_mean"] = float(psi[on & ok].mean()) if (on & ok).any() else None
@@ -367,13 +371,18 @@ def slice_figure(uri, spec, thetas, tr, psi, cls, ridge, family) -> None:
                 segs.append(([u[i] - du, u[i] + du], [y, y]))
     anchors_uv = (family.anchors - family.plane.origin) @ family.plane.basis.T
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    panels = [("log10 tr g (Fisher metric)", np.log10(np.maximum(tr, 1e-12))),
+    ltr = np.where(tr > 0, np.log10(np.where(tr > 0, tr, 1.0)), np.nan)   # tr g <= 0 (a non-convex fit): grey
+    panels = [("log10 tr g (Fisher metric; grey: tr g <= 0)", ltr),
               ("psi (vae-digits decoder at the eta=0 z_0)", psi)]
+    cmap = matplotlib.colormaps["viridis"].copy()
+    cmap.set_bad("0.6")
     for ax, (title, val) in zip(axes, panels):
         val = np.asarray(val, float).reshape(R1, R2)
         if np.isfinite(val).any():
             box = [ext[0] - du, ext[1] + du, ext[2] - dv, ext[3] + dv]
-            im = ax.imshow(val.T, origin="lower", extent=box, aspect="auto", cmap="viridis")
+            fin = val[np.isfinite(val)]
+            lo_c, hi_c = np.percentile(fin, [2, 98])
+            im = ax.imshow(np.ma.masked_invalid(val.T), origin="lower", extent=box, aspect="auto", cmap=cmap, vmin=lo_c, vmax=hi_c)
             fig.colorbar(im, ax=ax, shrink=0.8)
         else:
             ax.text(0.5, 0.5, "psi not computed (family.psi: false)", transform=ax.transAxes, ha="center")

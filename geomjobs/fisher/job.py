@@ -527,6 +527,12 @@ def fisher_cli(args) -> int:
     line = (f"fisher: {len(grid_thetas(spec))} grid points, {s['sampled_shards']['computed']}/{s['sampled_shards']['shards']} "
             f"sample shards computed, F fitted (JS {s['potential_loss']:.4f}); {s['seconds']:.0f} s -> {s['uri']}")
     print(line)
+    if "slice" in s:
+        sl = s["slice"]
+        ratio = sl.get("trace_g_median_ratio")
+        print(f"  slice: {sl['boundary_points']}/{sl['interior_points']} interior points next to an eta=0 class change; median tr g "
+              f"there / elsewhere {ratio:.3g}" if ratio is not None else "  slice: no class change inside the grid",
+              f"; ridge points on a boundary {sl['ridge_on_boundary_fraction']} (boundary share {sl['boundary_fraction_interior']})")
     if "errors" in s:
         e = s["errors"]
         print(f"  vs exact: RMSE F/site {e['rmse_F']:.4g}, dF/site {e['rmse_dF_1']:.4g} / {e['rmse_dF_2']:.4g}, "
