@@ -374,8 +374,7 @@ def slice_figure(uri, spec, thetas, tr, psi, cls, ridge, family) -> None:
     ltr = np.where(tr > 0, np.log10(np.where(tr > 0, tr, 1.0)), np.nan)   # tr g <= 0 (a non-convex fit): grey
     panels = [("log10 tr g (Fisher metric; grey: tr g <= 0)", ltr),
               ("psi (vae-digits decoder at the eta=0 z_0)", psi)]
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("0.6")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.6")
     for ax, (title, val) in zip(axes, panels):
         val = np.asarray(val, float).reshape(R1, R2)
         if np.isfinite(val).any():
