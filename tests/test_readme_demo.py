@@ -24,16 +24,37 @@ def test_readme_spec_is_the_shipped_example():
     assert readme_blocks("yaml")[0] == (ROOT / "examples" / "quickstart.yaml").read_text()
 
 
+# a README block that shows only a `latents` section is checked inside this job spec
+FRAGMENT_BASE = {"model": {"kind": "zoo", "name": "vae-digits"}, "descriptors": {"local_scaling": {}}, "output": "out/x"}
+
+
 def test_every_readme_spec_passes_the_schema():
-    """The README's other specs (e.g. the Stable Diffusion recipe) name keys that exist."""
+    """The README's other specs (the Stable Diffusion recipe, guidance and prompt sections, fisher
+    specs and families) name keys that exist: job specs through the job schema, `latents`-only
+    fragments inside a minimal job spec, fisher specs through the fisher validator and a bare
+    `family` through the family builder."""
     import yaml
 
+    from geomjobs.fisher.families import build_family
+    from geomjobs.fisher.job import validate_fisher_spec
     from geomjobs.spec import validate_spec
 
-    blocks = readme_blocks("yaml")
-    assert len(blocks) >= 2
-    for block in blocks:
-        validate_spec(yaml.safe_load(block))
+    docs = [d for block in readme_blocks("yaml") for d in yaml.safe_load_all(block)]
+    kinds = []
+    for doc in docs:
+        if set(doc) == {"family"}:
+            build_family(doc["family"])
+            kinds.append("family")
+        elif "family" in doc:
+            validate_fisher_spec(doc)
+            kinds.append("fisher")
+        elif set(doc) == {"latents"}:
+            validate_spec({**FRAGMENT_BASE, **doc})
+            kinds.append("fragment")
+        else:
+            validate_spec(doc)
+            kinds.append("job")
+    assert kinds.count("job") >= 2 and {"family", "fisher", "fragment"} <= set(kinds), kinds
 
 
 def test_readme_quick_start_runs(tmp_path):
