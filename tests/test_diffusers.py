@@ -242,7 +242,7 @@ def read_job(out):
     return df, arts["W"], arts["B"]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_a_vae_decoder_job_gives_the_reference_records(pipe, tmp_path, monkeypatch, dtype):
     """Each record against the references at its own latent (sample i = default_rng([1, i])):
     psi and nu of W A(z) from the dense Jacobian (float32: to the float32 SVD's rounding; bf16:
@@ -408,6 +408,8 @@ def test_images_encoded_by_the_diffusers_vae_are_its_scaled_posterior_means(pipe
                                vae.apply({"params": params}, mean[:1], method=vae.decode).sample[0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow   # ~70 s; the UNet job (test_a_unet_job_keeps_timestep_and_prompt_id) and encode + diffuse
+# (tests/test_image_latents.py, test_reward_train.py) stay in the default run
 def test_a_job_encodes_diffuses_and_measures_the_unet(pipe, tmp_path, monkeypatch):
     """PNG images -> the VAE's encoder -> forward diffusion to t = 400 with SD's schedule -> psi, nu
     and delta of the UNet's x0 prediction at t = 400; records keep image id, t, noise seed, prompt

@@ -301,7 +301,8 @@ def unet_model(pipe, **kw):
             "prompt_embeddings": str(pipe["root"] / "prompts.npz"), **kw}
 
 
-@pytest.mark.parametrize("extra", [{}, {"guidance_scale": 7.5, "negative_embedding_index": 0, "prompt_index": 1}])
+@pytest.mark.parametrize("extra", [pytest.param({}, marks=pytest.mark.slow),   # the CFG case below covers the same path
+                                   {"guidance_scale": 7.5, "negative_embedding_index": 0, "prompt_index": 1}])
 def test_the_unet_denoiser_is_the_generators_eps_at_every_timestep(pipe, extra):
     """Denoiser.eps at a traced t equals the eps generator built at that timestep (same prompt, CFG)."""
     import jax

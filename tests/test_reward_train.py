@@ -20,7 +20,8 @@ def _meta(shape, net, y=(2.0, 3.0), z=(0.5, 4.0)):
                           {"y_mean": y[0], "y_std": y[1], "z_mean": z[0], "z_std": z[1]}, note="test")
 
 
-@pytest.mark.parametrize("shape", [(5,), (8, 8), (4, 6, 6), (6, 6, 3)])
+@pytest.mark.parametrize("shape", [(5,), pytest.param((8, 8), marks=pytest.mark.slow), (4, 6, 6),
+                                   pytest.param((6, 6, 3), marks=pytest.mark.slow)])   # ~12 s of conv compiles each
 def test_reward_folder_round_trip_and_apply(tmp_path, shape):
     net_cfg = rm.network_config(shape, hidden=16, depth=2, temb=8, channels=4)
     assert net_cfg["kind"] == ("mlp" if len(shape) == 1 else "conv")
@@ -57,6 +58,7 @@ def test_reward_folder_round_trip_and_apply(tmp_path, shape):
     np.testing.assert_allclose(float(g[i]), fd, rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.slow   # ~80 s: a job to the emulator, then training from and to it (gs:// I/O is the sink's, tested in test_gcs)
 def test_reward_folder_on_gcs(tmp_path):
     em = GcsEmulator()
     old = os.environ.get("STORAGE_EMULATOR_HOST")

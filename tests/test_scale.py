@@ -146,7 +146,7 @@ def driver_growth(monkeypatch, run) -> tuple[float, int]:
     return float(np.median(got[-max(1, len(got) // 10):]) - got[0]), len(got)
 
 
-@pytest.mark.parametrize("where", ["process", "cluster"])
+@pytest.mark.parametrize("where", ["process", pytest.param("cluster", marks=pytest.mark.slow)])   # cluster: ~30 s more
 def test_many_small_shards_write_each_sample_once_and_the_driver_does_not_grow(where, tmp_path, monkeypatch):
     address = shared_cluster().address if where == "cluster" else None
     growth = {}

@@ -81,6 +81,7 @@ def test_submit_refuses_a_cluster_whose_python_lacks_the_dependencies(head_with_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow   # ~30 s (a second head); a submitted job passing the check also runs in test_ray.py
 def test_the_check_passes_on_a_head_started_from_the_venv_and_the_job_runs(tmp_path):
     head = shared_cluster()
     w = write_mlp(tmp_path)
