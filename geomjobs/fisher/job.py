@@ -52,11 +52,7 @@ def _families(kind=None):
     from geomjobs.fisher import families
 
     if kind == "diffusion-slice" and kind not in families.FAMILIES:
-        try:
-            from geomjobs.fisher import diffusion_slice  # noqa: F401 - registers the kind
-        except ImportError:
-            raise SpecError("family.kind", "'diffusion-slice' is not implemented yet (issue 12 item 4); "
-                                           "expected ising or tasep") from None
+        from geomjobs.fisher import diffusion_slice  # noqa: F401 - registers the kind (imported lazily: it loads JAX models)
     return families
 
 
