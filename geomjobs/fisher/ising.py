@@ -17,13 +17,16 @@ Samplers (JAX, many chains batched on one device):
   whole sublattice at once, it accepts dlogp = 0 with probability 1, so at h = 0 stripe states
   (every neighbour sum 0) cycle deterministically and a chain that reaches one never leaves (the
   chain is reducible; the L = 4 chi-square test caught it). The heat bath flips with probability
-  strictly inside (0, 1), so one sweep reaches every configuration.
+  strictly inside (0, 1), so one sweep reaches every configuration. Its uniforms are counter-based
+  words (:func:`site_uniforms`: a 32-bit mixer of the site and two threefry key words per chain
+  per half-sweep) compared with integer thresholds, so the sweep is one fused pass over the
+  chains without a threefry call per spin.
 * ``cluster`` (default): a Swendsen-Wang update followed by one checkerboard sweep. The bonds of
   equal neighbours are opened with probability 1 - exp(-2 beta); given the bonds, the field term
   exp(h * M) factorises over clusters, so each cluster's common spin is drawn by heat bath,
   +1 with probability 1 / (1 + exp(-2 h |C|)). This is an exact Gibbs step of the joint
   (spins, bonds) law, valid for beta >= 0 and any h. Clusters are labelled by min-label
-  propagation plus pointer jumping in a ``lax.while_loop``.
+  propagation in a ``lax.while_loop``.
 
 Exact references (NumPy, float64):
 
@@ -218,31 +221,85 @@ def log_partition(L: int, thetas) -> np.ndarray | None:
 UPDATES = ("cluster", "checkerboard")
 ALIASES = {"metropolis": "checkerboard"}  # the issue's word for the single-spin checkerboard update
 
+# Layout. Inside the jitted loop the chains' lattices are held as their two checkerboard
+# sublattices, each (L, L/2, C) int8 with the chain axis minor: sublattice c, row i, column k is
+# site (i, 2k + (i + c) % 2). A sweep then touches only the spins it updates (half the work of
+# masking a full lattice), neighbour sums are shifts of the other sublattice, and every
+# elementwise op runs over C contiguous chains (vector lanes). Periodic shifts are built from a
+# one-row / one-column halo materialised behind an optimization barrier: XLA fuses jnp.roll's
+# slice-and-concatenate into the consumer as branchy per-element code, measured ~5x slower on
+# CPU. See benchmarks/bench_fisher.py.
 
-def _checkerboard(L: int):
-    i, j = np.indices((L, L))
-    return [jnp.asarray((i + j) % 2 == c) for c in (0, 1)]
+
+def mix32(x):
+    """A 32-bit integer mixer (xorshift-multiply, the "lowbias32" constants of C. Wellons' hash
+    prospector): a bijection of uint32 with strong avalanche."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
 
 
-def _neighbours(s):
-    return jnp.roll(s, 1, -1) + jnp.roll(s, -1, -1) + jnp.roll(s, 1, -2) + jnp.roll(s, -1, -2)
+def site_uniforms(site, k0, k1):
+    """uint32 random words for a sublattice: site (L, L/2, 1) Weyl-spaced site constants, k0/k1 (C,)
+    the chain's two key words for this half-sweep (from JAX's threefry, one draw per chain per
+    half-sweep). A counter-based stream: mix32(mix32(site + k0) ^ k1); within one half-sweep the
+    words of different sites are distinct (mix32 is a bijection), across half-sweeps and chains
+    they use independent threefry keys. Compared with an integer threshold round(p * 2^32), so
+    P(word < T) = T / 2^32 exactly: tests/test_fisher_families.py checks the words' uniformity and
+    the sampler's exact histograms."""
+    return mix32(mix32(site + k0) ^ k1)
 
 
-def _checkerboard_sweep(s, beta, h, keys, masks):
-    """One checkerboard heat-bath sweep of a batch: s (C, L, L) float32, beta/h (C,), keys (C, 2).
-    Each sublattice in turn is drawn from its exact conditional law given the other: spin i is +1
-    with probability sigmoid(2 (beta * sum of neighbours + h))."""
-    L = s.shape[-1]
-    u = jax.vmap(lambda k: jax.random.uniform(k, (2, L, L), s.dtype))(keys)  # (C, 2, L, L)
-    # p_up takes 5 values per chain (neighbour sum -4, -2, 0, 2, 4): a table and a select chain,
-    # measured ~6x faster on CPU than a sigmoid per spin
-    tab = jax.nn.sigmoid(2.0 * (beta[:, None] * jnp.arange(-4, 5, 2, dtype=s.dtype)[None] + h[:, None]))[:, :, None, None]
-    for c, mask in enumerate(masks):
-        nb = _neighbours(s)
-        p_up = jnp.where(nb > 3, tab[:, 4], jnp.where(nb > 1, tab[:, 3],
-                         jnp.where(nb > -1, tab[:, 2], jnp.where(nb > -3, tab[:, 1], tab[:, 0]))))
-        s = jnp.where(mask, jnp.where(u[:, c] < p_up, 1.0, -1.0).astype(s.dtype), s)
-    return s
+def thresholds(p):
+    """round(p * 2^32) as uint32 (p in [0, 1], float32), with p = 1 mapped to 2^32 - 256 (the
+    largest float32 below 2^32: acceptance 1 - 6e-8)."""
+    return jnp.clip(jnp.round(p * 4294967296.0), 0.0, 4294967040.0).astype(jnp.uint32)
+
+
+def _odd_rows(L: int):
+    return jnp.asarray(np.arange(L) % 2 == 1)[:, None, None]
+
+
+def pack(s):
+    """(C, L, L) spins -> the two sublattices (L, L/2, C) of the layout above."""
+    t = jnp.moveaxis(s, 0, -1)                   # (L, L, C)
+    even, odd = t[:, 0::2], t[:, 1::2]           # columns 2k and 2k + 1
+    o = _odd_rows(s.shape[-1])
+    return jnp.where(o, odd, even), jnp.where(o, even, odd)
+
+
+def unpack(a0, a1):
+    """The inverse of :func:`pack`: (C, L, L)."""
+    L = a0.shape[0]
+    o = _odd_rows(L)
+    even, odd = jnp.where(o, a1, a0), jnp.where(o, a0, a1)
+    t = jnp.stack([even, odd], axis=2).reshape(L, L, -1)
+    return jnp.moveaxis(t, -1, 0)
+
+
+def _neighbour_sum(b, right_first):
+    """Sum of the 4 neighbours, on the other sublattice b (L, L/2, C), of each site of this one:
+    rows i +- 1 same column, and in row i columns k and k + 1 (rows where this sublattice sits at
+    odd columns, ``right_first``) or k - 1 (the others)."""
+    bar = jax.lax.optimization_barrier
+    rows = bar(jnp.concatenate([b[-1:], b, b[:1]], 0))
+    cols = bar(jnp.concatenate([b[:, -1:], b, b[:, :1]], 1))
+    return rows[:-2] + rows[2:] + b + jnp.where(right_first, cols[:, 2:], cols[:, :-2])
+
+
+def _sweep(a0, a1, thr, words, site, odd):
+    """One checkerboard heat-bath sweep of packed chains. thr (5, C) uint32: the threshold of
+    p_up = sigmoid(2 (beta * nb + h)) for neighbour sums nb = -4, -2, 0, 2, 4; words (4, C) uint32
+    key words (two per half-sweep)."""
+    for c in (0, 1):
+        nb = _neighbour_sum(a1 if c == 0 else a0, odd if c == 0 else ~odd)
+        t = jnp.where(nb > 3, thr[4], jnp.where(nb > 1, thr[3], jnp.where(nb > -1, thr[2],
+                      jnp.where(nb > -3, thr[1], thr[0]))))
+        new = jnp.where(site_uniforms(site, words[2 * c], words[2 * c + 1]) < t, jnp.int8(1), jnp.int8(-1))
+        a0, a1 = (new, a1) if c == 0 else (a0, new)
+    return a0, a1
 
 
 def _labels(open_r, open_d):
@@ -271,49 +328,50 @@ def _labels(open_r, open_d):
 def _swendsen_wang(s, beta, h, keys):
     """Swendsen-Wang with the field by cluster heat bath, a batch (C, L, L); keys (C, 2)."""
     C, L = s.shape[0], s.shape[-1]
-    u = jax.vmap(lambda k: jax.random.uniform(k, (3, L, L), s.dtype))(keys)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (3, L, L), jnp.float32))(keys)
     p_open = (1.0 - jnp.exp(-2.0 * beta))[:, None, None]
     open_r = (s == jnp.roll(s, -1, -1)) & (u[:, 0] < p_open)
     open_d = (s == jnp.roll(s, -1, -2)) & (u[:, 1] < p_open)
     lab = _labels(open_r, open_d).reshape(C, L * L)
     seg = (lab + (jnp.arange(C, dtype=jnp.int32) * (L * L))[:, None]).reshape(-1)
-    size = jax.ops.segment_sum(jnp.ones(C * L * L, s.dtype), seg, num_segments=C * L * L).reshape(C, L * L)
+    size = jax.ops.segment_sum(jnp.ones(C * L * L, jnp.float32), seg, num_segments=C * L * L).reshape(C, L * L)
     # the root site's uniform decides its cluster: +1 with probability sigmoid(2 h |C|)
     up = u[:, 2].reshape(C, L * L) < jax.nn.sigmoid(2.0 * h[:, None] * size)
-    sigma = jnp.where(up, 1.0, -1.0).astype(s.dtype)
+    sigma = jnp.where(up, 1, -1).astype(s.dtype)
     return jnp.take_along_axis(sigma, lab, axis=1).reshape(C, L, L)
-
-
-def _step(s, beta, h, keys, masks, update):
-    """One step of every chain (C, L, L): [Swendsen-Wang, then] one checkerboard sweep; keys (C, 2)."""
-    both = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
-    if update == "cluster":
-        s = _swendsen_wang(s, beta, h, both[:, 1])
-    return _checkerboard_sweep(s, beta, h, both[:, 0], masks)
 
 
 @functools.partial(jax.jit, static_argnames=("L", "n_keep", "update"))
 def _run_chains(keys, beta, h, burn_in, thin, *, L, n_keep, update):
     """Chains batched on one device: keys (C, 2) (one stream per chain), beta/h (C,). A hot start,
     ``burn_in`` steps, then ``n_keep`` states ``thin`` steps apart: (n_keep, C, L, L) int8.
-    burn_in and thin are traced (no recompile per value). Each chain's random numbers come from
-    its own key alone, so a chain's path does not depend on which other chains share the batch."""
-    masks = _checkerboard(L)
+    One step = [Swendsen-Wang, then] one checkerboard sweep. burn_in and thin are traced (no
+    recompile per value). Each chain's random numbers come from its own key alone, so a chain's
+    path does not depend on which other chains share the batch."""
     split = jax.vmap(jax.random.split)
+    odd = _odd_rows(L)
+    site = (jnp.arange(L * (L // 2), dtype=jnp.uint32) * jnp.uint32(0x9E3779B9)).reshape(L, L // 2, 1)
+    nb = jnp.arange(-4, 5, 2, dtype=jnp.float32)
+    thr = thresholds(jax.nn.sigmoid(2.0 * (nb[:, None] * beta[None] + h[None])))   # (5, C)
 
     def chain_step(_, carry):
-        s, ks = carry
-        both = split(ks)  # (C, 2, 2)
-        return _step(s, beta, h, both[:, 1], masks, update), both[:, 0]
+        a0, a1, ks = carry
+        both = split(ks)                         # (C, 2, 2): the next carry key, this step's key
+        step = split(both[:, 1])                 # (C, 2, 2): the sweep's key, the cluster update's
+        if update == "cluster":
+            a0, a1 = pack(_swendsen_wang(unpack(a0, a1), beta, h, step[:, 1]))
+        words = jax.vmap(lambda k: jax.random.bits(k, (4,), jnp.uint32))(step[:, 0]).T   # (4, C)
+        a0, a1 = _sweep(a0, a1, thr, words, site, odd)
+        return a0, a1, both[:, 0]
 
     k0 = split(keys)
     keys, kinit = k0[:, 0], k0[:, 1]
-    s = jax.vmap(lambda k: jnp.where(jax.random.bernoulli(k, 0.5, (L, L)), 1.0, -1.0).astype(jnp.float32))(kinit)
-    carry = jax.lax.fori_loop(0, burn_in, chain_step, (s, keys))
+    s = jax.vmap(lambda k: jnp.where(jax.random.bernoulli(k, 0.5, (L, L)), 1, -1).astype(jnp.int8))(kinit)
+    carry = jax.lax.fori_loop(0, burn_in, chain_step, (*pack(s), keys))
 
     def keep(carry, _):
         carry = jax.lax.fori_loop(0, thin, chain_step, carry)
-        return carry, carry[0].astype(jnp.int8)
+        return carry, unpack(carry[0], carry[1])
 
     _, out = jax.lax.scan(keep, carry, None, length=n_keep)
     return out
