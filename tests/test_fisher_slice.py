@@ -140,6 +140,19 @@ def test_tiny_slice_end_to_end(tmp_path):
     png = Path(out / "slice.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "fisher.png").exists()
+    # a rerun resumes the psi job (same eta = 0 latents: no shard recomputed, same psi) ...
+    parts = sorted((out / "psi").rglob("part-*.parquet"))
+    stamp = {q: q.stat().st_mtime_ns for q in parts}
+    assert main(["fisher", str(p), "-q"]) == 0
+    assert {q: q.stat().st_mtime_ns for q in sorted((out / "psi").rglob("part-*.parquet"))} == stamp
+    np.testing.assert_array_equal(pd.read_parquet(out / "slice" / "points.parquet").psi, pts.psi)
+    # ... and recomputes it when the stored latents are not this run's
+    z_in.assign(z=[z + 1.0 for z in z_in.z]).to_parquet(out / "slice" / "z0.parquet", index=False)
+    assert main(["fisher", str(p), "-q"]) == 0
+    assert all(q.stat().st_mtime_ns != stamp.get(q) for q in (out / "psi").rglob("part-*.parquet"))
+    np.testing.assert_array_equal(np.stack(pd.read_parquet(out / "slice" / "z0.parquet").z.to_numpy()),
+                                  np.stack(pts.z0.to_numpy()))
+    np.testing.assert_allclose(pd.read_parquet(out / "slice" / "points.parquet").psi, pts.psi)
 
 
 def _example_slice(seed):
