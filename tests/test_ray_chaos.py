@@ -20,7 +20,7 @@ from geomjobs.runner.ray_driver import drive_ray
 from geomjobs.sink.dataset import Dataset
 
 from jobs import assert_each_sample_once, mlp_spec, read_sorted, write_mlp
-from ray_cluster import WorkerKiller, cli, shared_cluster, slow_spec, worker_processes, write_spec
+from ray_cluster import WorkerKiller, _title, cli, shared_cluster, slow_spec, worker_processes, write_spec
 
 
 def test_a_start_error_names_the_exception_and_the_node():
@@ -172,8 +172,9 @@ def test_a_node_lost_mid_job_loses_and_duplicates_nothing(cluster, tmp_path):
         lost = {}
 
         def kill_node():
-            lost["pids"], lost["t"] = on_node(), time.time()
+            lost["pids"] = on_node()
             cluster.stop_node(node)
+            lost["t"] = time.time()       # each of its processes is dead (SIGKILLed, waited for)
 
         watcher = when(lambda: committed(out) >= 3 and on_node(), kill_node)
         res = run_job(spec, str(out), address=cluster.address, progress=False)
@@ -192,17 +193,22 @@ def test_a_node_lost_mid_job_loses_and_duplicates_nothing(cluster, tmp_path):
     marks = Dataset(str(out)).committed()
     assert all(m["committed_at"] < lost["t"] for m in marks.values()
                if int(m["worker"].rsplit(":", 1)[1]) in lost["pids"])   # nothing from the lost node after
+    # (a marker stamped while the kill was under way is the node's last work, not a write after it)
     assert not Dataset(str(out)).failures()
 
 
 def test_sigterm_lets_a_worker_finish_its_shard_then_it_stops(cluster, tmp_path):
-    """SIGTERM (a preemption notice) to a worker mid-shard: it commits that shard, hands back
-    the one queued on it (charged nothing), and is stopped; a fresh worker takes its place."""
+    """SIGTERM (a preemption notice) to a worker mid-shard: it commits the shards it had
+    started (computing, or written while the next computes), hands back any not started
+    (charged nothing), and is stopped once they are back; a fresh worker takes its place."""
     w = write_mlp(tmp_path)
     spec = slow_spec(w, count=160, shard_size=8, delay=0.3)          # 20 shards of 0.3 s
     spec["execution"]["max_retries"] = 0                              # a charged attempt would fail it
     out = tmp_path / "out"
-    running = lambda: [p for p in worker_processes(cluster.proc.pid, "ray::ShardWorker.run")]  # noqa: E731
+    # a worker running a call (its title names the method: compute, commit); two shards in,
+    # with 20 queued, it holds a shard being computed or written
+    running = lambda: [p for p in worker_processes(cluster.proc.pid, "ray::ShardWorker.")  # noqa: E731
+                       if "__init__" not in _title(p)]
     sent = {}
 
     def term():

@@ -5,14 +5,23 @@ Design
 * **Workers are actors** (:class:`ShardWorker`). Each one plans the job from the resolved spec
   once (loads the model, draws W and B: ``plan_job`` is deterministic, so every worker holds
   the driver's exact matrices, checked by the spec hash) and builds one engine, which compiles
-  one program for the fixed batch shape. It then serves ``run(shard)`` calls for the rest of
-  the job: ``compute_shard`` and ``Dataset.commit_shard`` run *in the worker*, so records go
-  from the worker straight to the output (local path or gs://), never through the driver; the
-  driver only receives each shard's small commit marker.
+  one program for the fixed batch shape. It then serves shards for the rest of the job:
+  ``compute_shard`` and ``Dataset.commit_shard`` run *in the worker*, so records go from the
+  worker straight to the output (local path or gs://), never through the driver; the driver
+  only receives each shard's small commit marker.
+* **A worker writes shard k while it computes shard k + 1**, as the in-process driver does. A
+  shard is two calls to its worker, made together: ``compute(shard, seq)`` and
+  ``commit(shard, seq)``. The worker is a threaded actor; computes run one at a time in the
+  order handed out (``seq``: one batch in flight on the device), each handing its records to
+  the worker's one writer thread and returning at once, so the next compute starts while the
+  write runs; ``commit`` returns only when the shard's file and marker are written, and only
+  that reply counts the shard as done. ``compute``'s reply tells the driver which shards have
+  left the device, which decides what a death is charged (below).
 * **Scheduling and backpressure with ``ray.wait``**: every ready worker holds at most
-  ``QUEUE_DEPTH`` (2) shards, one running and one queued so that a worker never idles between
-  shards; the driver waits for any shard to finish and hands out the next. In-flight work is
-  bounded by ``2 x workers`` whatever the job's size.
+  ``QUEUE_DEPTH`` (2) uncommitted shards (one computing, the one before it being written or the
+  one after it queued) so that a worker never idles between shards; the driver waits for any
+  shard to commit and hands out the next. In-flight work (and records held in a worker) is
+  bounded by ``2 x workers`` shards whatever the job's size.
 * **Placement is Ray's**: a worker asks for ``execution.resources`` (``{GPU: 1}``, ``{TPU: 4}``,
   ...; default ``{CPU: 1}``); the pool has ``execution.workers`` of them, or as many as the
   cluster's resources hold. Workers are spread over nodes. A worker that cannot be placed yet
@@ -21,18 +30,23 @@ Design
   the pool replaces a dead one (killed while starting or mid-shard, its node lost) with a fresh
   actor, without limit, so the driver sees and counts every death (``JobResult.worker_deaths``,
   ``workers_replaced``, a stderr line each) and never waits for one: of the shards a dead worker
-  held, the one it was running is charged one attempt and the ones queued behind it go back
-  uncharged. SIGTERM (a preemption notice) lets a worker finish its shard; the queued ones are
-  handed back and the driver stops it. Attempts per shard are bounded: a shard that raises (a
-  poison input) or kills its worker is retried and, after ``execution.max_retries`` retries,
-  recorded (``Dataset.record_failure``); the job finishes the rest and exits 1. A worker whose
-  constructor raises (model file missing on its node, import error, spec-hash mismatch: Ray's
-  creation-task error) cannot start however often it is replaced: the job stops at once with
-  WorkerPoolError naming the reason, as it does after ``START_DEATHS_LIMIT`` workers in a row
-  died starting with none ready between (killed loading a model too big for its node, say).
+  held and had not committed, the one on its device is charged one attempt (if none was, the
+  one being written), and the others go back uncharged, so each death charges one attempt. A
+  worker that cannot be reached (its calls' fate unknown) is replaced the same way. SIGTERM (a
+  preemption notice) lets a worker finish the shards it has started (computing or being
+  written); those not started are handed back, and the driver stops it once all are back.
+  Attempts per shard are bounded: a shard that raises (a poison input) or kills its worker is
+  retried and, after ``execution.max_retries`` retries, recorded (``Dataset.record_failure``);
+  the job finishes the rest and exits 1. A worker whose constructor raises (model file missing
+  on its node, import error, spec-hash mismatch: Ray's creation-task error) cannot start
+  however often it is replaced: the job stops at once with WorkerPoolError naming the reason,
+  as it does after ``START_DEATHS_LIMIT`` workers in a row died starting with none ready
+  between (killed loading a model too big for its node, say).
   Nothing is written twice: a shard's file name is fixed (``part-<shard>.parquet``), each write
   replaces it atomically with the same records, the marker comes after the file
-  (``geomjobs.sink.dataset``): a retried shard that did commit rewrites identical bytes.
+  (``geomjobs.sink.dataset``): a retried shard that did commit rewrites identical bytes, and a
+  worker killed mid-write leaves no marker of that shard (at most its file, which the retry
+  replaces with the same records, or a staging file no reader sees).
 * **Driver death** loses nothing committed: the manifest is the set of markers in the dataset,
   and ``--resume`` computes exactly the shards without one (the dataset protocol, shared with
   the in-process driver).
@@ -60,12 +74,14 @@ in /tmp/ray; see ``geomjobs.runner.ray_connect``), except for small jobs, which 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -91,7 +107,8 @@ from geomjobs.sink.dataset import Dataset
 
 __all__ = ["ShardWorker", "WorkerPoolError", "actor_options", "drive_ray", "pool_size", "run_ray"]
 
-QUEUE_DEPTH = 2            # shards held by one worker: one running, one queued
+QUEUE_DEPTH = 2            # shards held by one worker: one being computed, one being written or queued
+WORKER_THREADS = 2 * QUEUE_DEPTH + 2   # a worker's call threads: compute + commit of each shard, ready()
 WAIT_TIMEOUT_S = 30.0      # how often the driver reports while nothing finishes
 START_DEATHS_LIMIT = 50    # workers in a row dying while starting, none ready between: cannot start
 
@@ -99,10 +116,21 @@ log = logging.getLogger("geomjobs.ray")
 
 
 # ---- the worker ------------------------------------------------------------------------
+HANDED_BACK = "handed back"    # a shard's outcome when the worker had SIGTERM before computing it
+
+
 class ShardWorker:
     """One long-lived worker: one plan, one engine (one compile), many shards.
 
-    Made a Ray actor by :class:`_Pool`; plain Python so that it is testable without Ray.
+    A shard is two calls, both made when the driver hands it out: :meth:`compute` (the shard's
+    ``seq``-th compute on this worker) computes its records and hands them to the worker's
+    writer thread, and returns once the shard has left the device; :meth:`commit` returns once
+    that write is done, with the commit marker. Computes run one at a time, in ``seq`` order
+    (one batch in flight, as in process); the writer writes one shard at a time; so the write
+    of shard k overlaps the compute of shard k + 1, as in process (``runner.local``). Made a
+    threaded Ray actor by :class:`_Pool` (its calls run in a pool of threads: a compute waiting
+    its turn or a commit waiting for its write blocks only its own thread); plain Python, so
+    that it is testable without Ray.
     """
 
     def __init__(self, spec: dict, spec_hash: str):
@@ -116,16 +144,25 @@ class ShardWorker:
         except Exception as e:   # as a plain RuntimeError: Ray must carry it to the driver (SpecError cannot)
             raise RuntimeError("worker start-up failed:\n" + "".join(traceback.format_exception(e)).rstrip()) from None
         self.name = f"ray:{node_ip()}:{os.getpid()}"
-        self.busy = self.stopping = False
-        if getattr(ray._private.worker.global_worker, "mode", None) == ray.WORKER_MODE:   # in a Ray worker
+        self.stopping = False
+        self.active = 0                       # shards being computed or written
+        self.turn = threading.Condition()     # guards next_seq, outcomes, active
+        self.next_seq = 0                     # the compute whose turn it is
+        self.outcomes: dict[int, object] = {}  # seq -> its write (a Future), its exception, or HANDED_BACK
+        self.device = threading.Lock()        # one compute at a time, whatever the calls' order
+        self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="geomjobs-writer")
+        self._exit = None
+        if getattr(ray._private.worker.global_worker, "mode", None) == ray.WORKER_MODE \
+                and threading.current_thread() is threading.main_thread():   # in a Ray worker
             self._exit = signal.getsignal(signal.SIGTERM)   # Ray's: SystemExit
-            signal.signal(signal.SIGTERM, self._on_sigterm)  # Ray runs a sync actor's calls in the main thread
+            signal.signal(signal.SIGTERM, self._on_sigterm)  # run in the main thread, which runs no shard
 
     def _on_sigterm(self, signum, frame) -> None:
-        """A preemption notice: exit now if idle; else finish the shard being computed, hand back
-        the ones queued (:meth:`run`), and let the driver stop this worker."""
+        """A preemption notice: exit now if idle; else finish the shards being computed or
+        written, hand back those not started (:meth:`compute`), and let the driver stop this
+        worker."""
         self.stopping = True
-        if not self.busy and callable(self._exit):
+        if not self.active and callable(self._exit):
             self._exit(signum, frame)
 
     def ready(self) -> dict:
@@ -134,19 +171,55 @@ class ShardWorker:
         return {"worker": self.name, "pid": os.getpid(), "devices": [str(d) for d in jax.local_devices()],
                 "batch_size": self.engine.batch_size, **self.engine.describe()}
 
-    def run(self, shard: int) -> dict:
-        """Compute and commit ``shard``: its marker; ``stopping`` if SIGTERM came meanwhile.
-        After SIGTERM: ``handed_back``, nothing computed."""
-        if self.stopping:
-            return {"shard": shard, "handed_back": True}
-        t0 = time.time()
-        self.busy = True
+    def compute(self, shard: int, seq: int) -> dict:
+        """Compute ``shard`` when the ``seq``-th compute's turn comes, and queue its write. Returns
+        ``computed`` (False: it raised, and :meth:`commit` raises it, or it was handed back) and
+        ``handed_back`` (SIGTERM came before it started: nothing computed)."""
+        with self.turn:
+            self.turn.wait_for(lambda: self.next_seq >= seq)
+            self.active += 1                  # before the stopping check: SIGTERM now waits for it
+        outcome: object = HANDED_BACK
         try:
-            table = compute_shard(self.plan, shard, self.engine)
-            marker = self.ds.commit_shard(shard, table, worker=self.name, engine=self.engine.describe())
+            if not self.stopping:
+                with self.device:
+                    t0 = time.time()
+                    table = compute_shard(self.plan, shard, self.engine)
+                outcome = self.writer.submit(self._write, shard, seq, table, t0, time.time())
+        except Exception as e:  # noqa: BLE001 - the shard's failure, for commit() to raise
+            outcome = e
         finally:
-            self.busy = False
-        return {**marker, "seconds": time.time() - t0, "stopping": self.stopping}
+            with self.turn:
+                if not isinstance(outcome, concurrent.futures.Future):
+                    self.active -= 1
+                self.outcomes[seq] = outcome
+                self.next_seq = max(self.next_seq, seq + 1)
+                self.turn.notify_all()
+        return {"shard": shard, "seq": seq, "computed": isinstance(outcome, concurrent.futures.Future),
+                "handed_back": outcome is HANDED_BACK}
+
+    def _write(self, shard: int, seq: int, table, t0: float, t1: float) -> dict:
+        try:
+            t2 = time.time()
+            marker = self.ds.commit_shard(shard, table, worker=self.name, engine=self.engine.describe())
+            t3 = time.time()
+        finally:
+            with self.turn:
+                self.active -= 1
+        return {**marker, "seconds": (t1 - t0) + (t3 - t2),
+                "timeline": {"worker": self.name, "seq": seq, "compute": [t0, t1], "write": [t2, t3]}}
+
+    def commit(self, shard: int, seq: int) -> dict:
+        """Wait for the ``seq``-th compute's shard to be written: its commit marker (with
+        ``seconds``, ``timeline`` and ``stopping``: SIGTERM came meanwhile), or ``handed_back``
+        (not computed: SIGTERM came first). Raises what its compute or write raised."""
+        with self.turn:
+            self.turn.wait_for(lambda: seq in self.outcomes)
+            outcome = self.outcomes.pop(seq)
+        if outcome is HANDED_BACK:
+            return {"shard": shard, "handed_back": True}
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return {**outcome.result(), "stopping": self.stopping}
 
 
 # ---- the driver ------------------------------------------------------------------------
@@ -180,16 +253,19 @@ def drive_ray(job: OpenJob, address: str | None, progress: bool = True) -> JobRe
 
 
 class _Pool:
-    """The job's workers, one per slot: 'starting' (its ready() call pending) or 'ready'. A dead
+    """The job's workers, one per slot: 'starting' (its ready() call pending), 'ready', or
+    'stopping' (it had SIGTERM: no new shards, replaced once those it holds are back). A dead
     worker is replaced by a fresh actor in its slot (:meth:`replace`), without limit."""
 
     def __init__(self, plan: Plan, n: int):
         # the actor class is made here, for this job: no Ray handle outlives the connection; the
         # spec is small: passed inline, so a new worker never depends on an object-store copy
-        self.cls = ray.remote(ShardWorker).options(**actor_options(plan.spec["execution"]))
+        self.cls = ray.remote(ShardWorker).options(**actor_options(plan.spec["execution"]),
+                                                   max_concurrency=WORKER_THREADS)
         self.args = (plan.spec, plan.hash)
         self.actors: list = [None] * n
         self.state, self.load = ["starting"] * n, [0] * n
+        self.seq = [0] * n                       # compute calls made to each slot's worker
         self.info: list[dict | None] = [None] * n
         self.pings: dict = {}                    # ready() ref -> slot
         self.replacing: set[int] = set()         # slots whose worker replaces a dead one
@@ -199,14 +275,8 @@ class _Pool:
 
     def _start(self, i: int) -> None:
         self.actors[i] = self.cls.remote(*self.args)
-        self.state[i], self.load[i], self.info[i] = "starting", 0, None
+        self.state[i], self.load[i], self.seq[i], self.info[i] = "starting", 0, 0, None
         self.pings[self.actors[i].ready.remote()] = i
-
-    def ping(self, i: int) -> None:
-        """Ask a worker whose call failed without saying why whether it is still alive."""
-        if self.state[i] == "ready":
-            self.state[i] = "starting"
-            self.pings[self.actors[i].ready.remote()] = i
 
     def on_ping(self, ref) -> tuple[int, str] | None:
         """A worker's ready() returned: it is ready (None), or dead (its slot and the error, for
@@ -236,7 +306,8 @@ class _Pool:
         return None
 
     def replace(self, i: int) -> None:
-        """Slot ``i``'s worker is dead: count it, and start a fresh one there."""
+        """Slot ``i``'s worker is dead (or stopped, or unreachable): count it, and start a fresh
+        one there."""
         self.deaths += 1
         with contextlib.suppress(Exception):
             ray.kill(self.actors[i], no_restart=True)
@@ -268,8 +339,10 @@ class _Driver:
         self.execution = job.plan.spec["execution"]
         self.pool = _Pool(job.plan, pool_size(self.execution, len(job.todo), ray.cluster_resources()))
         self.queue = collections.deque(job.todo)
-        self.inflight: dict = {}                  # ref -> (shard, slot), in the order handed out
+        # commit() ref -> (shard, slot, compute() ref), in the order handed out
+        self.inflight: dict = {}
         self.last_worker: dict[int, int] = {}     # shard -> the slot its last attempt failed on
+        self.handed_back: dict[int, list[int]] = collections.defaultdict(list)   # slot -> shards, on SIGTERM
         self.retries = Retries(self.execution["max_retries"], job.ds)
         self.bar = Progress(job, progress)
         self.computed, self.waited = 0, 0.0
@@ -298,13 +371,17 @@ class _Driver:
 
     def dispatch(self) -> None:
         """Queued shards to ready workers with room, preferring a slot other than the one the
-        shard last failed on."""
+        shard last failed on. Each shard is its two calls, made together: compute (numbered in
+        the order handed out: the worker computes in that order) and commit."""
         while self.queue:
             i = self.pool.pick(self.last_worker.get(self.queue[0]))
             if i is None:
                 break
             shard = self.queue.popleft()
-            self.inflight[self.pool.actors[i].run.remote(shard)] = (shard, i)
+            actor, seq = self.pool.actors[i], self.pool.seq[i]
+            self.pool.seq[i] += 1
+            computed = actor.compute.remote(shard, seq)
+            self.inflight[actor.commit.remote(shard, seq)] = (shard, i, computed)
             self.pool.load[i] += 1
 
     def on_idle(self) -> None:
@@ -315,76 +392,97 @@ class _Driver:
                   f"{worker_resources(self.execution)}", file=sys.stderr)
 
     def on_ready(self, ref) -> None:
-        """A shard's run() returned: committed, or failed (raised, or its worker died)."""
-        shard, i = self.inflight[ref]
+        """A shard's commit() returned: committed, handed back (SIGTERM), or failed (raised, or
+        its worker died or cannot be reached)."""
+        shard, i, _ = self.inflight[ref]
         try:
             reply = ray.get(ref)
         except ActorDiedError as e:                    # the worker process died, or its node
             self.lost(i, _short(e))
             return
-        except RayTaskError as e:                      # the shard's computation raised
+        except RayTaskError as e:                      # the shard's computation or write raised
             self.on_failure(shard, i, _short(e.cause if getattr(e, "cause", None) is not None else e))
-        except RayError as e:                          # unreachable worker (node lost?), ...: ask it
-            self.lost(i, f"{type(e).__name__}: {_short(e)}", dead=False)
+        except RayError as e:                          # unreachable (node lost?), ...: its calls' fate is
+            self.lost(i, f"{type(e).__name__}: {_short(e)}", dead=False)   # unknown, so it is replaced
             return
         else:
-            if reply.get("stopping") or reply.get("handed_back"):
-                self.stopped(i)
-                return
-            self.committed(reply)
+            if reply.get("handed_back"):               # not computed: the worker had SIGTERM
+                self.handed_back[i].append(shard)
+                self.queue.appendleft(shard)
+            else:
+                self.committed(reply)
+            if (reply.get("stopping") or reply.get("handed_back")) and self.pool.state[i] == "ready":
+                self.pool.state[i] = "stopping"        # no new shards; those it holds finish or come back
         del self.inflight[ref]
         self.pool.load[i] -= 1
+        if self.pool.state[i] == "stopping" and not self.pool.load[i]:
+            self.stopped(i)
 
     def committed(self, reply: dict) -> bool:
-        if reply.get("handed_back"):       # not computed: the worker had SIGTERM
+        if reply.get("handed_back"):
             return False
         self.computed += 1
         self.bar.update(reply["rows"])
         return True
 
-    def release(self, i: int) -> list[int]:
+    def release(self, i: int) -> list[tuple[int, str]]:
         """Take back every shard handed to slot ``i``: those that committed count as such; the
-        others are returned in the order they were handed out."""
-        refs = [ref for ref, (_, w) in self.inflight.items() if w == i]
-        finished = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
-        shards, self.pool.load[i] = [], 0
+        others are returned in the order they were handed out, each with where it was:
+        'writing' (its compute had returned), 'back' (handed back on SIGTERM) or 'device'
+        (computing, or queued behind the one computing)."""
+        refs = [ref for ref, (_, w, _) in self.inflight.items() if w == i]
+        self.pool.load[i] = 0
+        if not refs:
+            return []
+        acks = [self.inflight[ref][2] for ref in refs]
+        finished = set(ray.wait(refs + acks, num_returns=2 * len(refs), timeout=0)[0])
+        held = []
         for ref in refs:
-            shards.append(self.inflight.pop(ref)[0])
+            shard, _, ack = self.inflight.pop(ref)
+            reply, state = {}, {}
             if ref in finished:
                 with contextlib.suppress(RayError):
-                    if self.committed(ray.get(ref)):
-                        shards.pop()
-        return shards
+                    reply = ray.get(ref)
+                if reply and self.committed(reply):
+                    continue
+            if ack in finished:
+                with contextlib.suppress(RayError):
+                    state = ray.get(ack)
+            back = reply.get("handed_back") or state.get("handed_back")
+            held.append((shard, "back" if back else "writing" if state.get("computed") else "device"))
+        return held
 
     def lost(self, i: int, error: str, dead: bool = True) -> None:
-        """Slot ``i``'s worker is dead (a fresh worker takes the slot), or unreachable (``dead``
-        False: it is asked whether it is alive). Of the shards it held and did not commit, the
-        first (the one it was running: an actor runs its calls in order) is charged one attempt;
-        those queued behind it go back to the queue's front uncharged."""
+        """Slot ``i``'s worker is dead, or cannot be reached (``dead`` False): a fresh worker takes
+        the slot. Of the shards it held and did not commit, one attempt is charged to the one on
+        its device (the first not computed: the worker computes in the order handed out), or,
+        if none was, to the first being written; the others go back to the queue's front
+        uncharged. So every death charges one attempt: attempts per shard stay bounded, and a
+        shard that kills its worker while computing is charged on each death it causes."""
         label = self.pool.label(i)
-        shards = self.release(i)
-        running = f"; shard {shards[0]} goes to another worker" if shards else ""
-        if dead:
-            self.pool.replace(i)
-            print(f"geomjobs: worker {label} died, a new one replaces it ({self.pool.deaths} worker deaths so far"
-                  f"{running})", file=sys.stderr)
-        else:
-            self.pool.ping(i)
+        held = self.release(i)
+        self.handed_back.pop(i, None)
+        charged = next((s for s, where in held if where == "device"),
+                       next((s for s, where in held if where == "writing"), None))
+        self.pool.replace(i)
+        running = f"; shard {charged} goes to another worker" if charged is not None else ""
+        what = "died" if dead else "cannot be reached"
+        print(f"geomjobs: worker {label} {what}, a new one replaces it ({self.pool.deaths} worker deaths so far"
+              f"{running})", file=sys.stderr)
         log.info("worker %s lost: %s", label, error)
-        self.queue.extendleft(reversed(shards[1:]))
-        if shards:
-            self.on_failure(shards[0], i, f"worker {label} died: {error}")
+        self.queue.extendleft(reversed([s for s, _ in held if s != charged]))
+        if charged is not None:
+            self.on_failure(charged, i, f"worker {label} {what}: {error}")
 
     def stopped(self, i: int) -> None:
-        """Slot ``i``'s worker got SIGTERM (a preemption notice) and finished its shard: the
-        shards queued on it go back uncharged, and a fresh worker takes the slot (this one is
-        stopped)."""
+        """Slot ``i``'s worker got SIGTERM (a preemption notice) and every shard it held has come
+        back, committed or handed back uncharged (already queued again, :meth:`on_ready`): a
+        fresh worker takes the slot (this one is stopped)."""
         label = self.pool.label(i)
-        shards = self.release(i)
+        shards = self.handed_back.pop(i, [])
         self.pool.replace(i)
-        print(f"geomjobs: worker {label} stopped on SIGTERM after its shard, a new one replaces it "
+        print(f"geomjobs: worker {label} stopped on SIGTERM after its shards, a new one replaces it "
               f"({self.pool.deaths} worker deaths so far; handed back: {shards})", file=sys.stderr)
-        self.queue.extendleft(reversed(shards))
 
     def on_failure(self, shard: int, worker: int, error: str) -> None:
         """Queue the shard again, or (its attempts used up) record it as failed."""
