@@ -318,15 +318,23 @@ def _title(p) -> str:
 
 
 class WorkerKiller(threading.Thread):
-    """SIGKILLs a random worker process below ``root_pid`` every ``gap`` (uniform, seconds),
-    at most ``kills`` times and for at most ``seconds``, while ``keep_going()`` holds. ``killed``
-    lists the pids of the kills that landed (each a live process, killed once); ``starting``
-    counts those that were still in their constructor (title ``ray::ShardWorker.__init__``)."""
+    """SIGKILLs a random worker process below ``root_pid``, ``kills`` times, paced by the job's
+    progress rather than by the clock, so that a loaded machine (slow workers, slow start-ups)
+    changes when the kills land but not how many land mid-job: kill n + 1 comes once
+    ``progress()`` (committed shards, say) has grown by a random step (uniform in ``step``)
+    since kill n, and only while ``keep_going()`` holds. Half the kills wait for a worker that
+    has started (a replacement still starting would otherwise be the likelier target). ``killed``
+    lists the pids of the kills that landed (each a live process, killed once), ``at`` the
+    progress when each landed, ``starting`` how many were still in their constructor (title
+    ``ray::ShardWorker.__init__``). ``timeout`` only stops a killer whose job has hung."""
 
-    def __init__(self, root_pid: int, kills: int, seconds: float, keep_going=lambda: True, gap=(0.5, 1.5)):
+    def __init__(self, root_pid: int, kills: int, progress, step=(1.0, 4.0), keep_going=lambda: True,
+                 timeout: float = 900.0):
         super().__init__(daemon=True)
-        self.root_pid, self.kills, self.seconds, self.keep_going, self.gap = root_pid, kills, seconds, keep_going, gap
+        self.root_pid, self.kills, self.progress, self.step = root_pid, kills, progress, step
+        self.keep_going, self.timeout = keep_going, timeout
         self.killed: list[int] = []
+        self.at: list[float] = []
         self.starting = 0                  # of those, workers killed while starting
         self.done = threading.Event()
         self.rng = random.Random(0)
@@ -335,26 +343,30 @@ class WorkerKiller(threading.Thread):
         import psutil
 
         t0 = time.time()
-        while len(self.killed) < self.kills and time.time() - t0 < self.seconds and not self.done.is_set():
-            if self.done.wait(self.rng.uniform(*self.gap)) or not self.keep_going():
+        target = self.progress() + self.rng.uniform(*self.step)
+        want_started = self.rng.random() < 0.5
+        while len(self.killed) < self.kills and time.time() - t0 < self.timeout and not self.done.wait(0.05):
+            if not self.keep_going():
                 break
-            # half the kills wait (up to 10 s) for a worker that has started: one that is
-            # starting would be the likelier target, as replacements start while others run
-            want_started, t1 = self.rng.random() < 0.5, time.time()
-            while True:
-                procs = [p for p in worker_processes(self.root_pid) if p.pid not in self.killed]
-                started = [p for p in procs if "__init__" not in _title(p)]
-                if not want_started or started or time.time() - t1 > 10 or self.done.wait(0.1):
-                    break
-            if procs:
-                p = self.rng.choice(started or procs) if want_started else self.rng.choice(procs)
-                try:
-                    title = _title(p)
-                    p.send_signal(signal.SIGKILL)
-                    self.killed.append(p.pid)
-                    self.starting += "__init__" in title
-                except psutil.NoSuchProcess:
-                    pass
+            now = self.progress()
+            if now < target:
+                continue
+            procs = [p for p in worker_processes(self.root_pid) if p.pid not in self.killed]
+            started = [p for p in procs if "__init__" not in _title(p)]
+            pool = started if want_started else procs
+            if not pool:
+                continue                   # wait for one (a started worker, or any)
+            p = self.rng.choice(pool)
+            try:
+                title = _title(p)
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                continue                   # gone meanwhile: choose again
+            self.killed.append(p.pid)
+            self.at.append(now)
+            self.starting += "__init__" in title
+            target = now + self.rng.uniform(*self.step)
+            want_started = self.rng.random() < 0.5
 
     def stop(self) -> None:
         self.done.set()
