@@ -3,8 +3,9 @@
 Two kinds, both ending in per-sample log-likelihoods over the grid, (P, m, P): point, sample,
 grid cell, up to a per-sample constant:
 
-- ``oracle``: the family's exact ``log_likelihood`` (Ising L <= 4 by enumeration), so the
-  F-fitting stage (:mod:`geomjobs.fisher.potential`) can be checked on its own;
+- ``oracle``: the family's exact ``log_likelihood`` (Ising L <= 4 by enumeration, TASEP by the
+  matrix product), so the F-fitting stage (:mod:`geomjobs.fisher.potential`) can be checked on
+  its own;
 - ``learned``: a posterior network trained on bundles of samples with the true grid cell as the
   label (cross-entropy, one-hot targets: its optimum is the exact grid posterior under the uniform
   grid prior; the paper's Gaussian bumps would blur the posterior by the bump width and so
@@ -18,9 +19,19 @@ exact for iid samples, so one network serves every bundle size and nothing is lo
 stacking samples as channels. The per-sample network is
 - lattices (2-D samples, Ising): two periodic ("circular") convolutions, 3x3 then 1x1, with
   ReLU, averaged over sites (the sufficient statistics of a lattice model are site averages of
-  local patterns: |s_i + s_j| / 2 counts aligned bonds), then a tanh layer and a linear layer to P
-  logits -- an exponential family's log-likelihood is linear in its statistics;
+  local patterns: |s_i + s_j| / 2 counts aligned bonds), then a tanh layer and the output
+  head -- an exponential family's log-likelihood is linear in its statistics;
 - anything else (TASEP chains, feature vectors): an MLP on the flattened sample.
+The output layer (``head``):
+- ``dense``: a linear layer to P logits, one free weight vector per grid cell;
+- ``grid``: logits(x, t_p) = <phi(x), psi(u_p)> + b(u_p), with phi (rank 16) from the sample's
+  features and (psi, b) a small tanh MLP of the grid point's coordinates u_p (the fitting
+  coordinates of :mod:`geomjobs.fisher.potential`, standardised). This is the form of an
+  exponential family's log-likelihood, <T(x), eta(t)> - A(t), with the statistic learned, and it
+  makes the posterior smooth across the grid: each cell's logit is tied to its neighbours' instead
+  of being learned from that cell's samples alone. Measured metric errors (the job's examples,
+  posterior seeds 0 / 1, everything else equal): Ising L = 8 0.19 / 0.21 against 0.38 / 0.28 with
+  the dense head; TASEP L = 8 (512 samples per point, 2000 steps) 0.24 / 0.22 against 0.30 / 0.28.
 Training bundles have ``bundle`` samples (the paper's 4); the network is trained on the first
 ``1 - holdout`` of each point's samples, and F is fitted on the held-out ones.
 """
@@ -54,21 +65,37 @@ class VectorEncoder(nn.Module):
         return nn.relu(nn.Dense(self.width // 2)(h))
 
 
+HEADS = ("dense", "grid")
+
+
 class PosteriorNet(nn.Module):
-    """x (B, *sample_shape) -> (B, P) per-sample grid logits."""
+    """x (B, *sample_shape) -> (B, P) per-sample grid logits. ``grid``: the P grid points'
+    coordinates as a tuple of pairs (the ``grid`` head), None for the dense head."""
     n_points: int
     lattice: bool
     hidden: int = 32
+    grid: tuple | None = None
+    rank: int = 16
+    grid_width: int = 64
 
     @nn.compact
     def __call__(self, x):
         f = LatticeEncoder()(x) if self.lattice else VectorEncoder()(x)
         f = jnp.tanh(nn.Dense(self.hidden)(f))
-        return nn.Dense(self.n_points)(f)
+        if self.grid is None:
+            return nn.Dense(self.n_points)(f)
+        u = jnp.asarray(self.grid, jnp.float32)
+        u = (u - u.mean(0)) / jnp.maximum(u.std(0), 1e-12)
+        q = jnp.tanh(nn.Dense(self.grid_width)(u))
+        q = jnp.tanh(nn.Dense(self.grid_width)(q))
+        psi = nn.Dense(self.rank + 1)(q)                            # (P, rank + 1)
+        return nn.Dense(self.rank)(f) @ psi[:, :-1].T + psi[:, -1]
 
 
-def train_posterior(x, *, bundle: int = 4, steps: int = 1500, batch: int = 64, lr: float = 3e-3, seed: int = 0):
-    """Train the posterior network on samples x (P, n, *sample_shape) from the P grid points.
+def train_posterior(x, *, bundle: int = 4, steps: int = 1500, batch: int = 64, lr: float = 3e-3, seed: int = 0,
+                    head: str = "dense", grid=None):
+    """Train the posterior network on samples x (P, n, *sample_shape) from the P grid points
+    (``grid``: their coordinates (P, 2), needed by the ``grid`` head).
 
     Each step draws ``batch`` bundles: a random grid point and ``bundle`` of its samples (without
     replacement); the bundle's logits are the sum of its samples' logits. Returns (net, params,
@@ -76,7 +103,13 @@ def train_posterior(x, *, bundle: int = 4, steps: int = 1500, batch: int = 64, l
     """
     x = jnp.asarray(x, jnp.float32)
     P, n = x.shape[:2]
-    net = PosteriorNet(P, lattice=x.ndim == 4)
+    if head not in HEADS:
+        raise ValueError(f"unknown posterior head {head!r} (expected one of {HEADS})")
+    if head == "grid":
+        if grid is None or np.shape(grid) != (P, 2):
+            raise ValueError(f"the grid head needs the grid points' coordinates (P, 2) = ({P}, 2), got {np.shape(grid)}")
+        grid = tuple(tuple(float(v) for v in row) for row in np.asarray(grid))
+    net = PosteriorNet(P, lattice=x.ndim == 4, grid=grid if head == "grid" else None)
     key = jax.random.PRNGKey(seed)
     key, k0 = jax.random.split(key)
     params = net.init(k0, x[0, :1])

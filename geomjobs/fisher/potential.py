@@ -22,6 +22,16 @@ u = (t - centre) / half_width in [-1, 1]^2 (so one learning rate fits any theta 
 smooth activations: a ReLU net (the paper's) has a zero Hessian almost everywhere, and here the
 metric is read from that Hessian directly.
 
+Fitting coordinates (``coords``). The model posterior is exact only for an exponential family
+whose natural parameters are the fitting coordinates u(t); otherwise (TASEP in its rates) the
+tempered posterior is exp(-KL(p_t' || p_t)) and no Bregman divergence matches it over a whole
+posterior's width, only to second order at t'. F is therefore fitted in coordinates u = u(t)
+(``"identity"``, or ``"log"`` for positive rates), the grid posteriors being distributions over
+the same grid points in either coordinates, and the metric is the tensor Hess_u F read back in t:
+g(t) = J^T Hess_u F J with J = du/dt (not the Hessian of F(u(t)) in t, which has the extra term
+grad_u F . d^2u/dt^2). ``Potential.hessian`` returns that g; with ``"identity"`` it is jax.hessian
+of F. F is then identified up to an affine function of u.
+
 Bias: T_bar fluctuates about grad F(t') with covariance g / N, so the tempered posteriors are
 wider than exp(-D_F) by a relative O(1/N) and the fitted Hessian is low by about that much;
 ``fit_bundle`` (the N used here) is therefore larger than the posterior network's training bundle.
@@ -51,24 +61,52 @@ class FNet(nn.Module):
         return nn.Dense(1)(h)[..., 0]
 
 
+# fitting coordinates u(t) and their derivative du/dt (elementwise: each axis maps on its own)
+COORDS = {"identity": (lambda t: t, lambda t: jnp.ones_like(t)),
+          "log": (jnp.log, lambda t: 1.0 / t)}
+
+
+def to_coords(coords: str, t):
+    """u(t) of the named fitting coordinates (numpy in, numpy out)."""
+    if coords not in COORDS:
+        raise ValueError(f"unknown fitting coordinates {coords!r} (expected one of {sorted(COORDS)})")
+    t = np.asarray(t, np.float64)
+    if coords == "log" and not (t > 0).all():
+        raise ValueError("log fitting coordinates need every theta > 0")
+    return np.asarray(COORDS[coords][0](jnp.asarray(t)), np.float64)
+
+
+def coords_jacobian(coords: str, t) -> np.ndarray:
+    """du_i/dt_i of the named fitting coordinates, (..., 2) (numpy)."""
+    to_coords(coords, t)  # checks the name and the domain
+    return np.asarray(COORDS[coords][1](jnp.asarray(np.asarray(t, np.float64))), np.float64)
+
+
 @dataclass
 class Potential:
-    """A fitted F in natural coordinates: ``F(t)``, ``grad(t)``, ``hessian(t)`` for t of shape (..., 2)."""
+    """A fitted F: ``F(t)``, ``grad(t)`` (= dF/dt) and ``hessian(t)`` (the metric, J^T Hess_u F J;
+    jax.hessian of F for identity coordinates) for t of shape (..., 2). ``centre`` and
+    ``half_width`` normalise the fitting coordinates u(t) to [-1, 1]^2."""
     params: dict
     centre: np.ndarray
     half_width: np.ndarray
     width: int = 64
     depth: int = 3
+    coords: str = "identity"
+
+    def _fu(self, params, u):
+        """F as a function of the fitting coordinates u."""
+        return FNet(self.width, self.depth).apply(params, (u - self.centre) / self.half_width)
 
     def _f(self, params, t):
-        return FNet(self.width, self.depth).apply(params, (t - self.centre) / self.half_width)
+        return self._fu(params, COORDS[self.coords][0](t))
 
     def scalar(self, t):
         """F at one point t (2,) (traceable: for jax.grad / jax.hessian)."""
         return self._f(self.params, t)
 
     def _batched(self, which: str, t):
-        fn = _batched_fns(self.width, self.depth)[which]
+        fn = _batched_fns(self.width, self.depth, self.coords)[which]
         t = jnp.asarray(t, jnp.float32).reshape(-1, 2)
         return np.asarray(fn(self.params, jnp.asarray(self.centre), jnp.asarray(self.half_width), t), np.float64)
 
@@ -83,18 +121,29 @@ class Potential:
 
     def metric_fn(self):
         """t (2,) -> g(t) (2, 2), traceable (for geodesics)."""
-        return jax.hessian(self.scalar)
+        return functools.partial(_metric, self.width, self.depth, self.coords, self.params,
+                                 jnp.asarray(self.centre), jnp.asarray(self.half_width))
+
+
+def _metric(width: int, depth: int, coords: str, params, c, hw, t):
+    """g(t) = J^T Hess_u F(u(t)) J, J = diag(du/dt)."""
+    u_of, du = COORDS[coords]
+    H = jax.hessian(lambda u: FNet(width, depth).apply(params, (u - c) / hw))(u_of(t))
+    j = du(t)
+    return H * j[:, None] * j[None, :]
 
 
 @functools.cache
-def _batched_fns(width: int, depth: int) -> dict:
-    """Jitted F, grad F, Hess F over a batch of points, for one architecture (params traced)."""
+def _batched_fns(width: int, depth: int, coords: str = "identity") -> dict:
+    """Jitted F, grad F (in t), the metric over a batch of points, for one architecture (params traced)."""
+    u_of = COORDS[coords][0]
+
     def f(params, c, hw, t):
-        return FNet(width, depth).apply(params, (t - c) / hw)
+        return FNet(width, depth).apply(params, (u_of(t) - c) / hw)
 
     return {"F": jax.jit(jax.vmap(f, (None, None, None, 0))),
             "grad": jax.jit(jax.vmap(jax.grad(f, argnums=3), (None, None, None, 0))),
-            "hessian": jax.jit(jax.vmap(jax.hessian(f, argnums=3), (None, None, None, 0)))}
+            "hessian": jax.jit(jax.vmap(functools.partial(_metric, width, depth, coords), (None, None, None, 0)))}
 
 
 def model_log_posterior(f, params, thetas):
@@ -113,19 +162,21 @@ def js_divergence(logp, logq):
 
 
 def fit_potential(thetas, log_post, point, *, steps: int = 3000, lr: float = 3e-3, width: int = 64,
-                  depth: int = 3, seed: int = 0) -> tuple[Potential, dict]:
+                  depth: int = 3, seed: int = 0, coords: str = "identity") -> tuple[Potential, dict]:
     """Fit F to tempered posteriors.
 
     thetas: (P, 2) grid points; log_post: (M, P) tempered log-posteriors of M bundles over the
-    grid (each row normalised); point: (M,) the grid index each bundle was drawn at.
-    Full-batch Adam with a cosine learning-rate decay. Returns the potential and
-    {"loss": final mean JS, "loss_history": [...]}.
+    grid (each row normalised); point: (M,) the grid index each bundle was drawn at; coords: the
+    fitting coordinates (module docstring). Full-batch Adam with a cosine learning-rate decay.
+    Returns the potential and {"loss": final mean JS, "loss_history": [...]}.
     """
     thetas = np.asarray(thetas, np.float64)
-    lo, hi = thetas.min(0), thetas.max(0)
+    u = to_coords(coords, thetas)
+    lo, hi = u.min(0), u.max(0)
     centre, half = (lo + hi) / 2, np.maximum((hi - lo) / 2, 1e-12)
-    pot = Potential(params={}, centre=centre.astype(np.float32), half_width=half.astype(np.float32), width=width, depth=depth)
-    tj = jnp.asarray(thetas, jnp.float32)
+    pot = Potential(params={}, centre=centre.astype(np.float32), half_width=half.astype(np.float32), width=width, depth=depth,
+                    coords=coords)
+    tj = jnp.asarray(u, jnp.float32)
     lp = jnp.asarray(log_post, jnp.float32)
     idx = jnp.asarray(point, jnp.int32)
     params = FNet(width, depth).init(jax.random.PRNGKey(seed), jnp.zeros((1, 2), jnp.float32))
@@ -133,7 +184,7 @@ def fit_potential(thetas, log_post, point, *, steps: int = 3000, lr: float = 3e-
     state = opt.init(params)
 
     def loss_fn(p):
-        lq = model_log_posterior(pot._f, p, tj)[idx]
+        lq = model_log_posterior(pot._fu, p, tj)[idx]
         return jnp.mean(js_divergence(lp, lq))
 
     @jax.jit
@@ -151,27 +202,30 @@ def fit_potential(thetas, log_post, point, *, steps: int = 3000, lr: float = 3e-
     return pot, {"loss": hist[-1], "loss_history": hist}
 
 
-def remove_affine(est: np.ndarray, ref: np.ndarray, thetas: np.ndarray) -> np.ndarray:
-    """est minus the affine function a + <b, t> that best fits est - ref (least squares): the part
-    of an estimated F that the method cannot identify, removed before comparing with ref."""
-    A = np.column_stack([np.ones(len(thetas)), thetas])
+def remove_affine(est: np.ndarray, ref: np.ndarray, thetas: np.ndarray, coords: str = "identity") -> np.ndarray:
+    """est minus the affine function a + <b, u(t)> (u the fitting coordinates) that best fits
+    est - ref (least squares): the part of an estimated F that the method cannot identify, removed
+    before comparing with ref."""
+    A = np.column_stack([np.ones(len(thetas)), to_coords(coords, thetas)])
     coef, *_ = np.linalg.lstsq(A, est - ref, rcond=None)
     return est - A @ coef
 
 
-def error_table(thetas, F, dF, g, exact: dict, per: float, interior: np.ndarray) -> dict:
+def error_table(thetas, F, dF, g, exact: dict, per: float, interior: np.ndarray, coords: str = "identity") -> dict:
     """The paper's Table 1 errors, in this project's stated normalisation.
 
-    F per site (divided by ``per``, the number of sites) after removing the best affine term over
-    the interior points; its gradient per site after removing the best constant vector (the
-    gradient of that affine term); the metric's relative Frobenius error
+    F per site (divided by ``per``, the number of sites) after removing the best affine term in
+    the fitting coordinates u over the interior points; its gradient dF/dt per site after removing,
+    per component, the best multiple of du_i/dt_i (the gradient of that affine term: a constant for
+    identity coordinates); the metric's relative Frobenius error
     sqrt(sum ||g - g_exact||^2 / sum ||g_exact||^2) over the interior points.
     """
     m = interior
-    Fa = remove_affine(F[m], exact["F"][m], thetas[m])
+    Fa = remove_affine(F[m], exact["F"][m], thetas[m], coords)
     rmse_F = float(np.sqrt(np.mean(((Fa - exact["F"][m]) / per) ** 2)))
     d = (dF[m] - exact["dF"][m])
-    d = d - d.mean(0)
+    j = coords_jacobian(coords, thetas[m])
+    d = d - j * (np.sum(d * j, 0) / np.sum(j * j, 0))
     rmse_d = np.sqrt(np.mean((d / per) ** 2, axis=0))
     ge = exact["g"][m]
     rel = float(np.sqrt(np.sum((g[m] - ge) ** 2) / np.sum(ge ** 2)))
