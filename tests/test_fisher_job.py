@@ -162,13 +162,14 @@ LEARNED = [
     # (dF) on Ising. The bounds sit well below those and above the floors measured with the exact
     # likelihood on the same held-out samples, leaving room for the network's error and seeds.
     # Ising 8x8, grid head: the exact likelihood on the 32 held-out samples gives 0.19 (all 128:
-    # 0.15), the learned posterior 0.19 / 0.21 (posterior seeds 0 / 1; the dense head 0.38 / 0.28).
+    # 0.15), the learned posterior 0.19 / 0.21 / 0.21 (posterior seeds 0 / 1 / 2; the dense head 0.38 /
+    # 0.28 at seeds 0 / 1).
     # F and dF bounds: a third of what a zero F scores (measured 0.0004 and 0.017 / 0.023).
     ("ising-L8-learned.yaml", 0.35, 0.005, 0.1),
     # TASEP L=8, F in log rates, grid head, 512 samples per point: the exact N -> infinity
     # posteriors give 0.14 (the method's own limit: the law is not an exponential family in log
     # rates either), the exact likelihood on all 512 samples 0.18 (tasep-L8-oracle.yaml), the learned posterior
-    # 0.19 (4000 steps; 0.24 / 0.22 at 2000 steps, posterior seeds 0 / 1). Before (F in (alpha,
+    # 0.19 / 0.22 / 0.23 (4000 steps, posterior seeds 0 / 1 / 2; 0.24 / 0.22 at 2000 steps). Before (F in (alpha,
     # beta), dense head, 128 samples) it was 0.60, and 0.51 even with the exact likelihood. "F" is
     # log Z_L of the matrix product, not a Hessian potential of g, so its RMSEs are reported, not
     # bounded.
