@@ -50,6 +50,7 @@ BAD = [
     ({"family": {"kind": "diffusion-slice"}}, "posterior.kind", "no exact likelihood"),
     ({"posterior": {"kind": "oracle", "fit_size": 3}}, "posterior.fit_size", "not a known key"),
     ({"geodesics": {"pairs": [[[0.1, 0.0], [0.9, 0.0]]]}}, "geodesics.pairs.0", "outside the grid"),
+    ({"potential": {"convex": "yes"}}, "potential.convex", "boolean"),
 ]
 
 

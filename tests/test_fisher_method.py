@@ -101,14 +101,15 @@ def test_bundle_posteriors_are_tempered_sums():
     assert lp.shape == (15, 3) and np.allclose(np.exp(lp).sum(1), 1)
 
 
-def test_hessian_matches_finite_differences():
+@pytest.mark.parametrize("convex", [False, True])
+def test_hessian_matches_finite_differences(convex):
     """jax.hessian of a (random, untrained) F against central differences of jax.grad. float32:
     truncation h^2 |F'''| / 6 ~ 2e-5 and rounding eps |grad F| / h ~ 1e-5 (in grid units, h = 1e-2),
     so 2e-3 of the largest entry is a wide bound that a wrong Hessian (transposed, missing the
     coordinate scaling) would still fail."""
     th, _ = grid(5)
-    params = potential.FNet().init(jax.random.PRNGKey(3), jnp.zeros((1, 2)))
-    pot = potential.Potential(params, np.array([0.35, 0.0], np.float32), np.array([0.25, 0.3], np.float32))
+    params = potential.FNet(convex=convex).init(jax.random.PRNGKey(3), jnp.zeros((1, 2)))
+    pot = potential.Potential(params, np.array([0.35, 0.0], np.float32), np.array([0.25, 0.3], np.float32), convex=convex)
     H = pot.hessian(th)
     for i, step in enumerate(1e-2 * pot.half_width):
         e = np.zeros(2)
@@ -116,6 +117,36 @@ def test_hessian_matches_finite_differences():
         col = (pot.grad(th + e) - pot.grad(th - e)) / (2 * step)
         np.testing.assert_allclose(H[:, :, i], col, atol=2e-3 * np.abs(H).max())
     assert np.abs(H[:, 0, 1] - H[:, 1, 0]).max() < 1e-5 * np.abs(H).max()
+
+
+def test_convex_potential_has_positive_semidefinite_metric_everywhere():
+    # the input-convex F: at 400 random points of [-2, 2]^2 (twice the grid box) for 10 random
+    # initialisations, both Hessian eigenvalues are >= 0 (float32 rounding: -1e-5 of the largest).
+    # Power: the unconstrained tanh F of the same seeds has clearly negative eigenvalues.
+    u = np.random.default_rng(0).uniform(-2, 2, (400, 2))
+    c, hw = np.zeros(2, np.float32), np.ones(2, np.float32)
+    worst = {}
+    for convex in (True, False):
+        lo = []
+        for seed in range(10):
+            params = potential.FNet(32, 2, convex).init(jax.random.PRNGKey(seed), jnp.zeros((1, 2)))
+            ev = np.linalg.eigvalsh(potential.Potential(params, c, hw, 32, 2, convex=convex).hessian(u))
+            lo.append(ev.min() / np.abs(ev).max())
+        worst[convex] = min(lo)
+    assert worst[True] >= -1e-5, worst
+    assert worst[False] < -0.1, worst
+
+
+def test_convex_flag_round_trips_through_the_saved_networks(tmp_path):
+    from geomjobs.fisher import job as fjob
+
+    params = potential.FNet(16, 3, True).init(jax.random.PRNGKey(1), jnp.zeros((1, 2)))
+    pot = potential.Potential(params, np.array([0.3, 0.1], np.float32), np.array([0.2, 0.4], np.float32), 16, 3, convex=True)
+    fjob._write_networks(str(tmp_path), {"potential": pot, "posterior_params": None})
+    back = fjob.load_potential(str(tmp_path))
+    assert back.convex and (back.width, back.depth) == (16, 3)
+    th, _ = grid(4)
+    np.testing.assert_array_equal(back.F(th), pot.F(th))
 
 
 def test_geodesic_straight_for_constant_metric():

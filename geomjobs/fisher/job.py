@@ -45,7 +45,9 @@ POSTERIOR_DEFAULTS = {"bundle": 4, "steps": 1500, "batch": 64, "lr": 3e-3, "hold
 # 1500 steps fitted the posteriors' noise (2.0 / 2.9); with the exact likelihood on the same Ising
 # samples 0.22 against 0.41.
 # coords: the coordinates F is fitted in (geomjobs.fisher.potential; "log" for TASEP's rates).
-POTENTIAL_DEFAULTS = {"steps": 800, "width": 32, "depth": 2, "lr": 3e-3, "seed": 0, "coords": "identity"}
+# convex: F an input-convex network, so the metric is positive semi-definite everywhere.
+POTENTIAL_DEFAULTS = {"steps": 800, "width": 32, "depth": 2, "lr": 3e-3, "seed": 0, "coords": "identity",
+                      "convex": False}
 
 
 def fisher_schema() -> dict:
@@ -299,7 +301,7 @@ def fit_method(spec: dict, family, x: np.ndarray, thetas: np.ndarray, progress: 
     t0 = time.time()
     ps = spec["potential"]
     pot, pinfo = fit_potential(thetas, lp, pts, steps=ps["steps"], lr=ps["lr"], width=ps["width"], depth=ps["depth"],
-                               seed=ps["seed"], coords=ps["coords"])
+                               seed=ps["seed"], coords=ps["coords"], convex=bool(ps["convex"]))
     info["potential_loss"] = pinfo["loss"]
     info["potential_loss_history"] = pinfo["loss_history"]
     info["potential_seconds"] = time.time() - t0
@@ -493,7 +495,8 @@ def _write_networks(out, fit) -> None:
     pot = fit["potential"]
     cfg = {"potential": {"width": pot.width, "depth": pot.depth, "centre": np.asarray(pot.centre).tolist(),
                          "half_width": np.asarray(pot.half_width).tolist(), "coords": pot.coords,
-                         "note": "F(t) = FNet(width, depth).apply(params, (u(t) - centre) / half_width), per sample; "
+                         "convex": pot.convex,
+                         "note": "F(t) = FNet(width, depth, convex).apply(params, (u(t) - centre) / half_width), per sample; "
                                  "u = the fitting coordinates (identity: u = t; log: u = log t)"}}
     files = {"potential.msgpack": serialization.to_bytes(pot.params)}
     if fit["posterior_params"] is not None:
@@ -519,11 +522,11 @@ def load_potential(out: str):
 
     fs, path = filesystem(join(normalize_uri(out), "networks.json"))
     cfg = json.loads(fs.cat_file(path))["potential"]
-    template = FNet(cfg["width"], cfg["depth"]).init(jax.random.PRNGKey(0), jnp.zeros((1, 2)))
+    template = FNet(cfg["width"], cfg["depth"], cfg.get("convex", False)).init(jax.random.PRNGKey(0), jnp.zeros((1, 2)))
     fs, path = filesystem(join(normalize_uri(out), "potential.msgpack"))
     params = serialization.from_bytes(template, fs.cat_file(path))
     return Potential(params, np.asarray(cfg["centre"], np.float32), np.asarray(cfg["half_width"], np.float32),
-                     cfg["width"], cfg["depth"], cfg.get("coords", "identity"))
+                     cfg["width"], cfg["depth"], cfg.get("coords", "identity"), cfg.get("convex", False))
 
 
 def fisher_cli(args) -> int:

@@ -49,16 +49,34 @@ import optax
 
 
 class FNet(nn.Module):
-    """F(u): 2 -> depth x (width, tanh) -> 1."""
+    """F(u): 2 -> depth x (width, tanh) -> 1; or, with ``convex``, an input-convex network
+    (Amos, Xu and Kolter, ICML 2017) whose Hessian is positive semi-definite everywhere:
+
+        z_1 = softplus(A_1 u + b_1),  z_k+1 = softplus(W_k z_k + A_k+1 u + b_k+1),
+        F = <w, z_depth> + <a, u> + c,
+
+    with W_k and w kept non-negative (softplus of free parameters, scaled by 1 / fan-in).
+    softplus is convex and non-decreasing, and a non-negative sum of convex functions of convex
+    functions is convex, so F is convex in u. A log-partition function is convex, and a Fisher
+    metric is positive semi-definite; the unconstrained net can fit noise into an indefinite
+    Hessian (the diffusion slices' grey cells)."""
     width: int = 64
     depth: int = 3
+    convex: bool = False
 
     @nn.compact
     def __call__(self, u):
-        h = u
-        for _ in range(self.depth):
-            h = jnp.tanh(nn.Dense(self.width)(h))
-        return nn.Dense(1)(h)[..., 0]
+        if not self.convex:
+            h = u
+            for _ in range(self.depth):
+                h = jnp.tanh(nn.Dense(self.width)(h))
+            return nn.Dense(1)(h)[..., 0]
+        z = jax.nn.softplus(nn.Dense(self.width)(u))
+        for k in range(1, self.depth):
+            w = self.param(f"W_{k}", nn.initializers.normal(1.0), (self.width, self.width))
+            z = jax.nn.softplus(z @ (jax.nn.softplus(w) / self.width) + nn.Dense(self.width)(u))
+        w = self.param("w_out", nn.initializers.normal(1.0), (self.width,))
+        return z @ jax.nn.softplus(w) + nn.Dense(1)(u)[..., 0]
 
 
 # fitting coordinates u(t) and their derivative du/dt (elementwise: each axis maps on its own)
@@ -93,10 +111,11 @@ class Potential:
     width: int = 64
     depth: int = 3
     coords: str = "identity"
+    convex: bool = False
 
     def _fu(self, params, u):
         """F as a function of the fitting coordinates u."""
-        return FNet(self.width, self.depth).apply(params, (u - self.centre) / self.half_width)
+        return FNet(self.width, self.depth, self.convex).apply(params, (u - self.centre) / self.half_width)
 
     def _f(self, params, t):
         return self._fu(params, COORDS[self.coords][0](t))
@@ -106,7 +125,7 @@ class Potential:
         return self._f(self.params, t)
 
     def _batched(self, which: str, t):
-        fn = _batched_fns(self.width, self.depth, self.coords)[which]
+        fn = _batched_fns(self.width, self.depth, self.coords, self.convex)[which]
         t = jnp.asarray(t, jnp.float32).reshape(-1, 2)
         return np.asarray(fn(self.params, jnp.asarray(self.centre), jnp.asarray(self.half_width), t), np.float64)
 
@@ -121,29 +140,29 @@ class Potential:
 
     def metric_fn(self):
         """t (2,) -> g(t) (2, 2), traceable (for geodesics)."""
-        return functools.partial(_metric, self.width, self.depth, self.coords, self.params,
+        return functools.partial(_metric, self.width, self.depth, self.coords, self.convex, self.params,
                                  jnp.asarray(self.centre), jnp.asarray(self.half_width))
 
 
-def _metric(width: int, depth: int, coords: str, params, c, hw, t):
+def _metric(width: int, depth: int, coords: str, convex: bool, params, c, hw, t):
     """g(t) = J^T Hess_u F(u(t)) J, J = diag(du/dt)."""
     u_of, du = COORDS[coords]
-    H = jax.hessian(lambda u: FNet(width, depth).apply(params, (u - c) / hw))(u_of(t))
+    H = jax.hessian(lambda u: FNet(width, depth, convex).apply(params, (u - c) / hw))(u_of(t))
     j = du(t)
     return H * j[:, None] * j[None, :]
 
 
 @functools.cache
-def _batched_fns(width: int, depth: int, coords: str = "identity") -> dict:
+def _batched_fns(width: int, depth: int, coords: str = "identity", convex: bool = False) -> dict:
     """Jitted F, grad F (in t), the metric over a batch of points, for one architecture (params traced)."""
     u_of = COORDS[coords][0]
 
     def f(params, c, hw, t):
-        return FNet(width, depth).apply(params, (u_of(t) - c) / hw)
+        return FNet(width, depth, convex).apply(params, (u_of(t) - c) / hw)
 
     return {"F": jax.jit(jax.vmap(f, (None, None, None, 0))),
             "grad": jax.jit(jax.vmap(jax.grad(f, argnums=3), (None, None, None, 0))),
-            "hessian": jax.jit(jax.vmap(functools.partial(_metric, width, depth, coords), (None, None, None, 0)))}
+            "hessian": jax.jit(jax.vmap(functools.partial(_metric, width, depth, coords, convex), (None, None, None, 0)))}
 
 
 def model_log_posterior(f, params, thetas):
@@ -162,12 +181,12 @@ def js_divergence(logp, logq):
 
 
 def fit_potential(thetas, log_post, point, *, steps: int = 3000, lr: float = 3e-3, width: int = 64,
-                  depth: int = 3, seed: int = 0, coords: str = "identity") -> tuple[Potential, dict]:
+                  depth: int = 3, seed: int = 0, coords: str = "identity", convex: bool = False) -> tuple[Potential, dict]:
     """Fit F to tempered posteriors.
 
     thetas: (P, 2) grid points; log_post: (M, P) tempered log-posteriors of M bundles over the
     grid (each row normalised); point: (M,) the grid index each bundle was drawn at; coords: the
-    fitting coordinates (module docstring). Full-batch Adam with a cosine learning-rate decay.
+    fitting coordinates (module docstring); convex: F an input-convex network (:class:`FNet`). Full-batch Adam with a cosine learning-rate decay.
     Returns the potential and {"loss": final mean JS, "loss_history": [...]}.
     """
     thetas = np.asarray(thetas, np.float64)
@@ -175,11 +194,11 @@ def fit_potential(thetas, log_post, point, *, steps: int = 3000, lr: float = 3e-
     lo, hi = u.min(0), u.max(0)
     centre, half = (lo + hi) / 2, np.maximum((hi - lo) / 2, 1e-12)
     pot = Potential(params={}, centre=centre.astype(np.float32), half_width=half.astype(np.float32), width=width, depth=depth,
-                    coords=coords)
+                    coords=coords, convex=convex)
     tj = jnp.asarray(u, jnp.float32)
     lp = jnp.asarray(log_post, jnp.float32)
     idx = jnp.asarray(point, jnp.int32)
-    params = FNet(width, depth).init(jax.random.PRNGKey(seed), jnp.zeros((1, 2), jnp.float32))
+    params = FNet(width, depth, convex).init(jax.random.PRNGKey(seed), jnp.zeros((1, 2), jnp.float32))
     opt = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.02))
     state = opt.init(params)
 
