@@ -186,8 +186,8 @@ def fit_potential(thetas, log_post, point, *, steps: int = 3000, lr: float = 3e-
 
     thetas: (P, 2) grid points; log_post: (M, P) tempered log-posteriors of M bundles over the
     grid (each row normalised); point: (M,) the grid index each bundle was drawn at; coords: the
-    fitting coordinates (module docstring); convex: F an input-convex network (:class:`FNet`). Full-batch Adam with a cosine learning-rate decay.
-    Returns the potential and {"loss": final mean JS, "loss_history": [...]}.
+    fitting coordinates (module docstring); convex: F an input-convex network (:class:`FNet`).
+    Full-batch Adam with a cosine learning-rate decay. Returns the potential and {"loss": final mean JS, "loss_history": [...]}.
     """
     thetas = np.asarray(thetas, np.float64)
     u = to_coords(coords, thetas)
