@@ -140,19 +140,31 @@ def test_tiny_slice_end_to_end(tmp_path):
     png = Path(out / "slice.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "fisher.png").exists()
-    # a rerun resumes the psi job (same eta = 0 latents: no shard recomputed, same psi) ...
+    # a rerun resumes the psi job (same eta = 0 latents: no shard recomputed, same psi)
     parts = sorted((out / "psi").rglob("part-*.parquet"))
     stamp = {q: q.stat().st_mtime_ns for q in parts}
     assert main(["fisher", str(p), "-q"]) == 0
     assert {q: q.stat().st_mtime_ns for q in sorted((out / "psi").rglob("part-*.parquet"))} == stamp
     np.testing.assert_array_equal(pd.read_parquet(out / "slice" / "points.parquet").psi, pts.psi)
-    # ... and recomputes it when the stored latents are not this run's
-    z_in.assign(z=[z + 1.0 for z in z_in.z]).to_parquet(out / "slice" / "z0.parquet", index=False)
-    assert main(["fisher", str(p), "-q"]) == 0
-    assert all(q.stat().st_mtime_ns != stamp.get(q) for q in (out / "psi").rglob("part-*.parquet"))
-    np.testing.assert_array_equal(np.stack(pd.read_parquet(out / "slice" / "z0.parquet").z.to_numpy()),
-                                  np.stack(pts.z0.to_numpy()))
-    np.testing.assert_allclose(pd.read_parquet(out / "slice" / "points.parquet").psi, pts.psi)
+
+
+def test_psi_job_is_recomputed_when_the_stored_latents_differ(tmp_path):
+    # the psi job alone (no fisher run): the same z0 again resumes (no part file rewritten, same
+    # psi); other z0 replace the stored latents and the psi job, and psi is that of the new z0
+    from geomjobs.fisher.diffusion_slice import psi_job
+
+    out = str(tmp_path / "out")
+    z0 = np.random.default_rng(0).normal(size=(6, 8))
+    psi = psi_job(None, {}, out, z0)
+    parts = lambda: {q: q.stat().st_mtime_ns for q in (tmp_path / "out" / "psi").rglob("part-*.parquet")}  # noqa: E731
+    stamp = parts()
+    np.testing.assert_array_equal(psi_job(None, {}, out, z0), psi)
+    assert parts() == stamp
+    other = psi_job(None, {}, out, z0 + 0.5)
+    assert set(parts()) == set(stamp) and all(parts()[q] != stamp[q] for q in stamp)
+    assert not np.allclose(other, psi)
+    np.testing.assert_array_equal(np.stack(pd.read_parquet(tmp_path / "out" / "slice" / "z0.parquet").z.to_numpy()), z0 + 0.5)
+    np.testing.assert_allclose(psi_job(None, {}, str(tmp_path / "fresh"), z0 + 0.5), other)
 
 
 def _example_slice(seed):

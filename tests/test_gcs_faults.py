@@ -158,6 +158,7 @@ def test_a_job_survives_the_storage_service_stopping_and_restarting(emulator, tm
     print(f"{log.retries} requests retried by gcsfs")
 
 
+@pytest.mark.slow   # ~95 s with the cluster start on 2 cores; the in-process outage above stays in the default run
 def test_a_cluster_job_survives_the_storage_service_stopping_and_restarting(emulator, tmp_path, monkeypatch):
     """The same outage under a job on a real local Ray cluster (2 workers, each writing its own
     shards to gs:// while it computes the next). The workers get STORAGE_EMULATOR_HOST from the
