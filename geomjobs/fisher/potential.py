@@ -55,7 +55,8 @@ class FNet(nn.Module):
         z_1 = softplus(A_1 u + b_1),  z_k+1 = softplus(W_k z_k + A_k+1 u + b_k+1),
         F = <w, z_depth> + <a, u> + c,
 
-    with W_k and w kept non-negative (softplus of free parameters, scaled by 1 / fan-in).
+    with W_k and w kept non-negative (softplus of free parameters; W_k also scaled by 1 / fan-in,
+    w not: with w / width too, the fitted curvature stayed ~8x too small on the slice example).
     softplus is convex and non-decreasing, and a non-negative sum of convex functions of convex
     functions is convex, so F is convex in u. A log-partition function is convex, and a Fisher
     metric is positive semi-definite; the unconstrained net can fit noise into an indefinite
