@@ -458,7 +458,9 @@ class _Driver:
         its device (the first not computed: the worker computes in the order handed out), or,
         if none was, to the first being written; the others go back to the queue's front
         uncharged. So every death charges one attempt: attempts per shard stay bounded, and a
-        shard that kills its worker while computing is charged on each death it causes."""
+        shard that kills its worker while computing is charged on each death it causes. (A
+        worker killed within milliseconds of a compute's reply can lose that reply: the driver
+        then charges the shard before the one computing. The bound holds either way.)"""
         label = self.pool.label(i)
         held = self.release(i)
         self.handed_back.pop(i, None)
