@@ -155,16 +155,16 @@ def test_psi_job_is_recomputed_when_the_stored_latents_differ(tmp_path):
 
     out = str(tmp_path / "out")
     z0 = np.random.default_rng(0).normal(size=(6, 8))
-    psi = psi_job(None, {}, out, z0)
+    psi = psi_job(out, z0)
     parts = lambda: {q: q.stat().st_mtime_ns for q in (tmp_path / "out" / "psi").rglob("part-*.parquet")}  # noqa: E731
     stamp = parts()
-    np.testing.assert_array_equal(psi_job(None, {}, out, z0), psi)
+    np.testing.assert_array_equal(psi_job(out, z0), psi)
     assert parts() == stamp
-    other = psi_job(None, {}, out, z0 + 0.5)
+    other = psi_job(out, z0 + 0.5)
     assert set(parts()) == set(stamp) and all(parts()[q] != stamp[q] for q in stamp)
     assert not np.allclose(other, psi)
     np.testing.assert_array_equal(np.stack(pd.read_parquet(tmp_path / "out" / "slice" / "z0.parquet").z.to_numpy()), z0 + 0.5)
-    np.testing.assert_allclose(psi_job(None, {}, str(tmp_path / "fresh"), z0 + 0.5), other)
+    np.testing.assert_allclose(psi_job(str(tmp_path / "fresh"), z0 + 0.5), other)
 
 
 def _example_slice(seed):

@@ -262,7 +262,7 @@ def ridge_mask(s: np.ndarray) -> np.ndarray:
     return r
 
 
-def psi_job(family, spec: dict, out: str, z0: np.ndarray, progress: bool = False) -> np.ndarray:
+def psi_job(out: str, z0: np.ndarray, progress: bool = False) -> np.ndarray:
     """psi of the vae-digits decoder at each grid point's eta = 0 z_0, by an ordinary descriptor job
     (``OUT/psi``, latents from ``OUT/slice/z0.parquet``). Returns psi in grid order.
 
@@ -315,7 +315,7 @@ def slice_outputs(family, spec: dict, out: str, thetas: np.ndarray, g: np.ndarra
     z0, imgs = family.deterministic(thetas)
     cls = family.classes(imgs)
     tr = np.trace(g, axis1=1, axis2=2)
-    psi = psi_job(family, spec, out, z0, progress) if family.psi else np.full(len(thetas), np.nan)
+    psi = psi_job(out, z0, progress) if family.psi else np.full(len(thetas), np.nan)
     bnd = boundary_mask(cls.reshape(R1, R2)).ravel()
     ridge = ridge_mask(tr.reshape(R1, R2)).ravel()
     inner = interior.astype(bool)

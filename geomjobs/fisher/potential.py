@@ -116,7 +116,7 @@ class Potential:
 
     def _fu(self, params, u):
         """F as a function of the fitting coordinates u."""
-        return FNet(self.width, self.depth, self.convex).apply(params, (u - self.centre) / self.half_width)
+        return _f_of_u(self.width, self.depth, self.convex, params, self.centre, self.half_width, u)
 
     def _f(self, params, t):
         return self._fu(params, COORDS[self.coords][0](t))
@@ -145,10 +145,15 @@ class Potential:
                                  jnp.asarray(self.centre), jnp.asarray(self.half_width))
 
 
+def _f_of_u(width: int, depth: int, convex: bool, params, c, hw, u):
+    """F at fitting coordinates u: the network on u normalised by centre ``c`` and half-width ``hw``."""
+    return FNet(width, depth, convex).apply(params, (u - c) / hw)
+
+
 def _metric(width: int, depth: int, coords: str, convex: bool, params, c, hw, t):
     """g(t) = J^T Hess_u F(u(t)) J, J = diag(du/dt)."""
     u_of, du = COORDS[coords]
-    H = jax.hessian(lambda u: FNet(width, depth, convex).apply(params, (u - c) / hw))(u_of(t))
+    H = jax.hessian(lambda u: _f_of_u(width, depth, convex, params, c, hw, u))(u_of(t))
     j = du(t)
     return H * j[:, None] * j[None, :]
 
@@ -159,7 +164,7 @@ def _batched_fns(width: int, depth: int, coords: str = "identity", convex: bool 
     u_of = COORDS[coords][0]
 
     def f(params, c, hw, t):
-        return FNet(width, depth, convex).apply(params, (u_of(t) - c) / hw)
+        return _f_of_u(width, depth, convex, params, c, hw, u_of(t))
 
     return {"F": jax.jit(jax.vmap(f, (None, None, None, 0))),
             "grad": jax.jit(jax.vmap(jax.grad(f, argnums=3), (None, None, None, 0))),
