@@ -107,12 +107,11 @@ def measure(sizes=SIZES) -> list[dict]:
     from geomjobs.runner.plan import plan_job
     from geomjobs.sink.dataset import Dataset
 
+    from ray_cluster import serving
+
     engine = {"mode": "projection", "k": 5, "chunk": None, "devices": 1, "xla_memory_bytes": 123456}
     rows = _Rows()
-    em = FastEmulator("geomjobs-bench")
-    old = os.environ.get("STORAGE_EMULATOR_HOST")
-    os.environ["STORAGE_EMULATOR_HOST"] = em.host
-    try:
+    with serving(FastEmulator("geomjobs-bench")) as em:
         with tempfile.TemporaryDirectory() as tmp:
             w = os.path.join(tmp, "mlp.npz")
             save_mlp(w, random_mlp([6, 24, 24, 10], seed=1))
@@ -146,12 +145,6 @@ def measure(sizes=SIZES) -> list[dict]:
                     rows.append({"shards": n, "op": op, "state": "after, cache fresh", "s": s, "requests": r})
                 rows.append({"shards": n, "op": "write markers", "state": f"{n} through write_markers", "s": wrote,
                              "requests": None})
-    finally:
-        em.stop()
-        if old is None:
-            os.environ.pop("STORAGE_EMULATOR_HOST", None)
-        else:
-            os.environ["STORAGE_EMULATOR_HOST"] = old
     return rows
 
 

@@ -7,6 +7,7 @@ process (``shared_cluster()``) and stopped at exit by the ids of the processes i
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import random
 import secrets
@@ -215,6 +216,23 @@ class GcsEmulator:
         if self.proc is not None:
             _kill_tree(self.proc)
             self.proc = None
+
+
+@contextlib.contextmanager
+def serving(emulator):
+    """The block runs with STORAGE_EMULATOR_HOST pointing at ``emulator`` (gcsfs reads it; the
+    driver passes it on to Ray workers); after it, the variable is restored and the emulator
+    (anything with ``host`` and ``stop()``) is stopped."""
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = emulator.host
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+        if old is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = old
 
 
 # ---- running jobs as users do --------------------------------------------------------------

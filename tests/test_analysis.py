@@ -259,12 +259,9 @@ def test_read_ok_of_a_real_job_is_sorted_and_complete(mlp_dataset):
 def test_read_ok_and_duckdb_view_on_gcs(tmp_path):
     from geomjobs.runner.local import run_local
 
-    from ray_cluster import GcsEmulator
+    from ray_cluster import GcsEmulator, serving
 
-    em = GcsEmulator()
-    old = os.environ.get("STORAGE_EMULATOR_HOST")
-    os.environ["STORAGE_EMULATOR_HOST"] = em.host
-    try:
+    with serving(GcsEmulator()) as em:
         spec = mlp_spec(write_mlp(tmp_path), count=20, shard_size=8, batch_size=8)
         uri = f"gs://{em.bucket}/analysis/ds"
         res = run_local(spec, uri, progress=False)
@@ -276,12 +273,6 @@ def test_read_ok_and_duckdb_view_on_gcs(tmp_path):
         assert rel.aggregate("count(*)").fetchall() == [(20,)]
         ls = A.level_sets(rel, "local_scaling", bins=3)
         assert ls["count"].sum() == 20
-    finally:
-        em.stop()
-        if old is None:
-            os.environ.pop("STORAGE_EMULATOR_HOST", None)
-        else:
-            os.environ["STORAGE_EMULATOR_HOST"] = old
 
 
 def test_notebook_env_reads_the_environment(tmp_path, monkeypatch):

@@ -1,7 +1,6 @@
 """gs:// outputs through gcsfs, against a GCS emulator on 127.0.0.1: a job on the Ray cluster
 writes its shards from the workers, the dataset reads back with pandas and Dataset, and resume
 after a crash at any point between a shard's file and its marker writes every sample once."""
-import os
 
 import numpy as np
 import pandas as pd
@@ -12,20 +11,13 @@ from geomjobs.runner.local import run_local
 from geomjobs.sink.dataset import Dataset, DatasetError
 
 from jobs import assert_each_sample_once, mlp_spec, write_mlp
-from ray_cluster import GcsEmulator, shared_cluster
+from ray_cluster import GcsEmulator, serving, shared_cluster
 
 
 @pytest.fixture(scope="module")
 def gcs():
-    em = GcsEmulator()
-    old = os.environ.get("STORAGE_EMULATOR_HOST")
-    os.environ["STORAGE_EMULATOR_HOST"] = em.host     # the driver passes it on to the workers
-    yield em
-    em.stop()
-    if old is None:
-        os.environ.pop("STORAGE_EMULATOR_HOST", None)
-    else:
-        os.environ["STORAGE_EMULATOR_HOST"] = old
+    with serving(GcsEmulator()) as em:     # the driver passes it on to the workers
+        yield em
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ Parquet file that does not parse, or a marker whose file is missing.
 """
 import io
 import logging
-import os
 import shutil
 import subprocess
 import threading
@@ -24,7 +23,7 @@ from geomjobs.runner.local import run_local
 from geomjobs.sink.dataset import Dataset
 
 from jobs import assert_each_sample_once, write_mlp
-from ray_cluster import BIN, _kill_tree, free_port, slow_spec, wait_port
+from ray_cluster import BIN, _kill_tree, free_port, serving, slow_spec, wait_port
 
 OUTAGE = 4.0    # seconds with no emulator process
 
@@ -69,15 +68,8 @@ class RetryLog(logging.Handler):
 
 @pytest.fixture
 def emulator(tmp_path):
-    em = DiskEmulator(tmp_path / "gcs")
-    old = os.environ.get("STORAGE_EMULATOR_HOST")
-    os.environ["STORAGE_EMULATOR_HOST"] = em.host
-    yield em
-    em.stop()
-    if old is None:
-        os.environ.pop("STORAGE_EMULATOR_HOST", None)
-    else:
-        os.environ["STORAGE_EMULATOR_HOST"] = old
+    with serving(DiskEmulator(tmp_path / "gcs")) as em:
+        yield em
 
 
 def visible_state(uri):

@@ -24,7 +24,7 @@ from geomjobs.runner.plan import plan_job
 from geomjobs.sink.dataset import MANIFEST, Dataset, shard_marker
 
 from jobs import assert_each_sample_once, mlp_spec, write_mlp
-from ray_cluster import cli
+from ray_cluster import cli, serving
 
 TAIL = 200     # markers committed after the last compaction (a driver that crashed mid-job)
 ENGINE = {"mode": "projection", "k": 5, "chunk": None, "devices": 1, "xla_memory_bytes": 123456}
@@ -32,15 +32,8 @@ ENGINE = {"mode": "projection", "k": 5, "chunk": None, "devices": 1, "xla_memory
 
 @pytest.fixture(scope="module")
 def gcs():
-    em = FastEmulator()
-    old = os.environ.get("STORAGE_EMULATOR_HOST")
-    os.environ["STORAGE_EMULATOR_HOST"] = em.host
-    yield em
-    em.stop()
-    if old is None:
-        os.environ.pop("STORAGE_EMULATOR_HOST", None)
-    else:
-        os.environ["STORAGE_EMULATOR_HOST"] = old
+    with serving(FastEmulator()) as em:
+        yield em
 
 
 def markers(start, stop):

@@ -12,7 +12,7 @@ import pytest
 from geomjobs.errors import SpecError
 from geomjobs.reward import model as rm
 
-from ray_cluster import GcsEmulator
+from ray_cluster import GcsEmulator, serving
 
 
 def _meta(shape, net, y=(2.0, 3.0), z=(0.5, 4.0)):
@@ -60,10 +60,7 @@ def test_reward_folder_round_trip_and_apply(tmp_path, shape):
 
 @pytest.mark.slow   # ~80 s: a job to the emulator, then training from and to it (gs:// I/O is the sink's, tested in test_gcs)
 def test_reward_folder_on_gcs(tmp_path):
-    em = GcsEmulator()
-    old = os.environ.get("STORAGE_EMULATOR_HOST")
-    os.environ["STORAGE_EMULATOR_HOST"] = em.host
-    try:
+    with serving(GcsEmulator()) as em:
         net_cfg = rm.network_config((3,), hidden=8, depth=1, temb=8)
         params = rm.init_params(rm.build_network((3,), net_cfg))
         uri = f"gs://{em.bucket}/rewards/r1"
@@ -82,12 +79,6 @@ def test_reward_folder_on_gcs(tmp_path):
         meta = train([ds], f"gs://{em.bucket}/rewards/r2", config=cfg)
         r2 = rm.load_reward(f"gs://{em.bucket}/rewards/r2")
         assert r2.latent_shape == (6,) and r2.meta["n_train"] == meta["n_train"] and r2.meta["datasets"][0]["uri"] == ds
-    finally:
-        em.stop()
-        if old is None:
-            os.environ.pop("STORAGE_EMULATOR_HOST", None)
-        else:
-            os.environ["STORAGE_EMULATOR_HOST"] = old
 
 
 def test_load_reward_names_the_folder_and_the_callers_key(tmp_path):
