@@ -300,7 +300,7 @@ def slow_mlp(weights: str, delay: float = 0.0, kill_token: str | None = None, di
             # Not at once: the reply of the shard this worker computed just before may still be
             # on its way to the driver, and a process killed within milliseconds of a reply can
             # lose it; the driver then sees two shards on the device and charges the earlier one
-            # (RayDriver.lost). A real worker dies seconds into a shard, not microseconds.
+            # (ray_driver._Driver.lost). A real worker dies seconds into a shard, not microseconds.
             time.sleep(0.5)
             os.kill(os.getpid(), signal.SIGKILL)
         if delay:
