@@ -4,7 +4,9 @@ The public entry points: :func:`run_job` (what ``geomjobs run`` calls) and :func
 Submodules: ``geometry`` (the mathematics, pure JAX), ``generators``, ``latents``, ``runner``,
 ``sink``, ``cli``.
 """
-__version__ = "0.1.0"
+from geomjobs._version import __version__
+
+__all__ = ["__version__", "open_dataset", "run_job"]
 
 
 def run_job(spec, out=None, *, resume=False, progress=False, address=None):

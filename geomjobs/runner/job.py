@@ -11,6 +11,7 @@ import dataclasses
 import sys
 import time
 
+from geomjobs._version import __version__
 from geomjobs.records import SCHEMA_VERSION
 from geomjobs.runner.plan import Plan
 from geomjobs.sink.dataset import Dataset, DatasetError
@@ -94,11 +95,9 @@ def open_job(plan: Plan, out: str | None, resume: bool, started: float | None = 
 
 
 def job_card(plan: Plan) -> dict:
-    import geomjobs
-
     return {"job_id": plan.job_id, "spec_hash": plan.hash, "count": plan.count, "num_shards": plan.num_shards,
             "shard_size": plan.shard_size, "schema_version": SCHEMA_VERSION, "model_id": plan.generator.model_id,
-            "geomjobs_version": geomjobs.__version__, "created_at": time.time(),
+            "geomjobs_version": __version__, "created_at": time.time(),
             # entry i of local_complexity_per_layer counts the neurons of this site
             "local_complexity_sites": plan.site_labels}
 
