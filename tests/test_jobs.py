@@ -79,25 +79,23 @@ def test_resume_after_interruption_writes_every_sample_once(tmp_path, monkeypatc
     w = write_mlp(tmp_path)
     spec = mlp_spec(w, count=50, shard_size=10)
     out = str(tmp_path / "out")
-    import geomjobs.runner.local as local
-
-    real = local.compute_shard
+    real = Engine.compute_shard
     calls = []
 
-    def dying(plan, shard, engine=None):
+    def dying(engine, shard):
         calls.append(shard)
         if len(calls) == 4:
             raise KeyboardInterrupt  # the process is stopped mid-job
-        return real(plan, shard, engine)
+        return real(engine, shard)
 
-    monkeypatch.setattr(local, "compute_shard", dying)
+    monkeypatch.setattr(Engine, "compute_shard", dying)
     with pytest.raises(KeyboardInterrupt):
         run_job(spec, out)
     assert sorted(Dataset(out).committed()) == [0, 1, 2]
     # a crash between a shard's file and its marker: the file exists, the marker does not
     (tmp_path / "out" / "part-000003.parquet").write_bytes((tmp_path / "out" / "part-000000.parquet").read_bytes())
     assert sorted(Dataset(out).committed()) == [0, 1, 2]
-    monkeypatch.setattr(local, "compute_shard", lambda *a, **k: (calls.append(a[1]), real(*a, **k))[1])
+    monkeypatch.setattr(Engine, "compute_shard", lambda engine, shard: (calls.append(shard), real(engine, shard))[1])
     with pytest.raises(DatasetError, match="--resume"):
         run_job(spec, out)
     calls.clear()

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from geomjobs import run_job
-from geomjobs.runner import local_mode, ray_connect, ray_driver
+from geomjobs.runner import local_mode, ray_connect
 from geomjobs.runner.plan import plan_job
 from geomjobs.sink.dataset import Dataset, DatasetError
 from geomjobs.spec import SpecError
@@ -45,17 +45,17 @@ def parquet_files(path):
 # ---- no cluster -------------------------------------------------------------------------------
 def test_pool_size_follows_workers_or_the_cluster():
     cpu = {"CPU": 2.0}
-    assert ray_driver.pool_size({}, 10, cpu) == 2
-    assert ray_driver.pool_size({}, 1, cpu) == 1                          # never more than shards
-    assert ray_driver.pool_size({"workers": 5}, 10, cpu) == 5             # e.g. waiting for an autoscaler
-    assert ray_driver.pool_size({"resources": {"GPU": 1}}, 10, {"CPU": 16, "GPU": 4}) == 4
-    assert ray_driver.pool_size({"resources": {"TPU": 4, "CPU": 8}}, 10, {"CPU": 96, "TPU": 8}) == 2
+    assert ray_connect.pool_size({}, 10, cpu) == 2
+    assert ray_connect.pool_size({}, 1, cpu) == 1                          # never more than shards
+    assert ray_connect.pool_size({"workers": 5}, 10, cpu) == 5             # e.g. waiting for an autoscaler
+    assert ray_connect.pool_size({"resources": {"GPU": 1}}, 10, {"CPU": 16, "GPU": 4}) == 4
+    assert ray_connect.pool_size({"resources": {"TPU": 4, "CPU": 8}}, 10, {"CPU": 96, "TPU": 8}) == 2
     with pytest.raises(SpecError, match="execution.resources"):
-        ray_driver.pool_size({"resources": {"GPU": 1}}, 10, cpu)
+        ray_connect.pool_size({"resources": {"GPU": 1}}, 10, cpu)
 
 
 def test_actor_options_and_worker_env():
-    opts = ray_driver.actor_options({"resources": {"GPU": 1, "TPU": 4}})
+    opts = ray_connect.actor_options({"resources": {"GPU": 1, "TPU": 4}})
     assert opts["num_cpus"] == 1 and opts["num_gpus"] == 1 and opts["resources"] == {"TPU": 4.0}
     assert opts["max_restarts"] == 0 and opts["max_task_retries"] == 0   # the pool replaces dead workers
     env = ray_connect.worker_env({"STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"})

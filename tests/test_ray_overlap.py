@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from geomjobs.runner import ray_driver
+from geomjobs.runner.engine import Engine
 from geomjobs.runner.job import open_job
 from geomjobs.runner.plan import plan_job
-from geomjobs.runner.ray_driver import ShardWorker, drive_ray
+from geomjobs.runner.ray_driver import drive_ray
+from geomjobs.runner.ray_worker import ShardWorker
 from geomjobs.sink.dataset import Dataset
 
 from jobs import assert_each_sample_once, mlp_spec, read_sorted, write_mlp
@@ -50,24 +52,24 @@ def worker(tmp_path, monkeypatch):
     computes, ``worker.computing`` the most computes seen at once."""
     spec = mlp_spec(write_mlp(tmp_path), count=40, shard_size=8)
     job = open_job(plan_job(spec), str(tmp_path / "out"), False)
-    w = ShardWorker(job.plan.spec, job.plan.hash)
+    w = ShardWorker(job.plan.planner, job.plan.spec, job.plan.hash)
     w.log, w.computing, now = [], 0, [0]
-    real = ray_driver.compute_shard
+    real = Engine.compute_shard
     lock = threading.Lock()
 
-    def compute_shard(plan, shard, engine):
+    def compute_shard(engine, shard):
         with lock:
             now[0] += 1
             w.computing = max(w.computing, now[0])
             w.log.append(("start", shard))
         try:
-            return real(plan, shard, engine)
+            return real(engine, shard)
         finally:
             with lock:
                 now[0] -= 1
                 w.log.append(("end", shard))
 
-    monkeypatch.setattr(ray_driver, "compute_shard", compute_shard)
+    monkeypatch.setattr(Engine, "compute_shard", compute_shard)
     w.out = tmp_path / "out"
     return w
 
@@ -85,14 +87,14 @@ def test_a_worker_writes_a_shard_while_it_computes_the_next(worker, monkeypatch)
         return real_commit(shard, table, **kw)
 
     worker.ds.commit_shard = commit_shard
-    real_compute = ray_driver.compute_shard
+    real_compute = Engine.compute_shard
 
-    def compute_shard(plan, shard, engine):
+    def compute_shard(engine, shard):
         if shard == 1:
             next_started.set()
-        return real_compute(plan, shard, engine)
+        return real_compute(engine, shard)
 
-    monkeypatch.setattr(ray_driver, "compute_shard", compute_shard)
+    monkeypatch.setattr(Engine, "compute_shard", compute_shard)
     commit0 = in_thread(worker.commit, 0, 0)       # the driver makes all four calls at once
     assert worker.compute(0, 0) == {"shard": 0, "seq": 0, "computed": True, "handed_back": False}
     commit1 = in_thread(worker.commit, 1, 1)
@@ -131,14 +133,14 @@ def test_after_sigterm_a_worker_hands_back_the_shards_not_started(worker):
 
 
 def test_a_shard_whose_compute_raises_fails_its_commit_and_not_the_next(worker, monkeypatch):
-    real = ray_driver.compute_shard
+    real = Engine.compute_shard
 
-    def compute_shard(plan, shard, engine):
+    def compute_shard(engine, shard):
         if shard == 0:
             raise ValueError("poison shard 0")
-        return real(plan, shard, engine)
+        return real(engine, shard)
 
-    monkeypatch.setattr(ray_driver, "compute_shard", compute_shard)
+    monkeypatch.setattr(Engine, "compute_shard", compute_shard)
     assert worker.compute(0, 0)["computed"] is False
     with pytest.raises(ValueError, match="poison shard 0"):
         worker.commit(0, 0)

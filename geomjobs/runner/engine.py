@@ -12,15 +12,19 @@ from __future__ import annotations
 import logging
 import math
 import os
-import traceback
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pyarrow as pa
 
-from geomjobs.runner.plan import Plan
+from geomjobs.runner import shards
 from geomjobs.runner.precision import precision
 from geomjobs.runner.step import make_step
+
+if TYPE_CHECKING:
+    from geomjobs.runner.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +100,11 @@ class Engine:
         chunk (None: all k rows in one pass), XLA's memory plan of the compiled step in bytes
         (None where the backend has none), and the local device count."""
         return {"mode": self.mode, "chunk": self.chunk, "xla_memory_bytes": self.memory_bytes, "devices": self.num_devices}
+
+    def compute_shard(self, shard: int) -> pa.Table:
+        """The records of ``shard`` (:func:`geomjobs.runner.shards.compute_shard`): what a
+        driver asks of a job's engine (:class:`geomjobs.runner.job.ShardEngine`)."""
+        return shards.compute_shard(self.plan, shard, self)
 
     def compiled_count(self) -> int:
         """How many programs this engine compiled: 1, or the chunks ``chunk: auto`` tried. The
@@ -191,10 +200,6 @@ class Engine:
         with precision(self.dtype):
             shapes = jax.eval_shape(self._jitted, self._params, self._arrays, z, t)
         return {k: np.zeros(v.shape, v.dtype) for k, v in shapes.items()}
-
-
-def format_exception(e: BaseException) -> str:
-    return "".join(traceback.format_exception_only(type(e), e)).strip()
 
 
 def memory_budget() -> int | None:

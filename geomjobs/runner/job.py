@@ -4,18 +4,68 @@ progress, and report the outcome from the dataset's manifest.
 A driver (``runner.local``, ``runner.ray_driver``) takes an :class:`OpenJob` from
 :func:`open_job` and computes ``job.todo``; the plan it uses downstream is ``job.plan``, the one
 whose spec names the dataset (the caller's plan is never written to).
+
+The drivers know a job only through :class:`ShardPlan` and :class:`ShardEngine`: a descriptor
+job (:class:`geomjobs.runner.plan.Plan`) is one, and so is the sampling stage of a Fisher job
+(``geomjobs.fisher.sampling``). Both get the same commit markers, resume, retry policy,
+failure records and Ray pool.
 """
 from __future__ import annotations
 
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
 
 from geomjobs._version import __version__
 from geomjobs.records import SCHEMA_VERSION
-from geomjobs.runner.plan import Plan
 from geomjobs.sink.dataset import Dataset, DatasetError
 from geomjobs.spec import SpecError, diff_keys, identity
+
+
+class ShardEngine(Protocol):
+    """What computes a job's shards in one process (built once per process: a model loaded and
+    compiled once serves every shard that process computes)."""
+
+    def compute_shard(self, shard: int) -> pa.Table:
+        """Shard ``shard``'s rows: a pure function of (plan, shard), whatever process computes
+        it. The table has ``sample_id`` and ``status`` columns (the commit marker counts them)."""
+        ...
+
+    def describe(self) -> dict:
+        """How this process computes (kept in each commit marker); ``display``, when present, is
+        the one line ``geomjobs inspect`` prints for it."""
+        ...
+
+
+class ShardPlan(Protocol):
+    """A job as the drivers see it: a resolved spec (with ``output``, ``job_id`` and an
+    ``execution`` section: ``shard_size``, ``max_retries``, optional ``workers`` and
+    ``resources``), its shards, and how to compute them."""
+    spec: dict
+
+    @property
+    def count(self) -> int: ...               # rows of the finished dataset
+    @property
+    def shard_size(self) -> int: ...
+    @property
+    def num_shards(self) -> int: ...
+    @property
+    def hash(self) -> str: ...                # identifies what the shards hold (workers check it)
+    @property
+    def job_id(self) -> str: ...
+    @property
+    def planner(self) -> Callable[[dict], ShardPlan]: ...   # spec -> plan: how a Ray worker rebuilds it
+
+    def shard_rows(self, shard: int) -> int: ...
+    def with_output(self, uri: str, job_id: str | None = None) -> ShardPlan: ...
+    def artifacts(self) -> dict[str, np.ndarray]: ...       # _artifacts/projections.npz
+    def card(self) -> dict: ...               # job.json fields particular to the job's kind
+    def make_engine(self) -> ShardEngine: ...
 
 
 @dataclasses.dataclass
@@ -46,7 +96,7 @@ class JobResult:
 class OpenJob:
     """A job whose dataset is open: ``plan`` names it as output (and carries the stored job id
     on resume); ``todo`` are the shards with no commit marker yet."""
-    plan: Plan
+    plan: ShardPlan
     ds: Dataset
     done: frozenset[int]
     todo: list[int]
@@ -61,7 +111,7 @@ class OpenJob:
                          seconds=time.time() - self.started)
 
 
-def open_output(plan: Plan, out: str | None, resume: bool) -> tuple[Dataset, Plan]:
+def open_output(plan: ShardPlan, out: str | None, resume: bool) -> tuple[Dataset, ShardPlan]:
     """The dataset for this job (new, or with resume the same job's, never someone else's) and
     the plan to run it with: ``plan.with_output(...)``; ``plan`` itself is left as it is."""
     uri = out or plan.spec.get("output")
@@ -85,7 +135,7 @@ def open_output(plan: Plan, out: str | None, resume: bool) -> tuple[Dataset, Pla
     return ds, plan
 
 
-def open_job(plan: Plan, out: str | None, resume: bool, started: float | None = None) -> OpenJob:
+def open_job(plan: ShardPlan, out: str | None, resume: bool, started: float | None = None) -> OpenJob:
     """Open the job's output once (:func:`open_output`) and list the shards left to compute.
     ``started``: when the run began (its result's ``seconds`` count from there; default now)."""
     started = time.time() if started is None else started
@@ -94,12 +144,11 @@ def open_job(plan: Plan, out: str | None, resume: bool, started: float | None = 
     return OpenJob(plan, ds, done, [s for s in range(plan.num_shards) if s not in done], started)
 
 
-def job_card(plan: Plan) -> dict:
+def job_card(plan: ShardPlan) -> dict:
+    """``_geomjobs/job.json``: what every job has, then the fields of its kind (``plan.card()``)."""
     return {"job_id": plan.job_id, "spec_hash": plan.hash, "count": plan.count, "num_shards": plan.num_shards,
-            "shard_size": plan.shard_size, "schema_version": SCHEMA_VERSION, "model_id": plan.generator.model_id,
-            "geomjobs_version": __version__, "created_at": time.time(),
-            # entry i of local_complexity_per_layer counts the neurons of this site
-            "local_complexity_sites": plan.site_labels}
+            "shard_size": plan.shard_size, "schema_version": SCHEMA_VERSION, "geomjobs_version": __version__,
+            "created_at": time.time(), **plan.card()}
 
 
 class Progress:

@@ -1,8 +1,9 @@
 """The in-process driver: compute a job's missing shards in this process, commit each one.
 
 The Ray driver (``geomjobs.runner.ray_driver``) shares the job prologue
-(:func:`geomjobs.runner.job.open_job`), the retry policy (:mod:`geomjobs.runner.retry`) and
-:func:`compute_shard`, and differs only in where shards run.
+(:func:`geomjobs.runner.job.open_job`), the retry policy (:mod:`geomjobs.runner.retry`) and the
+job's engine (``plan.make_engine()``, whose ``compute_shard`` gives a shard's rows), and differs
+only in where shards run.
 """
 from __future__ import annotations
 
@@ -12,12 +13,10 @@ import math
 import os
 import time
 
-from geomjobs.runner.engine import Engine, format_exception
-from geomjobs.runner.job import JobResult, OpenJob, Progress, open_job
+from geomjobs.runner.job import JobResult, OpenJob, Progress, ShardEngine, open_job
 from geomjobs.runner.plan import plan_job
 from geomjobs.runner.ray_connect import worker_resources
-from geomjobs.runner.retry import Retries
-from geomjobs.runner.shards import compute_shard
+from geomjobs.runner.retry import Retries, format_exception
 
 __all__ = ["JobResult", "blas_threads", "drive_local", "run_local"]
 
@@ -32,7 +31,7 @@ def drive_local(job: OpenJob, progress: bool = True) -> JobResult:
     """Compute ``job.todo`` in this process, one shard after another (each one's write overlaps
     the next one's computation)."""
     plan, ds = job.plan, job.ds
-    engine = Engine(plan)
+    engine = plan.make_engine()
     retries = Retries(plan.spec["execution"]["max_retries"], ds)
     bar = Progress(job, progress)
     with blas_threads(plan.spec["execution"]):
@@ -42,7 +41,7 @@ def drive_local(job: OpenJob, progress: bool = True) -> JobResult:
     return job.result(computed)
 
 
-def _compute(job: OpenJob, engine: Engine, retries: Retries, bar: Progress) -> int:
+def _compute(job: OpenJob, engine: ShardEngine, retries: Retries, bar: Progress) -> int:
     """Compute ``job.todo``, each shard's write overlapping the next shard's computation (one
     writer thread, at most one table waiting for it). A shard whose computation or write fails
     is retried in line, computed and committed before the next (the retry policy's count)."""
@@ -64,7 +63,7 @@ def _compute(job: OpenJob, engine: Engine, retries: Retries, bar: Progress) -> i
         pending = None
         for shard in job.todo:
             try:
-                table = compute_shard(plan, shard, engine)
+                table = engine.compute_shard(shard)
             except Exception as e:  # noqa: BLE001 - a shard failure is recorded, the job goes on
                 if retries.failed(shard, format_exception(e)):
                     _in_line(job, engine, retries, bar, shard, done)
@@ -80,12 +79,12 @@ def _compute(job: OpenJob, engine: Engine, retries: Retries, bar: Progress) -> i
     return done[0]
 
 
-def _in_line(job: OpenJob, engine: Engine, retries: Retries, bar: Progress, shard: int, done: list) -> None:
+def _in_line(job: OpenJob, engine: ShardEngine, retries: Retries, bar: Progress, shard: int, done: list) -> None:
     """Retry ``shard`` until it commits or its attempts are used up (then it is recorded)."""
     plan, ds = job.plan, job.ds
     while True:
         try:
-            ds.commit_shard(shard, compute_shard(plan, shard, engine), worker="local", engine=engine.describe())
+            ds.commit_shard(shard, engine.compute_shard(shard), worker="local", engine=engine.describe())
             done[0] += 1
             break
         except Exception as e:  # noqa: BLE001 - a shard failure is recorded, the job goes on

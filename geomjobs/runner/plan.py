@@ -17,6 +17,7 @@ from geomjobs.geometry import modes
 from geomjobs.geometry.modes import Dims, Estimator
 from geomjobs.geometry.projections import orthonormal_rows
 from geomjobs.latents import LatentSource, build_latents
+from geomjobs.runner.engine import Engine
 from geomjobs.runner.precision import precision
 from geomjobs.spec import SpecError, resolve_paths, spec_hash, validate_spec
 
@@ -82,6 +83,20 @@ class Plan:
         if job_id is not None:
             spec["job_id"] = job_id
         return dataclasses.replace(self, spec=spec)
+
+    @property
+    def planner(self) -> Callable[[dict], Plan]:
+        """How a Ray worker rebuilds this plan from its resolved spec."""
+        return plan_job
+
+    def card(self) -> dict:
+        """The fields of ``_geomjobs/job.json`` particular to a descriptor job."""
+        # entry i of local_complexity_per_layer counts the neurons of this site
+        return {"model_id": self.generator.model_id, "local_complexity_sites": self.site_labels}
+
+    def make_engine(self) -> Engine:
+        """The per-process engine (compiles the step once)."""
+        return Engine(self)
 
     def artifacts(self) -> dict:
         """``_artifacts/projections.npz``: W (k x n) and B (P x d), empty when unused, and the

@@ -8,8 +8,15 @@ shard's attempts are used up its last error is recorded in the dataset
 from __future__ import annotations
 
 import collections
+import traceback
 
 from geomjobs.sink.dataset import Dataset
+
+
+def format_exception(e: BaseException) -> str:
+    """An attempt's error as recorded (failure records, worker-death lines): the exception's
+    type and message, without the traceback."""
+    return "".join(traceback.format_exception_only(type(e), e)).strip()
 
 
 class Retries:

@@ -13,13 +13,16 @@ sees are the ones it would see for the whole shard. Record columns are built as 
 from __future__ import annotations
 
 import concurrent.futures
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from geomjobs.records import records_table
-from geomjobs.runner.engine import Engine
-from geomjobs.runner.plan import Plan
+
+if TYPE_CHECKING:
+    from geomjobs.runner.engine import Engine
+    from geomjobs.runner.plan import Plan
 
 PREFETCH_SAMPLES = 2048    # latents are made this many samples (rounded to whole batches) ahead
 

@@ -10,11 +10,14 @@ here needs a Dataset, Ray or a device.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 
 from geomjobs.geometry.complexity import local_complexity
-from geomjobs.runner.plan import Plan
+
+if TYPE_CHECKING:
+    from geomjobs.runner.plan import Plan
 
 
 def sample_function(plan: Plan, chunk=None) -> Callable:
