@@ -10,8 +10,9 @@
   the client's geomjobs; its dependencies (jax, ray, gcsfs, ...) must be installed there (see
   ``cluster/``).
 
-and submits ``python -m geomjobs.cli run spec.yaml --address auto [--out URI] [--resume]``.
-Before that it checks the cluster (:func:`check_cluster`): a short job of its own runs
+and submits ``python -m geomjobs.cli run spec.yaml --address auto``. Before that it plans the job
+on this machine as ``geomjobs run`` would (:func:`check_locally`: the model and latents load, the
+output does not hold another job), then checks the cluster (:func:`check_cluster`): a short job of its own runs
 ``python`` as the real entrypoint would (the first ``python`` on the head's PATH, with the same
 package) and imports what a geomjobs job imports; if that fails, nothing is submitted and the
 error (exit 2) names the interpreter, the failed import and the remedy.
@@ -24,6 +25,7 @@ Clusters with token authentication (Ray's default from 2.52): the token is found
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import shutil
@@ -32,7 +34,8 @@ from pathlib import Path
 
 import yaml
 
-from geomjobs.spec import SpecError, load_spec, path_places
+from geomjobs.errors import SpecError
+from geomjobs.spec import load_spec, path_places
 
 MAX_BUNDLED_BYTES = 100 * 1024 * 1024   # Ray's package limit is larger; beyond this use gs://
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -89,7 +92,23 @@ def bundle_spec(spec: dict, workdir: Path) -> dict:
     return spec
 
 
-def build_submission(spec_path: str, *, out: str | None = None, resume: bool = False, stage_dir: Path) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Submitted:
+    job_id: str | None     # None: the output already holds this job, complete (nothing submitted)
+    output: str
+
+
+def check_locally(spec: dict, output: str) -> bool:
+    """Plan the job here as ``geomjobs run`` would (the model and latents load, every key is
+    valid) and look at the output: True when it already holds this job complete; a SpecError or
+    DatasetError (exit 2) when the spec is unusable or the output holds a different job."""
+    from geomjobs.runner.job import check_output
+    from geomjobs.runner.plan import plan_job
+
+    return check_output(plan_job(spec), output)
+
+
+def build_submission(spec_path: str, *, out: str | None = None, stage_dir: Path) -> dict:
     """Validate the spec (bad specs fail here, before anything is sent) and build the
     submission: entrypoint, runtime env, metadata."""
     spec = load_spec(spec_path)
@@ -107,30 +126,34 @@ def build_submission(spec_path: str, *, out: str | None = None, resume: bool = F
     from geomjobs.runner.ray_connect import worker_env
 
     entry = ["python", "-m", "geomjobs.cli", "run", "spec.yaml", "--address", "auto", "--quiet"]
-    if resume:
-        entry.append("--resume")
     return {"entrypoint": " ".join(shlex.quote(a) for a in entry),
             "runtime_env": {"working_dir": str(workdir), "py_modules": [str(pkg)], "env_vars": worker_env()},
             "metadata": {"geomjobs_output": output, "geomjobs_spec": Path(spec_path).name,
                          "geomjobs_job_id": str(spec.get("job_id", ""))}}
 
 
-def submit(spec_path: str, address: str | None = None, *, out: str | None = None, resume: bool = False,
-           submission_id: str | None = None, check: bool | None = None) -> str:
-    """Submit a job spec through the Ray Jobs API; returns the submission (job) id.
+def submit(spec_path: str, address: str | None = None, *, out: str | None = None, submission_id: str | None = None,
+           check: bool | None = None, local_check: bool = True) -> Submitted:
+    """Submit a job spec through the Ray Jobs API; returns the submission (job) id and output.
 
-    First (unless ``check`` is False, or None and ``GEOMJOBS_SUBMIT_CHECK=0``) the cluster is
+    First, unless ``local_check`` is False, the job is planned here (:func:`check_locally`): a spec
+    that ``geomjobs run`` would refuse is refused before anything is sent, and an output that
+    already holds this job complete submits nothing (``job_id`` None). Then (unless ``check`` is False, or None and
+    ``GEOMJOBS_SUBMIT_CHECK=0``) the cluster is
     asked to run :data:`CHECK_ENTRYPOINT` with the job's runtime env (:func:`check_cluster`): a
     cluster whose job entrypoints cannot import geomjobs and its dependencies is refused with a
     SpecError (exit 2) saying what to do, before the job is submitted."""
     if check is None:
         check = os.environ.get("GEOMJOBS_SUBMIT_CHECK", "1") != "0"
     with tempfile.TemporaryDirectory(prefix="geomjobs-submit-") as tmp:
-        sub = build_submission(spec_path, out=out, resume=resume, stage_dir=Path(tmp))
+        sub = build_submission(spec_path, out=out, stage_dir=Path(tmp))
+        output = sub["metadata"]["geomjobs_output"]
+        if local_check and check_locally(load_spec(spec_path), output):
+            return Submitted(None, output)
         jobs = client(address)
         if check:
             check_cluster(jobs, sub["runtime_env"], resolve_address(address))
-        return jobs.submit_job(submission_id=submission_id, **sub)
+        return Submitted(jobs.submit_job(submission_id=submission_id, **sub), output)
 
 
 # What a submitted job's driver imports (its dependencies first, then the CLI's run path on Ray),
@@ -202,9 +225,21 @@ def check_cluster(jobs, runtime_env: dict, url: str, *, timeout: float = CHECK_T
                         f"dependencies into {python} (see cluster/README.md). Nothing was submitted.")
 
 
+def _known(call, job_id: str, address: str | None):
+    """``call()`` against the Jobs API; an unknown job id is a SpecError naming it (exit 2)."""
+    try:
+        return call()
+    except RuntimeError as e:   # Ray's SDK: "Request failed with status code 404: ... does not exist"
+        if "status code 404" in str(e) or "does not exist" in str(e):
+            raise SpecError("job_id", f"no job '{job_id}' on the Ray cluster at {resolve_address(address)}; "
+                                      "give the id `geomjobs submit` printed") from None
+        raise
+
+
 def status(job_id: str, address: str | None = None) -> dict:
     """The job's Ray status and message, and its dataset's progress when readable from here."""
-    info = client(address).get_job_info(job_id)
+    jobs = client(address)
+    info = _known(lambda: jobs.get_job_info(job_id), job_id, address)
     out = {"job_id": job_id, "status": str(getattr(info.status, "value", info.status)), "message": info.message,
            "entrypoint": info.entrypoint, "output": (info.metadata or {}).get("geomjobs_output")}
     if out["output"]:
@@ -239,14 +274,18 @@ def wait(job_id: str, address: str | None = None, *, timeout: float | None = Non
 
 
 def logs(job_id: str, address: str | None = None) -> str:
-    return client(address).get_job_logs(job_id)
+    jobs = client(address)
+    return _known(lambda: jobs.get_job_logs(job_id), job_id, address)
 
 
 def follow_logs(job_id: str, address: str | None = None, write=print) -> None:
     import asyncio
 
+    jobs = client(address)
+    _known(lambda: jobs.get_job_info(job_id), job_id, address)
+
     async def tail():
-        async for chunk in client(address).tail_job_logs(job_id):
+        async for chunk in jobs.tail_job_logs(job_id):
             write(chunk, end="")
 
     asyncio.run(tail())

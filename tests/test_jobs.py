@@ -12,6 +12,7 @@ from geomjobs.generators.mlp import load_mlp_weights, mlp_apply
 from geomjobs.geometry.complexity import trace_sites
 from geomjobs.latents import build_latents
 from geomjobs.runner.engine import Engine
+from geomjobs.runner.job import open_job
 from geomjobs.runner.plan import plan_job
 from geomjobs.runner.shards import compute_shard
 from geomjobs.sink.dataset import Dataset, DatasetError
@@ -96,15 +97,13 @@ def test_resume_after_interruption_writes_every_sample_once(tmp_path, monkeypatc
     (tmp_path / "out" / "part-000003.parquet").write_bytes((tmp_path / "out" / "part-000000.parquet").read_bytes())
     assert sorted(Dataset(out).committed()) == [0, 1, 2]
     monkeypatch.setattr(Engine, "compute_shard", lambda engine, shard: (calls.append(shard), real(engine, shard))[1])
-    with pytest.raises(DatasetError, match="--resume"):
-        run_job(spec, out)
     calls.clear()
-    res = run_job(spec, out, resume=True)
+    res = run_job(spec, out)                        # the same spec again finishes what is missing
     assert sorted(calls) == [3, 4]  # committed shards are never recomputed
     assert res.ok and res.computed_shards == 2
     assert_each_sample_once(read_sorted(out), 50)
     calls.clear()
-    assert run_job(spec, out, resume=True).computed_shards == 0 and calls == []
+    assert run_job(spec, out).computed_shards == 0 and calls == []
 
 
 def test_resume_with_a_different_spec_is_refused(tmp_path):
@@ -113,8 +112,8 @@ def test_resume_with_a_different_spec_is_refused(tmp_path):
     run_job(mlp_spec(w), out)
     changed = mlp_spec(w)
     changed["latents"]["seed"] = 4
-    with pytest.raises(DatasetError, match="latents.seed"):
-        run_job(changed, out, resume=True)
+    with pytest.raises(DatasetError, match="holds a different job.*latents.seed"):
+        run_job(changed, out)
     faster = mlp_spec(w, batch_size=4)  # how a job runs may change on resume
     assert run_job(faster, out, resume=True).ok
 
@@ -142,9 +141,10 @@ def test_a_shard_that_fails_every_attempt_is_recorded_and_the_rest_commit(tmp_pa
     spec = mlp_spec(write_mlp(tmp_path))            # 40 samples, 3 shards
     spec["execution"]["max_retries"] = 2
     out = tmp_path / "out"
-    (out / "part-000001.parquet").mkdir(parents=True)
+    open_job(plan_job(spec), str(out))              # the dataset, as a run that stopped at once leaves it
+    (out / "part-000001.parquet").mkdir()
     (out / "part-000001.parquet" / "blocker").write_text("")
-    res = run_job(spec, str(out), resume=True)      # a non-empty output is only accepted on resume
+    res = run_job(spec, str(out))
     assert res.exit_code == 1 and res.failed_shards == [1] and res.committed_shards == 2
     assert res.computed_shards == 2 and res.rows == 40 - 16
     s = Dataset(res.uri).summary()

@@ -18,6 +18,7 @@ import pytest
 
 from geomjobs import run_job
 from geomjobs.runner import local_mode, ray_connect
+from geomjobs.runner.job import open_job
 from geomjobs.runner.plan import plan_job
 from geomjobs.sink.dataset import Dataset, DatasetError
 from geomjobs.spec import SpecError
@@ -199,8 +200,6 @@ def test_driver_killed_mid_job_then_resume_finishes_every_sample_once(cluster, t
         time.sleep(0.25)
     before = markers(out)
     assert 3 <= len(before) < 20
-    with pytest.raises(DatasetError, match="pass --resume"):
-        run_job(path, str(out), address=cluster.address)
     other = {**spec, "latents": {**spec["latents"], "seed": 6}}
     with pytest.raises(DatasetError, match="latents.seed"):
         run_job(other, str(out), resume=True, address=cluster.address)
@@ -223,10 +222,10 @@ def test_a_poison_shard_is_recorded_and_the_rest_complete(cluster, tmp_path):
     spec = mlp_spec(w, shard_size=8)
     spec["execution"]["max_retries"] = 1
     out = tmp_path / "out"
-    (out / "part-000002.parquet").mkdir(parents=True)
+    open_job(plan_job(spec), str(out))              # the dataset, as a run that stopped at once leaves it
+    (out / "part-000002.parquet").mkdir()
     (out / "part-000002.parquet" / "blocker").write_text("")
-    # --resume: the output is not empty (the blocker), which only a resume accepts
-    p = cli("run", write_spec(tmp_path, spec), "--address", cluster.address, "--out", str(out), "--resume", "-q",
+    p = cli("run", write_spec(tmp_path, spec), "--address", cluster.address, "--out", str(out), "-q",
             env=cluster.client_env)
     assert p.returncode == 1, p.stdout + p.stderr
     assert "1 shards failed: [2]" in p.stderr
@@ -275,3 +274,8 @@ def test_submit_status_and_logs_through_the_jobs_api(cluster, tmp_path):
     bad = write_spec(tmp_path, {**spec, "latents": {"kind": "gaussian", "count": 0, "shape": [6]}}, "bad.yaml")
     p = cli("submit", bad, "--address", cluster.dashboard, env=cluster.client_env)
     assert p.returncode == 2 and "latents.count" in p.stderr
+    # a job id the cluster does not know: one line, exit 2
+    for verb in ("status", "logs"):
+        p = cli(verb, "raysubmit_0000000000000000", "--address", cluster.dashboard, env=cluster.client_env)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        assert "no job 'raysubmit_0000000000000000'" in p.stderr

@@ -33,7 +33,7 @@ def test_a_start_error_names_the_exception_and_the_node():
     assert isinstance(e, WorkerPoolError)
     assert str(e).startswith("a worker cannot start on 10.0.0.7: geomjobs.errors.SpecError: spec key "
                              "'model.weights': weight file 'm.npz' does not exist (raised while it started")
-    assert "--resume" in str(e)
+    assert "run the same command again" in str(e)
 
 
 @pytest.fixture(scope="module")

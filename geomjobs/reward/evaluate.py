@@ -252,19 +252,4 @@ def plot(levels, png: str) -> None:
     plt.close(fig)
 
 
-def evaluate_cli(args) -> int:
-    """The ``reward evaluate`` command: 0 when written, 2 on bad input (the CLI prints SpecErrors)."""
-    res = evaluate(args.baseline, list(args.guided), args.out)
-    d = res["datasets"]
-    for _, r in d.iterrows():
-        fd = "" if r["fd_heldout"] is None or (isinstance(r["fd_heldout"], float) and math.isnan(r["fd_heldout"])) \
-            else f", FD to held-out digits {r['fd_heldout']:.3f}"
-        q = "" if r["quality"] is None or (isinstance(r["quality"], float) and math.isnan(r["quality"])) \
-            else f", quality {r['quality']:.4f}"
-        print(f"scale {r['guidance_scale']:g}: {int(r['count'])} samples, mean psi {r['psi_mean']:.4f} "
-              f"+- {r['psi_ci95']:.4f}, Vendi {r['vendi']:.3f}{q}{fd}  ({r['dataset']})")
-    print(f"-> {os.path.join(args.out, 'levelsets.parquet')}, {res['png']}")
-    return 0
-
-
-__all__ = ["COLUMNS", "N_LEVEL_SETS", "evaluate", "evaluate_cli", "level_sets", "plot"]
+__all__ = ["COLUMNS", "N_LEVEL_SETS", "evaluate", "level_sets", "plot"]

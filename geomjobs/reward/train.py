@@ -39,6 +39,7 @@ from flax import serialization
 
 from geomjobs.errors import SpecError
 from geomjobs.reward import model as rm
+from geomjobs.reward.config import TrainConfig
 from geomjobs.reward.data import RewardSource, open_sources, split_unit
 from geomjobs.sink.fs import filesystem, join, normalize_uri
 
@@ -47,32 +48,6 @@ WINDOW = 16         # blocks whose rows are shuffled together
 NORM_ROWS = 4096    # training rows the latent mean / std are estimated on
 CACHE_BYTES = 1 << 28   # held-out latents kept in memory between evaluations when they fit
 CHECKPOINT = "checkpoints/state.msgpack"
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 3000
-    batch_size: int = 256
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    eval_every: int = 100
-    patience: int = 8
-    val_fraction: float = 0.1
-    val_rows: int = 20000
-    seed: int = 0
-    hidden: int | None = None
-    depth: int | None = None
-    temb: int | None = None
-    channels: int | None = None
-
-    def check(self) -> None:
-        for key in ("steps", "batch_size", "eval_every", "patience", "val_rows"):
-            if getattr(self, key) < 1:
-                raise SpecError(f"--{key.replace('_', '-')}", f"expected a positive integer, got {getattr(self, key)}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise SpecError("--val-fraction", f"expected a fraction in (0, 1), got {self.val_fraction}")
-        if not self.lr > 0:
-            raise SpecError("--lr", f"expected a positive learning rate, got {self.lr}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,17 +333,3 @@ def _rate(clock: dict, batch: int) -> float | None:
         return None
     busy = time.perf_counter() - clock["start"] - clock["paused"]
     return round(clock["steps"] * batch / busy, 1) if busy > 0 else None
-
-
-def config_from_args(args) -> TrainConfig:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
-
-
-def train_cli(args) -> int:
-    meta = train(args.datasets, args.out, args.target, config_from_args(args),
-                 resume=getattr(args, "resume", True), progress=not args.quiet)
-    print(f"reward model -> {normalize_uri(args.out)}: n_train {meta['n_train']}, n_val {meta['n_val']}, "
-          f"val R^2 {meta['val_r2']:.4f}, val Spearman {meta['val_spearman']:.4f} "
-          f"(best step {meta['best_step']} of {meta['steps_run']}{', stopped early' if meta['stopped_early'] else ''})")
-    return 0

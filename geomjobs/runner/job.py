@@ -16,6 +16,7 @@ import dataclasses
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -24,6 +25,7 @@ import pyarrow as pa
 from geomjobs._version import __version__
 from geomjobs.records import SCHEMA_VERSION
 from geomjobs.sink.dataset import Dataset, DatasetError
+from geomjobs.sink.fs import is_local, normalize_uri
 from geomjobs.spec import SpecError, diff_keys, identity
 
 
@@ -111,31 +113,59 @@ class OpenJob:
                          seconds=time.time() - self.started)
 
 
-def open_output(plan: ShardPlan, out: str | None, resume: bool) -> tuple[Dataset, ShardPlan]:
-    """The dataset for this job (new, or with resume the same job's, never someone else's) and
-    the plan to run it with: ``plan.with_output(...)``; ``plan`` itself is left as it is."""
-    uri = out or plan.spec.get("output")
-    if not uri:
-        raise SpecError("output", "no output location: set 'output' in the spec or pass --out")
+def open_output(plan: ShardPlan, out: str | None, resume: bool = True) -> tuple[Dataset, ShardPlan]:
+    """The dataset for this job and the plan to run it with (``plan.with_output(...)``; ``plan``
+    itself is left as it is). One rule for every verb: an output that holds this same job is
+    opened to finish what is missing; one that holds a different job, or anything else, is
+    refused (DatasetError naming it) before any work. ``resume`` is accepted from older callers
+    and changes nothing."""
+    uri = _output_uri(plan, out)
     ds = Dataset(uri)
     if ds.exists():
-        if not resume:
-            raise DatasetError(f"output '{ds.uri}' already holds job '{ds.job()['job_id']}'; "
-                               "pass --resume to finish it, or choose another --out")
-        stored = ds.spec()
-        if identity(stored) != identity(plan.spec):
-            keys = diff_keys(identity(stored), identity(plan.spec))
-            raise DatasetError(f"cannot resume '{ds.uri}': the spec differs from the stored one at {keys}; "
-                               "run it to a new --out instead")
-        return ds, plan.with_output(ds.uri, job_id=stored["job_id"])
-    if not ds.is_empty() and not resume:
+        return ds, plan.with_output(ds.uri, job_id=_same_job(ds, plan)["job_id"])
+    if not ds.is_empty():
         raise DatasetError(f"output '{ds.uri}' exists and is not a geomjobs dataset; choose an empty location")
     plan = plan.with_output(ds.uri)
     ds.initialize(plan.spec, job_card(plan), plan.artifacts())
     return ds, plan
 
 
-def open_job(plan: ShardPlan, out: str | None, resume: bool, started: float | None = None) -> OpenJob:
+def check_output(plan: ShardPlan, out: str | None) -> bool:
+    """What :func:`open_output` would find, without writing: True when ``out`` holds this job
+    complete, False when it is empty or holds this job unfinished; DatasetError otherwise."""
+    ds = Dataset(_output_uri(plan, out))
+    if ds.exists():
+        _same_job(ds, plan)
+        return len(ds.committed()) == plan.num_shards
+    if not ds.is_empty():
+        raise DatasetError(f"output '{ds.uri}' exists and is not a geomjobs dataset; choose an empty location")
+    return False
+
+
+def _output_uri(plan: ShardPlan, out: str | None) -> str:
+    uri = out or plan.spec.get("output")
+    if not uri:
+        raise SpecError("output", "no output location: set 'output' in the spec or pass --out")
+    if is_local(uri):
+        for p in (Path(normalize_uri(uri)), *Path(normalize_uri(uri)).parents):
+            if p.exists():
+                if not p.is_dir():
+                    raise DatasetError(f"output '{uri}': '{p}' is a file, not a folder; choose another --out")
+                break
+    return uri
+
+
+def _same_job(ds: Dataset, plan: ShardPlan) -> dict:
+    """The stored spec of ``ds`` when it is this plan's job; DatasetError naming the keys that differ."""
+    stored = ds.spec()
+    if identity(stored) != identity(plan.spec):
+        keys = diff_keys(identity(stored), identity(plan.spec))
+        raise DatasetError(f"output '{ds.uri}' holds a different job ('{stored.get('job_id')}'; the spec differs at "
+                           f"{', '.join(keys[:8])}): run this spec to another --out, or delete that folder first")
+    return stored
+
+
+def open_job(plan: ShardPlan, out: str | None, resume: bool = True, started: float | None = None) -> OpenJob:
     """Open the job's output once (:func:`open_output`) and list the shards left to compute.
     ``started``: when the run began (its result's ``seconds`` count from there; default now)."""
     started = time.time() if started is None else started

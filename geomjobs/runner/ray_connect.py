@@ -96,7 +96,7 @@ def worker_start_error(error: str) -> WorkerPoolError:
     where = re.search(r"\bip=([^,)\s]+)", text)
     return WorkerPoolError(f"a worker cannot start{' on ' + where.group(1) if where else ''}: "
                            f"{lines[-1] if lines else 'an error'} (raised while it started, so no new worker "
-                           "would start either). Committed shards are kept: fix it and rerun with --resume")
+                           "would start either). Committed shards are kept: fix it and run the same command again to finish")
 
 
 def node_ip() -> str:

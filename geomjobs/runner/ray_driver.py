@@ -38,7 +38,7 @@ def run_ray(spec: dict, out: str | None = None, *, address: str | None = None, r
     raises DatasetError. Shards that fail after their retries are recorded and reported in the
     result (exit code 1). Dead workers are replaced for as long as the job runs (the result
     counts them); a worker that raises while starting raises WorkerPoolError naming the reason,
-    and committed shards are kept for ``--resume``.
+    and committed shards are kept (the same command again finishes the job).
     """
     started = time.time()
     return drive_ray(open_job(plan_job(spec), out, resume, started), address, progress)

@@ -4,7 +4,7 @@ Layout under the dataset URI::
 
     part-000000.parquet ...          one file per committed shard (deterministic names)
     _artifacts/projections.npz       W (k x n) and B (P x d), the exact matrices used
-    _geomjobs/spec.yaml              the resolved spec (what --resume compares against)
+    _geomjobs/spec.yaml              the resolved spec (what a rerun compares against)
     _geomjobs/job.json               job id, spec hash, sample and shard counts, schema version
     _geomjobs/shards/000000.json     commit marker of shard 0: the manifest is this folder
     _geomjobs/manifest.json.gz       a cache of the markers' contents (see below), never the truth
@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 
 
 class DatasetError(RuntimeError):
-    """The output location cannot be used as asked (exists without --resume, spec differs...)."""
+    """The output location cannot be used as asked (holds a different job, is a file, is not a dataset...)."""
 
 
 def part_name(shard: int) -> str:
