@@ -53,7 +53,7 @@ def add_parsers(sub) -> None:
     s = sub.add_parser("submit", help="submit a job to a Ray cluster through the Ray Jobs API; prints the job id",
                        description="Check the spec here as `geomjobs run` would (model, latents, output), check that "
                                    "the cluster can run geomjobs, then submit. The head must have been started from "
-                                   "an environment with geomjobs installed (docs/ray-cluster.md).")
+                                   "an environment with geomjobs installed (docs/ray.md).")
     s.add_argument("spec", help="job spec (YAML); local files it names are sent with the job")
     s.add_argument("--address", help=addr_help)
     s.add_argument("--out", help="output dataset URI (overrides the spec's 'output'; use gs:// for a remote cluster)")
