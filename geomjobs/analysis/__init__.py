@@ -16,16 +16,17 @@ from geomjobs.analysis.io import arrow_dataset, duckdb_view, read_ok
 from geomjobs.analysis.notebook import notebook_env
 from geomjobs.analysis.plots import image_grid, image_mosaic, save_figure, slice_grid, slice_heatmap
 from geomjobs.analysis.stats import ci95_halfwidth, correlations, format_p, level_sets, on_manifold_mask, two_sample
+from geomjobs.analysis.trajectories import (
+    DESCRIPTORS,
+    attach_labels,
+    final_rows,
+    first_separation,
+    separation,
+    step_summary,
+)
 from geomjobs.metrics import frechet_distance, vendi_score
 
 __all__ = ["arrow_dataset", "ci95_halfwidth", "correlations", "duckdb_view", "format_p", "frechet_distance", "image_grid",
            "image_mosaic", "level_sets", "notebook_env", "on_manifold_mask", "read_ok", "save_figure", "slice_grid",
-           "slice_heatmap", "two_sample", "vendi_score"]
-
-import importlib.util as _ilu
-
-if _ilu.find_spec("geomjobs.analysis.trajectories") is not None:   # written by a parallel issue; optional until it lands
-    from geomjobs.analysis import trajectories  # noqa: E402,F401
-    from geomjobs.analysis.trajectories import *  # noqa: E402,F401,F403
-
-    __all__ += list(getattr(trajectories, "__all__", []))
+           "slice_heatmap", "two_sample", "vendi_score",
+           "DESCRIPTORS", "attach_labels", "final_rows", "first_separation", "separation", "step_summary"]   # trajectories

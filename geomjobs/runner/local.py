@@ -101,8 +101,8 @@ def blas_threads(execution: dict):
     OpenBLAS, whose own thread pool defaults to one thread per core and contends with XLA's
     threads. Ray sets ``OMP_NUM_THREADS`` to each worker's CPU count (1 by default); here the
     same limit is applied for the duration of the job (threadpoolctl, undone on exit) unless
-    ``OMP_NUM_THREADS`` or ``OPENBLAS_NUM_THREADS`` is set. See BENCHMARKS.md (Ray section):
-    without it the in-process path ran at 0.7x one Ray worker on 2 cores.
+    ``OMP_NUM_THREADS`` or ``OPENBLAS_NUM_THREADS`` is set (BENCHMARKS.md, Ray section, has
+    what it changes).
     """
     if "OMP_NUM_THREADS" in os.environ or "OPENBLAS_NUM_THREADS" in os.environ:
         yield
