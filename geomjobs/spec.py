@@ -2,10 +2,11 @@
 
 Validation happens in two steps, both before any sample is computed:
 1. :func:`load_spec` / :func:`validate_spec` check the document against the JSON schema and
-   fill the defaults that need no model (``execution``, seeds, radii).
-2. :func:`geomjobs.runner.plan.plan_job` builds the generator and latent source and fills the
-   defaults that depend on their sizes (projection ``k``, ``mode``, ``directions``), checking
-   that they fit (``k <= n``, ``directions <= d``, latent shape == model input).
+   fill the defaults that need no model (``execution``, the latent source's seed and scale).
+2. :func:`geomjobs.runner.plan.plan_job` builds the generator and latent source, and each
+   descriptor (geomjobs/descriptors/) fills all of its section's defaults (seeds, radii, and
+   those that depend on the sizes: projection ``k``, ``mode``, ``directions``), checking that
+   they fit (``k <= n``, ``directions <= d``); the plan checks latent shape == model input.
 Every problem raises :class:`SpecError` naming the key and what was expected; the CLI turns it
 into exit code 2.
 """
@@ -87,19 +88,6 @@ def validate_spec(raw: Any) -> dict:
         lat.setdefault("scale", 1.0)
     if lat["kind"] == "plane3":
         lat.setdefault("margin", 0.25)
-    d = spec["descriptors"]
-    if "local_rank" in d and "local_scaling" not in d:
-        d["local_scaling"] = {}  # nu reads psi's singular values; configure them with psi's keys
-    if "local_scaling" in d:
-        d["local_scaling"].setdefault("seed", 0)
-        d["local_scaling"].setdefault("save_singular_values", False)
-    if "local_complexity" in d:
-        lc = d["local_complexity"]
-        lc.setdefault("radius", 1e-4)
-        lc.setdefault("seed", 0)
-        lc.setdefault("per_layer", False)
-        if "layers" in lc and "last" in lc:
-            raise SpecError("descriptors.local_complexity.last", "give either 'layers' or 'last', not both")
     return spec
 
 

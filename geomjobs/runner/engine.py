@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
 
+from geomjobs import descriptors
 from geomjobs.runner import shards
 from geomjobs.runner.precision import precision
 from geomjobs.runner.step import make_step
@@ -34,7 +35,6 @@ class Engine:
         self.plan = plan
         self.batch_size = plan.spec["execution"]["batch_size"]
         self.dtype = jnp.dtype(plan.spec["execution"]["dtype"])
-        self.mode = plan.estimator.name if plan.estimator is not None else None
         self.compiles = 0             # programs this engine compiled (chunk: auto may try several)
         self.memory_bytes = None      # XLA's memory plan of the step, where the backend has one
         with precision(self.dtype):
@@ -48,8 +48,7 @@ class Engine:
         whose XLA memory plan (temporaries + arguments + outputs, known from compiling, before
         any sample runs) fits :func:`memory_budget`; where the backend reports no memory plan,
         the first stands."""
-        est, cfg = self.plan.estimator, self.plan.spec["descriptors"].get("local_scaling")
-        candidates = est.chunks(cfg, jax.default_backend()) if est is not None else [None]
+        candidates = descriptors.chunk_candidates(list(self.plan.descriptors), jax.default_backend())
         budget = memory_budget() if len(candidates) > 1 else None
         need = None
         for chunk in candidates:
@@ -96,10 +95,15 @@ class Engine:
         self._params, self._arrays = jax.device_put((self._params, self._arrays), replicated)
 
     def describe(self) -> dict:
-        """How this process runs the step (kept in each shard's commit marker): the cotangent
-        chunk (None: all k rows in one pass), XLA's memory plan of the compiled step in bytes
-        (None where the backend has none), and the local device count."""
-        return {"mode": self.mode, "chunk": self.chunk, "xla_memory_bytes": self.memory_bytes, "devices": self.num_devices}
+        """How this process runs the step (kept in each shard's commit marker): the descriptors'
+        own keys (``mode``: the local-scaling mode, None without one), the cotangent chunk (None:
+        all k rows in one pass), XLA's memory plan of the compiled step in bytes (None where the
+        backend has none), the local device count, and ``display``: all of it in one line."""
+        bound = descriptors.with_chunk(list(self.plan.descriptors), self.chunk)
+        mem = "" if self.memory_bytes is None else f", XLA memory plan {self.memory_bytes / 2**30:.2f} GiB"
+        return {"mode": None, **descriptors.marker(bound), "chunk": self.chunk, "xla_memory_bytes": self.memory_bytes,
+                "devices": self.num_devices,
+                "display": f"{descriptors.display(bound)}{mem}, {self.num_devices} device(s)"}
 
     def compute_shard(self, shard: int) -> pa.Table:
         """The records of ``shard`` (:func:`geomjobs.runner.shards.compute_shard`): what a
@@ -174,10 +178,11 @@ class Engine:
         if pending is not None:
             settle(*pending)
         res = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]} if pieces else {}
-        for key in ("local_scaling", "local_rank"):
-            if key in res:
-                for i in np.flatnonzero(~np.isfinite(res[key])):
-                    errors[i] = errors[i] or f"non-finite {key} ({res[key][i]})"
+        for desc, _ in self.plan.descriptors:
+            for key in desc.finite:
+                if key in res:
+                    for i in np.flatnonzero(~np.isfinite(res[key])):
+                        errors[i] = errors[i] or f"non-finite {key} ({res[key][i]})"
         return res, errors
 
     def _one_by_one(self, zb, tb, errors, offset):

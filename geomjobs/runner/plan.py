@@ -1,6 +1,7 @@
-"""Plan a job: build its generator and latents, fill size-dependent defaults, check they fit,
-draw the arrays fixed per job (the estimator's, and B). Everything here happens before the first sample is computed, so every spec
-problem surfaces as a :class:`SpecError` (exit 2) with no work lost.
+"""Plan a job: build its generator and latents, resolve its descriptors (the size-dependent
+defaults, checked to fit), draw the arrays fixed per job and fix what the model's trace decides.
+Everything here happens before the first sample is computed, so every spec problem surfaces as a
+:class:`SpecError` (exit 2) with no work lost.
 """
 from __future__ import annotations
 
@@ -11,17 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from geomjobs import diffusion
+from geomjobs import descriptors, diffusion
+from geomjobs.descriptors import Bound, Dims
 from geomjobs.generators import Generator, build_generator
-from geomjobs.geometry import modes
-from geomjobs.geometry.modes import Dims, Estimator
-from geomjobs.geometry.projections import orthonormal_rows
 from geomjobs.latents import LatentSource, build_latents
 from geomjobs.runner.engine import Engine
 from geomjobs.runner.precision import precision
 from geomjobs.spec import SpecError, resolve_paths, spec_hash, validate_spec
-
-DEFAULT_DIRECTIONS = 4        # the paper's P
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +26,8 @@ class Plan:
     spec: dict                 # fully resolved: stored with the output, compared on resume
     generator: Generator
     latents: LatentSource
-    estimator: Estimator | None    # the local-scaling mode (None: no psi/nu asked)
-    arrays: dict               # fixed per job: the estimator's (W, v0, probes) and B (P x d)
-    sites: list | None         # indices of counted nonlinearity sites (None = all)
-    site_labels: list | None
+    descriptors: tuple[Bound, ...]   # what the job computes, each with its cfg (descriptors/base.py)
+    arrays: dict               # fixed per job: the descriptors' (W, v0, probes, B) and a denoiser's abar
     per_record_timestep: bool = False   # the latents give each record its own denoiser timestep
 
     @property
@@ -55,6 +50,11 @@ class Plan:
         if not 0 <= shard < self.num_shards:
             raise IndexError(f"shard {shard} out of range 0..{self.num_shards - 1}")
         return np.arange(shard * self.shard_size, min((shard + 1) * self.shard_size, self.count), dtype=np.int64)
+
+    @property
+    def site_labels(self) -> list | None:
+        """The counted nonlinearity sites, where a descriptor counts some (the job card's)."""
+        return next((cfg["site_labels"] for _, cfg in self.descriptors if "site_labels" in cfg), None)
 
     @property
     def hash(self) -> str:
@@ -124,8 +124,7 @@ def plan_job(raw_spec: dict) -> Plan:
 def resolve(spec: dict, gen: Generator, lat: LatentSource) -> Plan:
     """The plan of a validated spec whose generator and latent source are built."""
     dims = Dims(n=gen.output_dim, d=gen.latent_dim)
-    desc = dict(spec["descriptors"])
-    estimator, arrays, sites, labels = None, {}, None, None
+    arrays: dict = {}
     model = _resolved(gen, spec["model"])
     # a source that times its records (cheap to ask: a schedule lookup) makes the job's model
     # a denoiser evaluated at each record's own timestep
@@ -136,21 +135,13 @@ def resolve(spec: dict, gen: Generator, lat: LatentSource) -> Plan:
                                                "per job) cannot follow per-sample prompts; remove latents.prompts")
         model = _per_record_model(gen, spec["model"], model)
         arrays["abar"] = np.asarray(gen.denoiser.abar, np.float64)
-    if "local_scaling" in desc:
-        estimator, desc["local_scaling"] = modes.resolve(desc["local_scaling"], dims)
-        arrays.update(estimator.arrays(desc["local_scaling"], dims))
-    if "local_complexity" in desc:
-        lc = desc["local_complexity"] = {"directions": min(DEFAULT_DIRECTIONS, dims.d), **desc["local_complexity"]}
-        if lc["directions"] > dims.d:
-            raise SpecError("descriptors.local_complexity.directions",
-                            f"expected at most d = {dims.d} directions (rows of B are orthonormal in R^d), got {lc['directions']}")
-        arrays["B"] = orthonormal_rows(lc["directions"], dims.d, lc["seed"], stream="B")
+    desc, bound = descriptors.resolve(spec["descriptors"], dims)
+    arrays.update(descriptors.job_arrays(bound, dims))
     resolved = {**spec, "model": model, "latents": _resolved(lat, spec["latents"]), "descriptors": desc}
     resolved.setdefault("job_id", "job-" + spec_hash(resolved)[:12])
-    plan = Plan(resolved, gen, lat, estimator, arrays, sites, labels, per_record)
-    if "local_complexity" in desc:
-        sites, labels = _select_sites(plan, desc["local_complexity"])
-        plan = dataclasses.replace(plan, sites=sites, site_labels=labels)
+    plan = Plan(resolved, gen, lat, tuple(bound), arrays, per_record)
+    if any(d.bind is not None for d, _ in bound):
+        plan = dataclasses.replace(plan, descriptors=_bind(plan))
     return plan
 
 
@@ -172,18 +163,12 @@ def _resolved(built, section: dict) -> dict:
     return dict(built.resolved) if built.resolved else section
 
 
-def _select_sites(plan: Plan, lc: dict):
+def _bind(plan: Plan) -> tuple[Bound, ...]:
+    """Each descriptor's cfg with what it fixes from the model's trace (at t = 0, zero latent)."""
     import jax.numpy as jnp
-
-    from geomjobs.geometry.complexity import select_sites, trace_sites
 
     gen, apply = plan.generator, plan.record_apply()
     arrays = {k: jnp.asarray(v, gen.dtype) for k, v in plan.arrays.items()}
     t = jnp.zeros((), jnp.int32)
-    all_sites = trace_sites(lambda z: apply(gen.params, z, arrays, t), jnp.zeros(gen.latent_shape, gen.dtype))
-    try:
-        idx = select_sites(all_sites, names=lc.get("layers"), last=lc.get("last"))
-    except ValueError as e:
-        raise SpecError("descriptors.local_complexity." + ("layers" if "layers" in lc else "last"), str(e)) from None
-    labels = [all_sites[i].label for i in idx]
-    return list(idx), labels
+    g, z = (lambda z: apply(gen.params, z, arrays, t)), jnp.zeros(gen.latent_shape, gen.dtype)
+    return tuple(Bound(d, cfg if d.bind is None else {**cfg, **d.bind(cfg, g, z)}) for d, cfg in plan.descriptors)

@@ -80,26 +80,6 @@ def shard_table(plan: Plan, shard: int, ids: np.ndarray, res: dict, errors: list
         "error": errors,
     }
     cols.update(plan.latents.columns(ids))
-    desc = plan.spec["descriptors"]
-
-    def masked(key, dtype=np.float64):
-        return np.ma.masked_array(np.asarray(res[key], dtype), mask=bad)
-
-    def lists(key, dtype):
-        values = np.asarray(res[key], dtype).reshape(n, -1)
-        width = values.shape[1]
-        arr = pa.ListArray.from_arrays(pa.array(np.arange(0, n * width + 1, width, dtype=np.int32)),
-                                       pa.array(values.reshape(-1)))
-        return arr if ok.all() else pa.ListArray.from_arrays(arr.offsets, arr.values, mask=pa.array(bad))
-
-    if "local_scaling" in desc:
-        cols["local_scaling"] = masked("local_scaling")
-        if "local_rank" in desc:
-            cols["local_rank"] = masked("local_rank")
-        if desc["local_scaling"].get("save_singular_values"):
-            cols["singular_values"] = lists("singular_values", np.float64)
-    if "local_complexity" in desc:
-        cols["local_complexity"] = masked("local_complexity", np.int64)
-        if desc["local_complexity"].get("per_layer"):
-            cols["local_complexity_per_layer"] = lists("local_complexity_per_layer", np.int64)
+    for desc, cfg in plan.descriptors:
+        cols.update(desc.columns(res, bad, cfg))
     return records_table(cols, job_metadata={"job_id": plan.job_id, "spec_hash": plan.hash})
