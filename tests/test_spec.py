@@ -142,7 +142,9 @@ def test_cli_run_then_inspect(tmp_path):
     assert "rows           40 of 40 samples (0 with status 'error')" in r.stdout
     assert "3 committed, 0 failed, 0 pending, of 3" in r.stdout and "record schema v1" in r.stdout
     # how the step ran, from the shards' markers: chunk auto on a CPU is one pass, sized by XLA
-    assert re.search(r"^engine +.*projection.*: 3 shards$", r.stdout, re.M), r.stdout
+    # how the step ran, from the shards' markers (the engine's own line): chunk auto on a CPU is one pass
+    assert re.search(r"^engine +local_scaling \(mode projection, all rows in one pass\) \+ local_rank, "
+                     r"XLA memory plan [0-9.]+ GiB, 1 device\(s\): 3 shards$", r.stdout, re.M), r.stdout
     # piped into a reader that is gone before the first line (like head after its lines): exit 0, no traceback
     r = subprocess.run(["bash", "-o", "pipefail", "-c", f"'{sys.executable}' -m geomjobs.cli inspect '{tmp_path / 'out'}' | true"],
                        capture_output=True, text=True, timeout=120)
