@@ -10,18 +10,22 @@ from geomjobs.runner.plan import plan_job
 from jobs import mlp_spec, write_mlp
 
 K = 200
+D = 256          # d >= k: W A is formed from k VJPs (with d < k it would be d JVPs, geometry/spectrum.py)
 
 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
-    """A ReLU MLP 6 -> 512 -> 512 -> 256: every VJP row carries 512-wide cotangents, so the
+    """A ReLU MLP 256 -> 512 -> 512 -> 256: every VJP row carries 512-wide cotangents, so the
     k = 200 rows of one pass need several MB more than a few rows at a time."""
-    return write_mlp(tmp_path_factory.mktemp("wide"), sizes=(6, 512, 512, 256))
+    return write_mlp(tmp_path_factory.mktemp("wide"), sizes=(D, 512, 512, 256))
 
 
 def engine(weights, chunk="auto"):
-    return Engine(plan_job(mlp_spec(weights, count=8, batch_size=8, local_scaling={"mode": "projection", "k": K, "chunk": chunk},
-                                    local_rank={})))
+    spec = mlp_spec(weights, count=8, batch_size=8, local_scaling={"mode": "projection", "k": K, "chunk": chunk}, local_rank={})
+    spec["latents"]["shape"] = [D]
+    e = Engine(plan_job(spec))
+    assert e.describe().get("side") == "vjp"
+    return e
 
 
 def test_cpu_default_is_one_pass_when_it_fits(wide, monkeypatch):
@@ -40,7 +44,7 @@ def test_a_tight_budget_halves_the_chunk_until_the_plan_fits(wide, monkeypatch):
     monkeypatch.setenv("GEOMJOBS_MEMORY_BUDGET_GIB", str(budget / 2**30))
     fit = engine(wide)
     assert fit.chunk is not None and fit.chunk < K and fit.memory_bytes <= budget
-    z = np.random.default_rng(0).standard_normal((8, 6))
+    z = np.random.default_rng(0).standard_normal((8, D))
     ref, _ = full.compute(z)
     got, errors = fit.compute(z)
     assert errors == [None] * 8
@@ -55,7 +59,7 @@ def test_an_impossible_budget_runs_one_row_at_a_time_and_says_so(wide, monkeypat
         e = engine(wide)
     assert e.chunk == 1
     assert "even chunk 1 needs" in caplog.text and "budget" in caplog.text
-    res, errors = e.compute(np.ones((3, 6)))
+    res, errors = e.compute(np.ones((3, D)))
     assert errors == [None] * 3 and np.isfinite(res["local_scaling"]).all()
 
 

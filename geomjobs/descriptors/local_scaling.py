@@ -10,6 +10,7 @@ import numpy as np
 
 from geomjobs.descriptors.base import Descriptor, floats, lists
 from geomjobs.geometry import modes
+from geomjobs.geometry.spectrum import cheaper_side
 
 
 def resolve(section, dims):
@@ -21,6 +22,15 @@ def resolve(section, dims):
 
 def arrays(cfg, dims):
     return modes.ESTIMATORS[cfg["mode"]].arrays(cfg, dims)
+
+
+def bind(cfg, g, z):
+    """``mode: projection`` forms W A from the side XLA counts as cheaper for this model (k VJPs,
+    or d JVPs and a product with W): a choice of how, fixed per job, never part of the spec."""
+    if cfg["mode"] != "projection":
+        return {}
+    shape = z.shape
+    return {"side": cheaper_side(lambda zf: g(zf.reshape(shape)).reshape(-1), z.reshape(-1), cfg["k"])}
 
 
 def compute(g, z, arrays, cfg):
@@ -48,15 +58,17 @@ def chunks(cfg, platform):
 
 def display(cfg):
     how = f"mode {cfg['mode']}"
+    if cfg.get("side") == "jvp":
+        how += ", W A from d JVPs"
     if "chunk" in modes.ESTIMATORS[cfg["mode"]].keys:
         how += ", all rows in one pass" if cfg.get("chunk") is None else f", chunks of {cfg['chunk']}"
     return f"local_scaling ({how})" + (" + local_rank" if cfg["local_rank"] else "")
 
 
 def marker(cfg):
-    return {"mode": cfg["mode"]}
+    return {"mode": cfg["mode"], **({"side": cfg["side"]} if "side" in cfg else {})}
 
 
 # nu is never null where psi is not: a non-finite nu fails the sample even when not asked for
 DESCRIPTOR = Descriptor("local_scaling", frozenset({"local_scaling", "local_rank"}), resolve, compute, columns, arrays,
-                        finite=("local_scaling", "local_rank"), chunks=chunks, display=display, marker=marker)
+                        bind=bind, finite=("local_scaling", "local_rank"), chunks=chunks, display=display, marker=marker)

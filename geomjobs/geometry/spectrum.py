@@ -1,11 +1,15 @@
 """Singular values of the Jacobian A(z) = dG/dz, without forming A for large models.
 
 ``exact``: the dense Jacobian (forward mode when d <= n, reverse mode otherwise) and its SVD.
-``projection``: M = W A for a fixed W with orthonormal rows. Row i of W A is the
-vector-Jacobian product w_i^T A, so the generator is linearized ONCE per sample (``jax.vjp``
-keeps the residuals of one forward pass) and all k cotangents are pushed through that one
-linearization in chunks of ``chunk`` rows (``lax.map`` over chunks, ``vmap`` inside), which
-bounds memory at chunk x (activation size) instead of k x (activation size).
+``projection``: M = W A for a fixed W with orthonormal rows, from either side of A:
+- ``side="vjp"``: row i of W A is the vector-Jacobian product w_i^T A, so the generator is
+  linearized ONCE per sample (``jax.vjp`` keeps the residuals of one forward pass) and all k
+  cotangents are pushed through that one linearization in chunks of ``chunk`` rows (``lax.map``
+  over chunks, ``vmap`` inside), which bounds memory at chunk x (activation size);
+- ``side="jvp"``: column j of A is the Jacobian-vector product A e_j, so d JVPs through one
+  linearization (``jax.linearize``) give A, and W A is one (k x n)(n x d) product. Cheaper
+  when d is below k (a JVP costs about what a VJP does): the digits models (d = 8, 64), a 2-D
+  DDPM, SD's decoder at small latents. :func:`cheaper_side` picks it from XLA's cost counts.
 Both functions take ONE flat latent; vmap them over a batch.
 
 Chunking has a price on XLA:CPU: a convolution inside a while loop (which ``lax.map`` is)
@@ -60,9 +64,51 @@ def projected_rows(g: Callable, z, w, *, chunk: int | None = None):
     return jax.lax.map(lambda c: vjp(c)[0], w, batch_size=chunk)
 
 
-def projected_singular_values(g: Callable, z, w, *, chunk: int | None = None, svd_dtype=None):
-    """Singular values of W A(z), descending; the matrix shape is (k, d)."""
-    m = projected_rows(g, z, w, chunk=chunk)
+def projected_columns(g: Callable, z, w, *, chunk: int | None = None):
+    """W A(z) (k x d) from A(z) by d JVPs through one linearization of g at z (``chunk`` tangents
+    at a time), then one product with W."""
+    _, lin = jax.linearize(g, z)
+    eye = jnp.eye(z.shape[0], dtype=z.dtype)
+    if chunk is None or chunk >= z.shape[0]:
+        at = jax.vmap(lin)(eye)                               # (d, n): A^T
+    else:
+        at = jax.lax.map(lin, eye, batch_size=chunk)
+    return jnp.matmul(w.astype(at.dtype), at.T, precision=jax.lax.Precision.HIGHEST)
+
+
+SIDES = {"vjp": projected_rows, "jvp": projected_columns}
+
+
+def cheaper_side(g: Callable, z, k: int) -> str:
+    """``"jvp"`` when d JVPs and the product with W cost fewer flops than k VJPs, by XLA's count
+    of one tangent-only JVP and one VJP of g at z (each also counts the part of the forward pass
+    it needs, which the linearized sweeps compute once: both sides are overcounted alike);
+    ``"vjp"`` when d >= k without counting (a JVP is never much cheaper than a VJP), or when
+    the backend gives no count."""
+    d = z.shape[0]
+    if d >= k:
+        return "vjp"
+    out = jax.eval_shape(g, z)
+
+    def flops(f, *args):
+        try:
+            cost = jax.jit(f).lower(*args).cost_analysis()
+        except Exception:  # noqa: BLE001 - a backend without cost analysis
+            return None
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        return (cost or {}).get("flops")
+
+    jvp = flops(lambda z, t: jax.jvp(g, (z,), (t,))[1], z, z)
+    vjp = flops(lambda z, c: jax.vjp(g, z)[1](c)[0], z, jnp.zeros(out.shape, out.dtype))
+    if jvp is None or vjp is None:
+        return "vjp"
+    return "jvp" if d * jvp + 2.0 * k * out.shape[0] * d < k * vjp else "vjp"
+
+
+def projected_singular_values(g: Callable, z, w, *, chunk: int | None = None, side: str = "vjp", svd_dtype=None):
+    """Singular values of W A(z), descending; the matrix shape is (k, d). ``side``: how W A is
+    formed (module doc); the same matrix either way, up to float rounding."""
+    m = SIDES[side](g, z, w, chunk=chunk)
     if svd_dtype is not None:
         m = m.astype(svd_dtype)
     return jnp.linalg.svd(m, compute_uv=False)

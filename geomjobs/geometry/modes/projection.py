@@ -1,5 +1,7 @@
 """``mode: projection``: singular values of W A(z), W (k x n) with orthonormal rows drawn once
-per job (SPEC section 2); k VJPs through one linearisation, ``chunk`` rows at a time."""
+per job; k VJPs through one linearisation, ``chunk`` rows at a time, or, where the job's model
+makes it cheaper (``cfg['side']``, fixed per job by the local_scaling descriptor's ``bind``), d
+JVPs and one product with W (geometry/spectrum.py)."""
 from __future__ import annotations
 
 from geomjobs.geometry.descriptors import local_rank, local_scaling, matrix_rank_rtol
@@ -23,7 +25,7 @@ def arrays(cfg, dims):
 
 def apply(g, z, arrays, cfg):
     w = arrays["W"]
-    s = projected_singular_values(g, z, w, chunk=cfg["chunk"])
+    s = projected_singular_values(g, z, w, chunk=cfg["chunk"], side=cfg.get("side", "vjp"))
     rtol = matrix_rank_rtol(w.shape[0], z.shape[0], s.dtype)   # W A is k x d
     return Spectrum(local_scaling(s, rtol), local_rank(s, rtol), s)
 
