@@ -4,7 +4,8 @@ Every section is a module of this folder (``TABLE``) with ``parse(argv) -> args`
 markdown`` and ``SMOKE``, the arguments of a run at tiny sizes (seconds; tests/test_benchmarks.py
 runs each so). ``--only NAME ...`` runs some sections and keeps the others' text from the
 existing --out file; ``--smoke`` runs at the tiny sizes and prints (writes only to an --out
-given). Each section can also run alone: ``python benchmarks/<module>.py [its flags]``.
+given). A section that raises is reported and keeps its earlier text; the others are still written,
+and the exit status is 1. Each section can also run alone: ``python benchmarks/<module>.py [its flags]``.
 
 Machines here are shared and noisy, so each comparison interleaves its variants (A, B, A, B,
 ...) and reports medians and the ratio; absolute times mean something only on a quiet GPU.
@@ -18,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
         *(["Every figure here is from the CPU named above (no accelerator)."] if jax.devices()[0].platform == "cpu" else []),
         "",
     ]
-    fresh = {}
+    fresh, failed = {}, []
     for name in args.only:
         try:
             mod = load(name)
@@ -106,7 +108,13 @@ def main(argv=None) -> int:
             print(f"skipping section {name}: {e}", file=sys.stderr)
             continue
         t = time.perf_counter()
-        body = mod.run(section_args(mod, args.smoke))
+        try:
+            body = mod.run(section_args(mod, args.smoke))
+        except Exception:  # noqa: BLE001 - the other sections still run and are written; the exit status says so
+            traceback.print_exc()
+            print(f"section {name} FAILED after {time.perf_counter() - t:.0f} s; its earlier text is kept", file=sys.stderr)
+            failed.append(name)
+            continue
         note = ", smoke sizes: not figures" if args.smoke else ""
         fresh[name] = "\n".join(["", body.strip("\n"), "", f"_(section `{name}`: {time.perf_counter() - t:.0f} s, "
                                                           f"written {when} at {rev}{note})_", ""])
@@ -123,7 +131,9 @@ def main(argv=None) -> int:
         with open(out, "w") as f:
             f.write(text)
     print(text)
-    return 0
+    if failed:
+        print(f"failed sections: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
