@@ -230,6 +230,8 @@ def plot(levels, png: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from geomjobs.analysis.plots import save_png
+
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for (uri, scale), g in levels.groupby(["dataset", "guidance_scale"], sort=False):
         g = g.sort_values("level_set")
@@ -248,8 +250,7 @@ def plot(levels, png: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    save_png(fig, png, dpi=120)
 
 
 def evaluate_cli(args) -> int:
