@@ -16,11 +16,11 @@ Pure functions over pandas DataFrames, pyarrow Tables and DuckDB relations:
 from geomjobs.analysis.io import arrow_dataset, duckdb_view, read_ok
 from geomjobs.analysis.notebook import notebook_env
 from geomjobs.analysis.plots import image_grid, image_mosaic, save_figure, save_png, slice_grid, slice_heatmap
-from geomjobs.analysis.stats import ci95_halfwidth, correlations, format_p, level_sets, on_manifold_mask, two_sample
+from geomjobs.analysis.stats import ci95_halfwidth, correlations, format_p, level_set_index, level_sets, on_manifold_mask, two_sample
 from geomjobs.metrics import frechet_distance, vendi_score
 
 __all__ = ["arrow_dataset", "ci95_halfwidth", "correlations", "duckdb_view", "format_p", "frechet_distance", "image_grid",
-           "image_mosaic", "level_sets", "notebook_env", "on_manifold_mask", "read_ok", "save_figure",
+           "image_mosaic", "level_set_index", "level_sets", "notebook_env", "on_manifold_mask", "read_ok", "save_figure",
            "save_png", "slice_grid", "slice_heatmap", "two_sample", "vendi_score"]
 
 import importlib.util as _ilu
