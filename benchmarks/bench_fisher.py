@@ -2,29 +2,39 @@
 in one jitted loop) against a vectorised NumPy checkerboard with the same heat-bath rule, measured
 side by side in interleaved rounds; the cluster update's and TASEP's rates for scale; and the wall
 time of the whole `geomjobs fisher` Ising pipeline at its test size (tests/test_fisher_job.py's
-tiny spec), once geomjobs/fisher/job.py exists.
+tiny spec; ~180 compiles, so a minute or more on 2 cores: ``--no-pipeline`` leaves it out, as the
+smoke run does).
 
 Run alone:
-    .venv/bin/python benchmarks/bench_fisher.py [--rounds 3]
+    .venv/bin/python benchmarks/bench_fisher.py [--rounds 3] [--no-pipeline]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
-import statistics
+import sys
 import tempfile
 import time
 
 import numpy as np
+from common import side_by_side, table
+
+# the cluster update's compile (~10 s) and the pipeline (~180 compiles) are left out of the smoke run;
+# tests/test_fisher_*.py run both
+SMOKE = ["--rounds", "1", "--L", "4", "--chains", "4", "--sweeps", "2", "--cluster-L", "--tasep-L", "4", "--no-pipeline"]
 
 
 def parse(argv):
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--L", type=int, default=32)
     ap.add_argument("--chains", type=int, default=256)
     ap.add_argument("--sweeps", type=int, default=50)
+    ap.add_argument("--cluster-L", type=int, nargs="*", default=[8, 16], help="lattice sizes of the cluster update's rate")
+    ap.add_argument("--tasep-L", type=int, default=32, help="lattice size of TASEP's rate")
+    ap.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the whole fisher pipeline at its test size")
     return ap.parse_args(argv)
 
 
@@ -87,37 +97,26 @@ def jax_runner(L, chains, sweeps, update):
     return run
 
 
-def interleaved(variants: dict, rounds: int) -> dict[str, float]:
-    times = {k: [] for k in variants}
-    for _ in range(rounds):
-        for k, fn in variants.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def spin_rates(args) -> list[str]:
     L, C, S = args.L, args.chains, args.sweeps
     rng = np.random.default_rng(0)
     s0 = np.where(rng.random((C, L, L)) < 0.5, 1.0, -1.0).astype(np.float32)
     beta, h = np.full(C, 0.44, np.float32), np.zeros(C, np.float32)
     jrun = jax_runner(L, C, S, "checkerboard")
-    med = interleaved({"jax": jrun, "numpy": lambda: numpy_sweeps(s0, beta, h, S, rng, True),
-                       "numpy_exp": lambda: numpy_sweeps(s0, beta, h, S, rng, False),
-                       "numpy_packed": lambda: numpy_packed(s0, beta, h, S, rng)}, args.rounds)
+    med = side_by_side({"jax": jrun, "numpy": lambda: numpy_sweeps(s0, beta, h, S, rng, True),
+                        "numpy_exp": lambda: numpy_sweeps(s0, beta, h, S, rng, False),
+                        "numpy_packed": lambda: numpy_packed(s0, beta, h, S, rng)}, args.rounds, warm=False)
     spins = C * L * L * S  # one update per spin per sweep (the JAX call also does its hot start)
     rj, rn, re, rp = (spins / med[k] for k in ("jax", "numpy", "numpy_exp", "numpy_packed"))
     lines = [
         f"Ising checkerboard heat bath, {C} chains of {L}x{L} at beta = 0.44, {S} sweeps per call, "
         f"median of {args.rounds} interleaved rounds:",
         "",
-        "| implementation | s per call | spin updates / s |",
-        "|---|---|---|",
-        f"| JAX (jit; sublattices (L, L/2, C), chains minor; counter-based uint32 draws) | {med['jax']:.3f} | {rj:.3g} |",
-        f"| NumPy, the same algorithm (sublattices, chains minor, uint32 thresholds) | {med['numpy_packed']:.3f} | {rp:.3g} |",
-        f"| NumPy, full lattice with checkerboard masks, 5-entry table per chain | {med['numpy']:.3f} | {rn:.3g} |",
-        f"| NumPy, full lattice with masks, exp per spin | {med['numpy_exp']:.3f} | {re:.3g} |",
+        *table(["implementation", "s per call", "spin updates / s"], [
+            ["JAX (jit; sublattices (L, L/2, C), chains minor; counter-based uint32 draws)", f"{med['jax']:.3g}", f"{rj:.3g}"],
+            ["NumPy, the same algorithm (sublattices, chains minor, uint32 thresholds)", f"{med['numpy_packed']:.3g}", f"{rp:.3g}"],
+            ["NumPy, full lattice with checkerboard masks, 5-entry table per chain", f"{med['numpy']:.3g}", f"{rn:.3g}"],
+            ["NumPy, full lattice with masks, exp per spin", f"{med['numpy_exp']:.3g}", f"{re:.3g}"]]),
         "",
         f"Ratio JAX / fastest NumPy variant: **{rj / max(rn, re, rp):.1f}x** (target >= 10x); JAX / NumPy with the "
         f"same algorithm {rj / rp:.1f}x, JAX / masked-lattice NumPy {rj / rn:.1f}x (table) and {rj / re:.1f}x (exp). "
@@ -127,32 +126,28 @@ def spin_rates(args) -> list[str]:
     ]
     # for scale: the cluster update (Swendsen-Wang + one sweep) and TASEP, JAX only
     rows = []
-    for Lc in (8, 16):
-        cr = jax_runner(Lc, C, 10, "cluster")
-        t = interleaved({"c": cr}, args.rounds)["c"]
-        rows.append(f"| Ising cluster step (SW + sweep), L = {Lc} | {C} | {C * 10 / t:.3g} chain-steps / s |")
+    for Lc in args.cluster_L:
+        t = side_by_side({"c": jax_runner(Lc, C, 10, "cluster")}, args.rounds, warm=False)["c"]
+        rows.append([f"Ising cluster step (SW + sweep), L = {Lc}", C, f"{C * 10 / t:.3g} chain-steps / s"])
     import jax.numpy as jnp
 
     from geomjobs.fisher import ising, tasep
 
-    Lt = 32
+    Lt = args.tasep_L
     keys = ising.chain_keys(0, np.arange(C), 1)
     a = jnp.full(C, 0.3, jnp.float32)
 
     def trun():
         return np.asarray(tasep._run_chains(keys, a, a, jnp.int32(20), jnp.int32(1), L=Lt, n_keep=1)[0])
 
-    trun()
-    t = interleaved({"t": trun}, args.rounds)["t"]
-    rows.append(f"| TASEP sweep (L + 1 random-sequential micro-steps), L = {Lt} | {C} | {C * 21 / t:.3g} chain-sweeps / s |")
-    return lines + ["| update | chains | rate |", "|---|---|---|", *rows, ""]
+    t = side_by_side({"t": trun}, args.rounds)["t"]
+    rows.append([f"TASEP sweep (L + 1 random-sequential micro-steps), L = {Lt}", C, f"{C * 21 / t:.3g} chain-sweeps / s"])
+    return lines + [*table(["update", "chains", "rate"], rows), ""]
 
 
 def pipeline() -> list[str]:
-    try:
-        from geomjobs.fisher import job as fjob
-    except ImportError as e:
-        return [f"Pipeline: not measured ({e})."]
+    from geomjobs.fisher import job as fjob
+
     spec = {"family": {"kind": "ising", "L": 4},
             "grid": {"low": [0.1, -0.2], "high": [0.5, 0.2], "resolution": [5, 5]},
             "samples_per_point": 64, "posterior": {"kind": "oracle"}, "potential": {"steps": 200},
@@ -164,8 +159,6 @@ def pipeline() -> list[str]:
         t = time.perf_counter()
         fjob.run_fisher(spec, progress=False)
         wall = time.perf_counter() - t
-    except Exception as e:  # the job is another engineer's; report rather than fail the section
-        return [f"Pipeline: failed ({type(e).__name__}: {e})."]
     finally:
         os.environ.pop("GEOMJOBS_LOCAL_MODE", None)
         shutil.rmtree(out, ignore_errors=True)
@@ -175,8 +168,8 @@ def pipeline() -> list[str]:
 
 
 def run(args) -> str:
-    return "\n".join(spin_rates(args) + pipeline())
+    return "\n".join(spin_rates(args) + (pipeline() if args.pipeline else ["Pipeline: not measured (`--no-pipeline`)."]))
 
 
 if __name__ == "__main__":
-    print(run(parse(None)))
+    print(run(parse(sys.argv[1:])))

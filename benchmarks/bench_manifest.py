@@ -15,9 +15,13 @@ one emulator:
 The emulator is one Python process serving one request at a time on a shared 2-core machine, so
 its absolute times say little about GCS (tens of ms a request there, and concurrent); the request
 counts carry over, and the ratios between rows measured side by side here are what count.
+
+    .venv/bin/python benchmarks/bench.py --only manifest          # 10,000 and 40,000 shards
+    .venv/bin/python benchmarks/bench_manifest.py --sizes 40000   # one size
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
@@ -26,12 +30,22 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import table
+
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 SIZES = (10_000, 40_000)
 TAIL = 256
+SMOKE = ["--sizes", "120", "--tail", "20"]
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="shards of each dataset")
+    ap.add_argument("--tail", type=int, default=TAIL, help="markers newer than the cache (a crashed driver's)")
+    return ap.parse_args(argv)
 
 
 def _markers(start, stop, engine):
@@ -99,7 +113,7 @@ def _one_by_one():
         Dataset.committed = new
 
 
-def measure(sizes=SIZES) -> list[dict]:
+def measure(sizes=SIZES, tail: int = TAIL) -> list[dict]:
     from gcs_counter import FastEmulator
 
     from geomjobs.generators.mlp import random_mlp, save_mlp
@@ -124,8 +138,8 @@ def measure(sizes=SIZES) -> list[dict]:
                 open_job(plan_job(spec), uri, resume=False)
                 ms = _markers(0, n, engine)
                 t0 = time.perf_counter()
-                Dataset(uri).write_markers(ms[:n - TAIL])     # one writer; its last compaction covers these
-                _write_tail(uri, ms[n - TAIL:])
+                Dataset(uri).write_markers(ms[:n - tail])     # one writer; its last compaction covers these
+                _write_tail(uri, ms[n - tail:])
                 wrote = time.perf_counter() - t0
                 ops = _ops(spec, uri)
                 with _one_by_one():
@@ -137,9 +151,9 @@ def measure(sizes=SIZES) -> list[dict]:
                 for op in ("resume", "inspect"):
                     # resume finds the tail and rewrites the cache; re-create the tail before inspect
                     if op == "inspect":
-                        _write_tail(uri, ms[n - TAIL:])
+                        _write_tail(uri, ms[n - tail:])
                     s, r = _measure(em, ops[op])
-                    rows.append({"shards": n, "op": op, "state": f"after, {TAIL} markers newer than the cache", "s": s,
+                    rows.append({"shards": n, "op": op, "state": f"after, {tail} markers newer than the cache", "s": s,
                                  "requests": r})
                     s, r = _measure(em, ops[op])
                     rows.append({"shards": n, "op": op, "state": "after, cache fresh", "s": s, "requests": r})
@@ -148,20 +162,21 @@ def measure(sizes=SIZES) -> list[dict]:
     return rows
 
 
-def section(sizes=SIZES) -> str:
-    rows = measure(sizes)
-    out = ["## Manifest: resume and inspect at scale (issue 13)", "",
-           "Resume (`open_job(..., resume=True)`) and `geomjobs inspect --json` of a gs:// dataset on the GCS emulator",
-           "(`benchmarks/bench_manifest.py`). Requests counted on the wire by a proxy that pages listings as GCS does",
-           "(1,000 objects a page); one emulator process serving one request at a time on the shared 2-core machine,",
-           "so wall times are loopback-and-Python figures and only the ratios between rows count; request counts",
-           "carry over to GCS. 'before' reads each marker in turn (the path before the manifest cache).", "",
-           "| shards | operation | state | wall s | requests |", "|---:|---|---|---:|---:|"]
-    for r in rows:
-        req = "" if r["requests"] is None else str(r["requests"])
-        out.append(f"| {r['shards']:,} | {r['op']} | {r['state']} | {r['s']:.2f} | {req} |")
-    return "\n".join(out) + "\n"
+def run(args) -> str:
+    if not 0 < args.tail < min(args.sizes):
+        raise ValueError(f"--tail must be in 1..{min(args.sizes) - 1} (fewer than the smallest size), got {args.tail}")
+    rows = measure(args.sizes, args.tail)
+    return "\n".join([
+        "Resume (`open_job(..., resume=True)`) and `geomjobs inspect --json` of a gs:// dataset on the GCS emulator",
+        "(`benchmarks/bench_manifest.py`). Requests counted on the wire by a proxy that pages listings as GCS does",
+        "(1,000 objects a page); one emulator process serving one request at a time on the shared 2-core machine,",
+        "so wall times are loopback-and-Python figures and only the ratios between rows count; request counts",
+        "carry over to GCS. 'before' reads each marker in turn (the path before the manifest cache).", "",
+        *table(["shards", "operation", "state", "wall s", "requests"],
+               [[f"{r['shards']:,}", r["op"], r["state"], f"{r['s']:.2f}", "" if r["requests"] is None else r["requests"]]
+                for r in rows]),
+    ])
 
 
 if __name__ == "__main__":
-    print(section())
+    print(run(parse(sys.argv[1:])))

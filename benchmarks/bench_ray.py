@@ -11,19 +11,24 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
+
+from common import table
 
 from geomjobs.generators.mlp import random_mlp, save_mlp
 from geomjobs.runner.local import run_local
 from geomjobs.runner.ray_driver import run_ray
 from geomjobs.sink.dataset import Dataset
 
+SMOKE = ["--count", "16", "--shard", "8", "--rounds", "1", "--workers", "1", "--mlp", "8-16-8"]
 
-def job(weights: str, count: int, shard: int, workers: int | None) -> dict:
+
+def job(weights: str, d: int, count: int, shard: int, workers: int | None) -> dict:
     spec = {"model": {"kind": "mlp", "weights": weights, "activation": "relu"},
-            "latents": {"kind": "gaussian", "count": count, "shape": [64], "seed": 0},
+            "latents": {"kind": "gaussian", "count": count, "shape": [d], "seed": 0},
             "descriptors": {"local_scaling": {"mode": "exact"}, "local_rank": {},
                             "local_complexity": {"directions": 4, "radius": 1e-2}},
             "execution": {"shard_size": shard, "batch_size": 64}}
@@ -40,39 +45,43 @@ def steady(uri: str) -> float:
 
 
 def run(args) -> str:
+    sizes = [int(x) for x in args.mlp.split("-")]
     tmp = tempfile.mkdtemp(prefix="geomjobs-bench-ray-")
-    w = os.path.join(tmp, "mlp.npz")
-    save_mlp(w, random_mlp([64, 1024, 1024, 1024, 256], seed=0))
-    variants = {"in process (no Ray)": None, "Ray, 1 worker": 1, "Ray, 2 workers": 2}
-    sps = {k: [] for k in variants}
-    wall = {k: [] for k in variants}
-    shard_s = []
-    for r in range(args.rounds):
-        for name, workers in variants.items():
-            out = os.path.join(tmp, f"{r}-{workers}")
-            spec = job(w, args.count, args.shard, workers)
-            res = (run_local(spec, out, progress=False) if workers is None
-                   else run_ray(spec, out, address="local", progress=False))
-            assert res.ok, res
-            s = steady(out)
-            sps[name].append(s)
-            wall[name].append(res.seconds)
-            if workers is None:
-                shard_s.append(args.shard / s)
+    try:
+        w = os.path.join(tmp, "mlp.npz")
+        save_mlp(w, random_mlp(sizes, seed=0))
+        variants = {"in process (no Ray)": None, **{f"Ray, {n} worker{'s' if n > 1 else ''}": n for n in args.workers}}
+        sps = {k: [] for k in variants}
+        wall = {k: [] for k in variants}
+        shard_s = []
+        for r in range(args.rounds):
+            for name, workers in variants.items():
+                out = os.path.join(tmp, f"{r}-{workers}")
+                spec = job(w, sizes[0], args.count, args.shard, workers)
+                res = (run_local(spec, out, progress=False) if workers is None
+                       else run_ray(spec, out, address="local", progress=False))
+                if not res.ok:
+                    raise RuntimeError(f"{name}: job failed: {res}")
+                s = steady(out)
+                sps[name].append(s)
+                wall[name].append(res.seconds)
+                if workers is None:
+                    shard_s.append(args.shard / s)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in sps.items()}
     base = med["in process (no Ray)"]
-    one = med["Ray, 1 worker"]
-    lines = [f"Job: MLP 64 -> 1024 x 3 -> 256 (ReLU), psi + nu exact and delta (P = 4), {args.count} samples in shards "
-             f"of {args.shard} (~{statistics.median(shard_s):.2f} s of work each in process), batch 64; medians of "
+    lines = [f"Job: MLP {' -> '.join(map(str, sizes))} (ReLU), psi + nu exact and delta (P = 4), {args.count} samples in "
+             f"shards of {args.shard} (~{statistics.median(shard_s):.2f} s of work each in process), batch 64; medians of "
              f"{args.rounds} interleaved rounds. Ray runs on an embedded single-node Ray started per job.", "",
-             "| path | steady samples/s | vs in process | whole job, s |", "|---|---|---|---|"]
-    for k in variants:
-        lines.append(f"| {k} | {med[k]:.0f} | {med[k] / base:.2f} | {statistics.median(wall[k]):.1f} |")
-    lines += ["", f"2 workers / 1 worker: {med['Ray, 2 workers'] / one:.2f} x (2 cores shared by both workers "
-                  "and XLA's own threads, so well below 2 x is expected here).", "",
-              "In process the step runs with the BLAS threads a Ray worker gets (`runner.local.blas_threads`, "
-              "as Ray's OMP_NUM_THREADS = the worker's CPUs); without it OpenBLAS's threads (LAPACK in the SVD) "
-              "contend with XLA's and in process ran at 0.69 x one worker (issue 8)."]
+             *table(["path", "steady samples/s", "vs in process", "whole job, s"],
+                    [[k, f"{med[k]:.0f}", f"{med[k] / base:.2f}", f"{statistics.median(wall[k]):.1f}"] for k in variants])]
+    if {1, 2} <= set(args.workers):
+        lines += ["", f"2 workers / 1 worker: {med['Ray, 2 workers'] / med['Ray, 1 worker']:.2f} x (2 cores shared by both "
+                      "workers and XLA's own threads, so well below 2 x is expected here)."]
+    lines += ["", "In process the step runs with the BLAS threads a Ray worker gets (`runner.local.blas_threads`, "
+                  "as Ray's OMP_NUM_THREADS = the worker's CPUs); without it OpenBLAS's threads (LAPACK in the SVD) "
+                  "contend with XLA's and in process ran at 0.69 x one worker (issue 8)."]
     return "\n".join(lines)
 
 
@@ -81,6 +90,8 @@ def parse(argv=None):
     ap.add_argument("--count", type=int, default=3072)
     ap.add_argument("--shard", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray runs: workers of each")
+    ap.add_argument("--mlp", default="64-1024-1024-1024-256", help="the MLP's sizes d-...-n")
     return ap.parse_args(argv)
 
 

@@ -13,7 +13,8 @@ not computed). Then, on this machine, side by side:
 - the train step alone on one fixed batch (no data), rows/s.
 
 If the reader and the rebuild each run many times faster than the step, the data path is not the
-limit. Run alone:  .venv/bin/python benchmarks/bench_reward_train.py [--rows 200000]
+limit. Run alone:  .venv/bin/python benchmarks/bench_reward_train.py [--rows 200000] (section ``reward_train``
+of bench.py)
 The machine is shared: the ratios measured side by side are what count.
 """
 from __future__ import annotations
@@ -21,10 +22,14 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 
 import numpy as np
+from common import machine, table
+
+SMOKE = ["--rows", "3000", "--steps", "4", "--batch-size", "32", "--rounds", "1", "--repeats", "4"]
 
 
 def parse(argv):
@@ -33,6 +38,7 @@ def parse(argv):
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=200, help="batches of the rebuild and calls of the step timed per round")
     return ap.parse_args(argv)
 
 
@@ -127,7 +133,7 @@ def step_rate(batch: int, repeats: int = 200) -> float:
     return batch * repeats / (time.perf_counter() - t0)
 
 
-def measure(rows: int, steps: int, batch: int, rounds: int) -> dict:
+def measure(rows: int, steps: int, batch: int, rounds: int, repeats: int) -> dict:
     tmp = tempfile.mkdtemp(prefix="gjbench-reward-")
     try:
         uri = f"{tmp}/ds"
@@ -138,46 +144,37 @@ def measure(rows: int, steps: int, batch: int, rounds: int) -> dict:
         meta = None
         for _ in range(rounds):     # interleaved, so that load on the shared machine hits all alike
             res["reader"].append(reader_rate(uri))
-            res["rebuild"].append(rebuild_rate(uri, batch))
+            res["rebuild"].append(rebuild_rate(uri, batch, repeats))
             r, meta = train_rate(uri, f"{tmp}/r", steps, batch)
             res["train"].append(r)
-            res["step"].append(step_rate(batch))
+            res["step"].append(step_rate(batch, repeats))
         return {"rows": rows, "write_s": written, "meta": meta, **{k: statistics.median(v) for k, v in res.items()}}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def training_section(rows: int = 200_000, steps: int = 300, batch: int = 256, rounds: int = 3) -> str:
-    """Markdown: reader, rebuild, training and step rows/s on a ``rows``-row dataset."""
-    from bench import machine
-
-    r = measure(rows, steps, batch, rounds)
+def run(args) -> str:
+    """Markdown: reader, rebuild, training and step rows/s on an ``args.rows``-row dataset."""
+    rows, batch, rounds = args.rows, args.batch_size, args.rounds
+    r = measure(rows, args.steps, batch, rounds, args.repeats)
     base = r["train"]
-    lines = [
+    return "\n".join([
         f"### Reward training data path ({r['rows']:,} rows; ddpm-gmm2d spec, gaussian (2,) latents, batch {batch})", "",
         f"Measured by `benchmarks/bench_reward_train.py --rows {rows}` on {machine()}, medians of {rounds} interleaved "
         "rounds; the machine was shared, so the ratios are the figure, not the absolute rates.", "",
-        "| path | rows/s | x training |", "|---|---|---|",
-        f"| reader alone: index columns of the ok rows by Parquet column projection | {r['reader']:,.0f} | {r['reader'] / base:,.0f} x |",
-        f"| latents rebuilt from the stored spec alone (random batches) | {r['rebuild']:,.0f} | {r['rebuild'] / base:,.1f} x |",
-        f"| training, batches rebuilt on the fly (prefetched one step ahead) | {base:,.0f} | 1.0 x |",
-        f"| the train step alone on one fixed batch | {r['step']:,.0f} | {r['step'] / base:,.1f} x |",
+        *table(["path", "rows/s", "x training"], [
+            ["reader alone: index columns of the ok rows by Parquet column projection", f"{r['reader']:,.0f}",
+             f"{r['reader'] / base:,.0f} x"],
+            ["latents rebuilt from the stored spec alone (random batches)", f"{r['rebuild']:,.0f}", f"{r['rebuild'] / base:,.1f} x"],
+            ["training, batches rebuilt on the fly (prefetched one step ahead)", f"{base:,.0f}", "1.0 x"],
+            ["the train step alone on one fixed batch", f"{r['step']:,.0f}", f"{r['step'] / base:,.1f} x"]]),
         "",
         "The reader runs once per training run (the index stays in memory); the rebuild runs for every batch, "
         "on a thread while the previous step trains.",
         f"Index columns in memory: ~20 bytes a row ({r['rows'] * 20 / 2**20:.0f} MiB here, ~20 MiB per million rows); "
         "latents are never held.",
-    ]
-    return "\n".join(lines)
-
-
-def run(args) -> str:
-    return training_section(args.rows, args.steps, args.batch_size, args.rounds)
+    ])
 
 
 if __name__ == "__main__":
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     print(run(parse(sys.argv[1:])))

@@ -2,8 +2,7 @@
 alone on the same batches (the pipeline efficiency), in process and on a local Ray cluster
 (``ray start --head`` on 127.0.0.1 with 2 CPUs, tests/ray_cluster.py), the driver's memory
 across the run, the output files' size, and where the time outside the engine goes (each stage
-of a shard timed alone). Then the manifest figures (``bench_manifest.section``) when that
-module is there.
+of a shard timed alone). The manifest figures are the section ``manifest`` (bench_manifest.py).
 
 The engine alone is ``Engine.compute`` on the latents of the job's first shards, made
 beforehand (so it is the job's own batches, with the host-side cast and padding the job pays);
@@ -14,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -38,6 +38,7 @@ from geomjobs.runner.plan import plan_job
 from geomjobs.sink.dataset import Dataset
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
+SMOKE = ["--count", "400", "--shard", "100", "--batch", "50", "--engine-shards", "2", "--skip-cluster"]
 
 
 def job_spec(weights: str, count: int, shard: int, batch: int, workers: int | None = None) -> dict:
@@ -111,7 +112,8 @@ def measure_job(run, count: int) -> dict:
     res = run()
     wall = time.perf_counter() - t
     samples = rss.stop()
-    assert res.ok, res
+    if not res.ok:
+        raise RuntimeError(f"job failed: {res}")
     marks = sorted(Dataset(res.uri).committed().values(), key=lambda m: m["committed_at"])
     span = marks[-1]["committed_at"] - marks[0]["committed_at"]
     files = [os.path.getsize(os.path.join(res.uri, m["file"])) for m in marks]
@@ -125,6 +127,13 @@ def measure_job(run, count: int) -> dict:
 
 def run(args) -> str:
     tmp = tempfile.mkdtemp(prefix="geomjobs-bench-scale-")
+    try:
+        return measure(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(args, tmp: str) -> str:
     w = os.path.join(tmp, "mlp.npz")
     save_mlp(w, random_mlp([8, 32, 32, 16], seed=0))
     spec = job_spec(w, args.count, args.shard, args.batch)
@@ -190,14 +199,6 @@ def run(args) -> str:
     for k, label in names.items():
         lines.append(f"| {label} | {stages[k]:.2f} | {stages[k] / total:.0%} |")
     lines.append(f"| (the former loop: `default_rng([seed, i])` one sample at a time) | {stages['latents_loop']:.2f} | |")
-    try:
-        from bench_manifest import section
-    except ImportError:
-        section = None
-    if args.skip_manifest:
-        section = None
-    if section is not None:
-        lines += ["", section()]
     return "\n".join(lines)
 
 
@@ -209,8 +210,6 @@ def parse(argv=None):
     ap.add_argument("--engine-shards", type=int, default=10, help="shards whose latents time the engine alone")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="cluster runs: workers of each")
     ap.add_argument("--skip-cluster", action="store_true")
-    ap.add_argument("--skip-manifest", action="store_true", default=bool(os.environ.get("BENCH_SCALE_SKIP_MANIFEST")),
-                    help="leave out bench_manifest's figures (default from BENCH_SCALE_SKIP_MANIFEST=1, for bench.py --only scale)")
     return ap.parse_args(argv)
 
 

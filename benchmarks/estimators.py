@@ -15,36 +15,32 @@ NumPy's SVD. Reported per estimator:
   every method pays) and milliseconds per sample, timed side by side: all estimators of one
   generator are interleaved in rounds and the median round is reported.
 
-Run: ``python benchmarks/estimators.py [--samples 64] [--rounds 3]``; ``run(args)`` returns the
+Run: ``python benchmarks/estimators.py [--samples 64] [--rounds 3] [--mlp 32-128-256:tanh ...]``; ``run(args)`` returns the
 Markdown.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-
-jax.config.update("jax_enable_x64", True)  # float64 references; estimators run in float32
-
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from common import machine, side_by_side, table  # noqa: E402
 
 from geomjobs.generators.mlp import mlp_apply, random_mlp  # noqa: E402
 from geomjobs.geometry import estimators as est  # noqa: E402
 from geomjobs.geometry import local_scaling, matrix_rank_rtol, orthonormal_rows  # noqa: E402
 from geomjobs.geometry.spectrum import exact_singular_values, projected_singular_values  # noqa: E402
 
-GENERATORS = [  # name, sizes [d, ..., n], activation
-    ("MLP 32-128-256 tanh", [32, 128, 256], "tanh"),
-    ("MLP 64-256-512-784 relu", [64, 256, 512, 784], "relu"),
-    ("MLP 256-512-784 tanh", [256, 512, 784], "tanh"),   # d > k = 120: projection sketches A
-]
+# MLPs as SIZES:ACTIVATION, sizes d-...-n; in the last d > k = 120, so projection sketches A
+GENERATORS = ["32-128-256:tanh", "64-256-512-784:relu", "256-512-784:tanh"]
+SMOKE = ["--mlp", "6-12-10:tanh", "--samples", "4", "--rounds", "1", "--lanczos-k", "2",
+         "--slq", "2x3"]
 
 
 def spearman(a, b) -> float:
@@ -84,20 +80,17 @@ def estimators_for(d, n, layers32, act, args):
     return out
 
 
-def time_side_by_side(fns: dict, z, rounds: int) -> dict[str, float]:
-    """Median seconds per batch call of each compiled fn, interleaved in rounds."""
+def time_side_by_side(fns: dict, z, rounds: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """(median seconds per batch call, values) of each fn, compiled and interleaved in rounds."""
     jitted = {k: jax.jit(f) for k, f in fns.items()}
     results = {k: np.asarray(jax.block_until_ready(f(z))) for k, f in jitted.items()}  # compile + values
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in jitted.items():
-            t = time.perf_counter()
-            jax.block_until_ready(f(z))
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}, results
+    return side_by_side({k: (lambda f=f: f(z)) for k, f in jitted.items()}, rounds, warm=False), results
 
 
-def bench_generator(name, sizes, act, args):
+def bench_generator(mlp: str, args):
+    sizes_s, act = mlp.split(":")
+    sizes = [int(x) for x in sizes_s.split("-")]
+    name = f"MLP {sizes_s} {act}"
     d, n = sizes[0], sizes[-1]
     layers64 = random_mlp(sizes, seed=1)
     layers32 = [(jnp.asarray(w, jnp.float32), jnp.asarray(b, jnp.float32)) for w, b in layers64]
@@ -135,28 +128,28 @@ def bench_generator(name, sizes, act, args):
 def run(args) -> str:
     t0 = time.perf_counter()
     rows = []
-    for name, sizes, act in GENERATORS:
-        rows += bench_generator(name, sizes, act, args)
-    dev = jax.devices()[0]
+    with jax.enable_x64(True):   # float64 references; the estimators run in float32
+        for mlp in args.mlp:
+            rows += bench_generator(mlp, args)
     lines = [
         f"psi estimators against the exact answer: {args.samples} samples z ~ N(0, I) per generator, "
         f"random He-initialised MLPs, estimators in float32 (reference: float64 dense Jacobian + NumPy SVD), "
-        f"{dev.platform.upper()} ({os.cpu_count()} cores), jax {jax.__version__}; timings are medians of "
-        f"{args.rounds} interleaved rounds over the whole batch (jit + vmap), divided by the batch size.",
+        f"{machine()}; timings are medians of {args.rounds} interleaved rounds over the whole batch (jit + vmap), "
+        "divided by the batch size.",
         "",
-        "| generator | estimator | keys | target | rel. error vs target (median / max) | abs. error per direction (median) "
-        "| Spearman vs exact psi | Spearman of target vs exact psi | JVP+VJP / sample | ms / sample |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *table(["generator", "estimator", "keys", "target", "rel. error vs target (median / max)",
+                "abs. error per direction (median)", "Spearman vs exact psi", "Spearman of target vs exact psi",
+                "JVP+VJP / sample", "ms / sample"],
+               [[r["gen"], r["est"], r["keys"], r["target"], r["rel"], r["abs"], f"{r['rho']:.3f}", f"{r['rho_t']:.3f}",
+                 r["mv"], f"{r['ms']:.2f}"] for r in rows]),
+        "", f"(benchmark ran in {time.perf_counter() - t0:.0f} s)",
     ]
-    for r in rows:
-        lines.append(f"| {r['gen']} | {r['est']} | {r['keys']} | {r['target']} | {r['rel']} | {r['abs']} | "
-                     f"{r['rho']:.3f} | {r['rho_t']:.3f} | {r['mv']} | {r['ms']:.2f} |")
-    lines += ["", f"(benchmark ran in {time.perf_counter() - t0:.0f} s)"]
     return "\n".join(lines)
 
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mlp", nargs="+", default=GENERATORS, help="generators, SIZES:ACTIVATION (e.g. 32-128-256:tanh)")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--lanczos-k", type=int, nargs="+", default=[8, 32])

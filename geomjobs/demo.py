@@ -48,6 +48,8 @@ def heatmap(df, path: str, title: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from geomjobs.analysis.plots import save_png
+
     res = int(round(len(df) ** 0.5))
     df = df.sort_values("sample_id")
     extent = [df.v.min(), df.v.max(), df.u.min(), df.u.max()]
@@ -61,8 +63,7 @@ def heatmap(df, path: str, title: str) -> None:
         ax.set_ylabel("x_2")
         fig.colorbar(im, ax=ax, shrink=0.85)
     fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 def main(argv=None) -> int:

@@ -212,6 +212,27 @@ def test_image_mosaic_places_images_row_major_with_padding(tmp_path):
     assert path == str(tmp_path / "figs" / "mosaic.png") and os.path.getsize(path) > 0
 
 
+def test_save_png_writes_a_png_through_fsspec_makes_local_folders_and_closes_the_figure(tmp_path):
+    import fsspec
+    import matplotlib.pyplot as plt
+
+    png = b"\x89PNG\r\n\x1a\n"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    local = tmp_path / "new" / "folder" / "a.png"
+    assert A.save_png(fig, str(local), dpi=50) == str(local)
+    assert local.read_bytes()[:8] == png and not plt.fignum_exists(fig.number)
+    fig, ax = plt.subplots()                                     # a remote filesystem: fsspec's in-memory one
+    ax.plot([0, 1], [0, 1])
+    A.save_png(fig, "memory://save-png-test/figs/b.png", dpi=50)
+    assert fsspec.filesystem("memory").cat("/save-png-test/figs/b.png")[:8] == png and not plt.fignum_exists(fig.number)
+    fig = plt.figure()
+    fig.savefig = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("render failed"))
+    with pytest.raises(RuntimeError, match="render failed"):
+        A.save_png(fig, str(tmp_path / "c.png"))
+    assert not (tmp_path / "c.png").exists() and not plt.fignum_exists(fig.number)   # nothing written, figure closed
+
+
 # ---- reading datasets ------------------------------------------------------------------------
 def write_parts(root, rows_per_part):
     os.makedirs(os.path.join(root, "_geomjobs"), exist_ok=True)

@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 
 from geomjobs import run_job
-from geomjobs.reward.evaluate import COLUMNS, evaluate, level_sets
+from geomjobs.analysis.stats import level_set_index
+from geomjobs.reward.evaluate import COLUMNS, evaluate
 from geomjobs.reward.model import build_network, init_params, network_config, reward_meta, save_reward
 from geomjobs.spec import SpecError
 
@@ -56,10 +57,10 @@ def monkeypatch_module():
 
 def test_level_sets_are_ten_equal_width_bins_of_the_baseline_range():
     psi = np.array([0.0, 0.05, 0.1, 0.35, 0.999, 1.0])
-    idx, edges = level_sets(psi)
+    idx, edges = level_set_index(psi)                             # the rule evaluate uses, 10 bins
     np.testing.assert_allclose(edges, np.linspace(0, 1, 11))
     assert idx.tolist() == [0, 0, 1, 3, 9, 9]                     # the maximum is in the last bin
-    assert level_sets(np.full(4, 2.0))[0].tolist() == [0, 0, 0, 0]
+    assert level_set_index(np.full(4, 2.0))[0].tolist() == [0, 0, 0, 0]
 
 
 def test_levelsets_table_against_an_independent_recomputation(datasets, tmp_path):

@@ -1,11 +1,11 @@
 """Figures for the notebooks (matplotlib, imported on first use): heatmaps of grid2d / plane3
-slices and image grids."""
+slices and image grids; :func:`save_png`, the one PNG writer (local paths and gs://)."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["image_grid", "image_mosaic", "save_figure", "slice_grid", "slice_heatmap"]
+__all__ = ["image_grid", "image_mosaic", "save_figure", "save_png", "slice_grid", "slice_heatmap"]
 
 
 def slice_grid(df, value: str):
@@ -88,14 +88,34 @@ def image_grid(images, rows: int, cols: int | None = None, ax=None, *, title: st
     return ax, mosaic
 
 
-def save_figure(fig, out_dir, name: str, dpi: int = 110) -> str:
-    """Save ``fig`` as ``<out_dir>/<name>.png`` (folder made if needed), close it, return the path."""
+def save_png(fig, uri: str, dpi: int = 110) -> str:
+    """Write ``fig`` as a PNG at ``uri`` (a local path, file:// or gs://, through
+    :func:`geomjobs.sink.fs.filesystem`; a local folder is made if needed) and close the figure.
+    The image is rendered in memory first, so a figure that fails to render writes nothing.
+    Returns ``uri``."""
+    import io
     import os
 
     import matplotlib.pyplot as plt
 
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(str(out_dir), f"{name}.png")
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    from geomjobs.sink.fs import filesystem, is_local
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    fs, path = filesystem(uri)
+    if is_local(str(uri)):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(buf.getvalue())
+    return uri
+
+
+def save_figure(fig, out_dir, name: str, dpi: int = 110) -> str:
+    """Save ``fig`` as ``<out_dir>/<name>.png`` (:func:`save_png`: folder made if needed, local or
+    gs://), close it, return the path."""
+    import os
+
+    return save_png(fig, os.path.join(str(out_dir), f"{name}.png"), dpi)

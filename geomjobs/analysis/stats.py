@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-__all__ = ["ci95_halfwidth", "correlations", "format_p", "level_sets", "on_manifold_mask", "two_sample"]
+__all__ = ["ci95_halfwidth", "correlations", "format_p", "level_set_index", "level_sets", "on_manifold_mask", "two_sample"]
 
 
 def _frame(df) -> pd.DataFrame:
@@ -53,9 +53,7 @@ def level_sets(df, column: str = "local_scaling", bins: int = 10, values=(), ran
     relation: the per-bin count / mean / standard deviation are then computed by DuckDB with the
     same formula, and only ``bins`` rows come back to Python.
     """
-    bins = int(bins)
-    if bins < 1:
-        raise ValueError(f"bins must be >= 1, got {bins}")
+    bins = _check_bins(bins)
     values = [values] if isinstance(values, str) else list(values)
     if _is_relation(df):
         agg = _level_sets_duckdb(df, column, bins, values, range)
@@ -66,11 +64,10 @@ def level_sets(df, column: str = "local_scaling", bins: int = 10, values=(), ran
             if c not in frame.columns:
                 raise KeyError(f"column '{c}' is not in the table; it has {list(frame.columns)}")
         x = pd.to_numeric(frame[column], errors="raise").to_numpy(np.float64, na_value=np.nan)
-        keep = np.isfinite(x)
-        lo, hi = _range(x[keep], range)
-        keep &= (x >= lo) & (x <= hi)
-        idx = _bin_index(x[keep], lo, hi, bins)
-        sub = frame.loc[keep, values].astype(np.float64).assign(_bin=idx)
+        idx, edges = level_set_index(x, bins, range)
+        lo, hi = edges[0], edges[-1]
+        keep = idx >= 0
+        sub = frame.loc[keep, values].astype(np.float64).assign(_bin=idx[keep])
         g = sub.groupby("_bin")
         agg = pd.DataFrame({"count": g.size()})
         for v in values:
@@ -78,7 +75,7 @@ def level_sets(df, column: str = "local_scaling", bins: int = 10, values=(), ran
             agg[f"{v}_std"] = g[v].std(ddof=1)
             agg[f"{v}_n"] = g[v].count()
     out = pd.DataFrame({"level_set": np.arange(bins)})
-    edges = lo + (hi - lo) * np.arange(bins + 1) / bins
+    edges = _edges(lo, hi, bins)
     out["lo"], out["hi"] = edges[:-1], edges[1:]
     agg = agg.reindex(np.arange(bins))
     out["count"] = agg["count"].fillna(0).to_numpy(np.int64)
@@ -87,6 +84,32 @@ def level_sets(df, column: str = "local_scaling", bins: int = 10, values=(), ran
         out[f"{v}_mean"] = agg[f"{v}_avg"].to_numpy(np.float64)
         out[f"{v}_ci95"] = ci95_halfwidth(agg[f"{v}_std"].to_numpy(np.float64), n)
     return out
+
+
+def level_set_index(x, bins: int = 10, range=None) -> tuple[np.ndarray, np.ndarray]:  # noqa: A002
+    """(level set of each value of ``x``, the ``bins`` + 1 edges) by :func:`level_sets`' rule:
+    ``bins`` equal-width bins of ``range`` (default: the finite values' min and max; every value
+    equal: [v, v + 1)), bin of x = floor((x - lo) * bins / (hi - lo)), x = hi in the last bin;
+    -1 for a value that is not finite or outside the range."""
+    bins = _check_bins(bins)
+    x = np.asarray(x, np.float64).reshape(-1)
+    keep = np.isfinite(x)
+    lo, hi = _range(x[keep], range)
+    keep &= (x >= lo) & (x <= hi)
+    idx = np.full(len(x), -1, np.int64)
+    idx[keep] = _bin_index(x[keep], lo, hi, bins)
+    return idx, _edges(lo, hi, bins)
+
+
+def _check_bins(bins) -> int:
+    bins = int(bins)
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    return bins
+
+
+def _edges(lo: float, hi: float, bins: int) -> np.ndarray:
+    return lo + (hi - lo) * np.arange(bins + 1) / bins
 
 
 def _range(x: np.ndarray, range):  # noqa: A002

@@ -6,8 +6,9 @@ from the same noise. Records are paired by ``sample_id``; a pair counts when bot
 ``ok``.
 
 Level sets: 10 equal-width bins of the baseline's psi range [min, max] (the top edge falls in bin
-9). A guided sample belongs to the level set of its *baseline partner* (the same seed before
-guidance), so a bin compares the same initial noises with and without guidance.
+9; :func:`geomjobs.analysis.stats.level_set_index`, the notebooks' rule). A guided sample belongs
+to the level set of its *baseline partner* (the same seed before guidance), so a bin compares the
+same initial noises with and without guidance.
 
 Per (dataset, level set): ``count``, ``psi_mean`` (the dataset's own ``local_scaling`` column,
 i.e. psi recomputed by the service at the guided sample, never the reward's prediction),
@@ -38,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from geomjobs.analysis.stats import level_set_index
 from geomjobs.errors import SpecError
 from geomjobs.metrics import frechet_distance, vendi_score
 
@@ -95,18 +97,6 @@ def _check_pairs(base: dict, other: dict) -> None:
     sa, sb = base["df"].get("noise_seed"), other["df"].get("noise_seed")
     if sa is not None and sb is not None and not np.array_equal(sa.to_numpy(), sb.to_numpy()):
         raise SpecError(other["uri"], "seeds differ from the baseline's (noise_seed column)")
-
-
-def level_sets(psi: np.ndarray, n: int = N_LEVEL_SETS) -> tuple[np.ndarray, np.ndarray]:
-    """(bin index per value in 0..n-1, the n + 1 edges): n equal-width bins of [min, max], the
-    maximum in the last bin. All values equal: everything in bin 0."""
-    psi = np.asarray(psi, np.float64)
-    lo, hi = float(psi.min()), float(psi.max())
-    edges = np.linspace(lo, hi, n + 1)
-    if hi == lo:
-        return np.zeros(len(psi), np.int64), edges
-    idx = np.floor((psi - lo) / (hi - lo) * n).astype(np.int64)
-    return np.clip(idx, 0, n - 1), edges
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,7 +182,7 @@ def evaluate(baseline: str, guided: list[str], out: str) -> dict:
         ok &= (o["df"]["status"] == "ok").to_numpy()
     if not ok.any():
         raise SpecError(baseline, "no sample is ok in the baseline and every guided dataset")
-    bins, edges = level_sets(bdf["local_scaling"].to_numpy()[ok])
+    bins, edges = level_set_index(bdf["local_scaling"].to_numpy()[ok], N_LEVEL_SETS)
     scorer = _Scorer()
     rows, summary = [], []
     for d in [base, *others]:
@@ -230,6 +220,8 @@ def plot(levels, png: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from geomjobs.analysis.plots import save_png
+
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for (uri, scale), g in levels.groupby(["dataset", "guidance_scale"], sort=False):
         g = g.sort_values("level_set")
@@ -248,8 +240,7 @@ def plot(levels, png: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    save_png(fig, png, dpi=120)
 
 
-__all__ = ["COLUMNS", "N_LEVEL_SETS", "evaluate", "level_sets", "plot"]
+__all__ = ["COLUMNS", "N_LEVEL_SETS", "evaluate", "plot"]
