@@ -100,6 +100,13 @@ PT_ONLY: dict[str, dict[str, tuple[Any, bool]]] = {
         "force_upcast": (True, False), "use_quant_conv": (True, True), "use_post_quant_conv": (True, True),
         "mid_block_add_attention": (True, True)},
 }
+# The block types diffusers' Flax classes build; they build any other name as one of these
+# without a word (a PyTorch AttnDownBlock2D would become a DownBlock2D), so the reader refuses it.
+BLOCK_TYPES: dict[str, dict[str, tuple]] = {
+    "UNet2DConditionModel": {"down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+                             "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D")},
+    "AutoencoderKL": {"down_block_types": ("DownEncoderBlock2D",), "up_block_types": ("UpDecoderBlock2D",)},
+}
 FLAX_ONLY = frozenset({"use_memory_efficient_attention", "split_head_dim", "dtype"})
 CLASS_HINTS = {"UNet2DConditionModel": ("time_embedding.", "conv_in.", "down_blocks.", "mid_block."),
                "AutoencoderKL": ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")}
@@ -237,7 +244,13 @@ def keep_for_copy(names, key: str, uri: str) -> set[str]:
 
 def check_config(raw: dict, name: str, where: str, key: str) -> None:
     """Refuse a PyTorch config that sets a key the Flax class does not implement to anything but
-    the value it computes (:data:`PT_ONLY`)."""
+    the value it computes (:data:`PT_ONLY`), or names a block the Flax class does not build
+    (:data:`BLOCK_TYPES`)."""
+    for k, kinds in BLOCK_TYPES.get(name, {}).items():
+        for i, t in enumerate(raw.get(k) or ()):
+            if t not in kinds:
+                raise SpecError(key, f"'{os.path.join(where, 'config.json')}' has {k}[{i}]: {json.dumps(t)}; diffusers' Flax "
+                                     f"{name} builds only {', '.join(kinds)}")
     for k, (default, checked) in PT_ONLY.get(name, {}).items():
         if checked and k in raw and not _same(raw[k], default):
             raise SpecError(key, f"'{os.path.join(where, 'config.json')}' sets {k}: {json.dumps(raw[k])}; diffusers' Flax "
