@@ -21,12 +21,13 @@ PyTorch's (out, in, kh, kw); a dense kernel (in, out) is the Linear weight (out,
 and biases are 1-d in both. These are the rules of diffusers' ``rename_key_and_reshape_tensor``,
 which tests/test_safetensors.py runs on every key.
 
-**Reading** (:func:`load_pytorch`): the config is checked (:func:`check_config`), the Flax module is
-built from it, then the file's header alone (names, dtypes, shapes) is compared with the tree:
-a tensor the model does not have, a missing one, a shape that does not fit the config, or a
-dtype that is not floating point is a :class:`SpecError` naming the file and the key, before any
-tensor is read. Tensors are read one at a time through ``safetensors``' NumPy API
-(``safe_open(framework='np')``) and cast to the job's dtype (model.dtype).
+**Reading** (:func:`load_pytorch`): the config is checked (:func:`check_config`: block types the
+Flax classes build, PyTorch-only settings they compute), the Flax module is built from it, then the
+file's header alone (names, dtypes, shapes) is compared with the tree: a tensor the model does not
+have, a missing one, a shape that does not fit the config, or a dtype that is not floating point is
+a :class:`SpecError` naming the file and the key, before any tensor is read. Tensors are read one at
+a time through ``safetensors``' NumPy API (``safe_open(framework='np')``) and cast to the job's
+dtype (model.dtype).
 
 **dtypes.** F32, F16, BF16 and F64 tensors load into float32, bfloat16 or float64: F16 and BF16
 widen to float32 exactly; F32 -> bfloat16 rounds to nearest even (the cast the Flax path makes
@@ -35,8 +36,8 @@ with ml_dtypes); where it cannot, the tensor's raw little-endian bytes are read 
 shifted 16 bits left into the high half of a uint32, viewed as float32 (bf16 is the top half of
 an IEEE float32, so this is exact). What the job *cannot hold*: integer, bool, complex or float8
 tensors (refused by dtype); values that are not finite in the file (nan / inf weights); values an
-F64 checkpoint has beyond the range of the job's float32 / bfloat16 (they would become inf). Both
-are found after the cast, per tensor, and named. (A float64 job needs ``execution.dtype:
+F64 checkpoint has beyond the range of the job's float32 / bfloat16 (they would become inf). The
+last two are found as each tensor is read and cast (still before the job computes anything). (A float64 job needs ``execution.dtype:
 float64``; :func:`folders.compute_dtype` refuses it otherwise.) Lower precision is the user's choice
 (``model.dtype: bfloat16`` rounds an F32 checkpoint), as it is for Flax checkpoints.
 
