@@ -24,9 +24,12 @@ What each check rests on:
   diffusers' rules above.
 - **the loader** (round trips, jobs): write -> read is exact in float32 and equal to the dtype's
   round-to-nearest-even in float16 / bfloat16 (also checked against the rounding bound), through
-  safetensors' NumPy bf16 and through the raw-bytes fallback; a job on the PyTorch folder gives
-  the same G(z) and the same psi / nu records, bitwise, as the same job on the Flax-msgpack folder
-  holding the same weights (loaded by diffusers' real ``from_pretrained``).
+  safetensors' NumPy bf16 and through the raw-bytes fallback. Against the Flax-msgpack folder
+  holding the same weights (loaded by diffusers' real ``from_pretrained``): a job on the PyTorch
+  folder writes the same psi / nu records, bitwise (the VAE in the default run, the UNet in
+  ``make test-slow``); both folders build equal Flax modules (every dataclass field) with bitwise
+  equal params, and G(z) on 3 latents is bitwise equal (VAE and UNet); so are the bf16 params
+  and the diffusers-vae encoder's latents.
 - **bad input**: each refused before any work, naming the key, the file and the tensor.
 """
 import ast
