@@ -378,7 +378,8 @@ def test_folders_with_the_wrong_embeddings_or_only_pytorch_weights_are_refused(p
     pt.mkdir(parents=True)
     (pt / "config.json").write_text((pipe["root"] / "vae" / "config.json").read_text())
     (pt / "diffusion_pytorch_model.safetensors").write_bytes(b"")
-    with pytest.raises(SpecError, match=r"model.subfolder'.*no Flax weights.*safetensors.*from_pt=True"):
+    # PyTorch safetensors are read without torch (tests/test_safetensors.py); an unreadable file is named
+    with pytest.raises(SpecError, match=r"model.subfolder'.*diffusion_pytorch_model.safetensors' is not a readable safetensors"):
         build_generator({"kind": VAE, "path": str(tmp_path / "pt"), "subfolder": "vae"})
 
 

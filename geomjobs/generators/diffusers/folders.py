@@ -1,5 +1,7 @@
 """What the diffusers generators and encoder share: the diffusers import, model folders (local or
-remote, copied once into a local cache), loading through ``from_pretrained``, dtypes and remat.
+remote, copied once into a local cache), loading (Flax weights through ``from_pretrained``,
+PyTorch safetensors through :mod:`.pytorch_weights`; a folder with both loads the Flax ones),
+dtypes and remat.
 
 dtypes: ``dtype: float32 | bfloat16 | float64`` is the params' and activations' dtype (float64
 needs ``execution.dtype: float64``; it exists for CPU references). Params are cast here with
@@ -29,11 +31,12 @@ import jax
 import jax.numpy as jnp
 
 from geomjobs.generators.base import output_shape_of
+from geomjobs.generators.diffusers import pytorch_weights
 from geomjobs.spec import SpecError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 REMAT = ("none", "dots", "full")
-FLAX_WEIGHTS = "diffusion_flax_model.msgpack"
+FLAX_WEIGHTS = pytorch_weights.FLAX_WEIGHTS
 CACHE_ENV = "GEOMJOBS_CACHE_DIR"
 VERSION_KEYS = ("generation", "etag", "md5Hash", "ETag", "mtime", "LastModified", "created")
 
@@ -70,7 +73,7 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "geomjobs" / "models")
 
 
-def local_model_folder(uri: str, parts: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> str:
+def local_model_folder(uri: str, parts: tuple[str, ...] = (), optional: tuple[str, ...] = (), select=None) -> str:
     """A local folder holding the model folder ``uri`` (diffusers reads local folders only).
 
     A local path is returned as it is. A remote one (gs://, or any fsspec URI) is copied once
@@ -79,7 +82,9 @@ def local_model_folder(uri: str, parts: tuple[str, ...] = (), optional: tuple[st
     ``parts`` is empty. The cache entry is named by a hash of the URI and of every file's name,
     size and version tag (generation / etag / md5 / mtime), so a changed remote file is fetched
     again, and it is written to a temporary folder then renamed, so concurrent workers on one
-    host never see half a copy.
+    host never see half a copy. ``select`` (names -> names to copy), when given, picks the files
+    of the model folder itself (``parts[0]``, or the root): the weights the loader will read, not
+    every format the folder holds (:func:`pytorch_weights.keep_for_copy`).
     """
     from geomjobs.sink.fs import filesystem, is_local, normalize_uri
 
@@ -91,6 +96,8 @@ def local_model_folder(uri: str, parts: tuple[str, ...] = (), optional: tuple[st
     fs, root = filesystem(uri)
     root = root.rstrip("/")
     files = _remote_files(fs, uri, root, parts, optional)
+    if select is not None:
+        files = _selected(files, f"{root}/{parts[0]}" if parts else root, select)
     rel = {p: p[len(root):].lstrip("/") for p in files}
     ident = json.dumps([uri, sorted((rel[p], int(i.get("size") or 0), _version(i)) for p, i in files.items())])
     dest = cache_root() / hashlib.sha256(ident.encode()).hexdigest()[:24]
@@ -104,6 +111,14 @@ def _version(info: dict) -> str:
         if info.get(k) is not None:
             return str(info[k])
     return ""
+
+
+def _selected(files: dict[str, dict], folder: str, select) -> dict[str, dict]:
+    """``files`` less those directly in ``folder`` that ``select`` (their names -> the names to keep) drops."""
+    folder = folder.rstrip("/")
+    here = {p.rsplit("/", 1)[-1]: p for p in files if p.rsplit("/", 1)[0] == folder}
+    keep = set(select(sorted(here)))
+    return {p: i for p, i in files.items() if p not in here.values() or p.rsplit("/", 1)[-1] in keep}
 
 
 def _remote_files(fs, uri: str, root: str, parts, optional) -> dict[str, dict]:
@@ -177,33 +192,39 @@ def model_folder(model: dict, kind: str, hint_sub: str, optional: tuple[str, ...
     """(local root, subfolder or None, local path of the model folder), checked."""
     sub = model.get("subfolder")
     path = model["path"]
-    root = local_model_folder(path, (sub,) if sub else (), optional)
-    where = os.path.join(root, sub) if sub else root
     key = "model.subfolder" if sub else "model.path"
+    root = local_model_folder(path, (sub,) if sub else (), optional,
+                              select=lambda names: pytorch_weights.keep_for_copy(names, key, path))
+    where = os.path.join(root, sub) if sub else root
     if sub and not os.path.isdir(where):
         raise SpecError("model.subfolder", f"'{path}' has no subfolder '{sub}' ('{where}' does not exist)")
     if not os.path.isfile(os.path.join(where, "config.json")):
         hint = f"; for a pipeline folder set subfolder: {hint_sub}" if not sub else ""
         raise SpecError(key, f"'{where}' has no config.json: expected a diffusers {kind} folder (written by save_pretrained){hint}")
-    if not os.path.isfile(os.path.join(where, FLAX_WEIGHTS)):
-        found = sorted(f for f in os.listdir(where) if f.endswith((".safetensors", ".bin", ".msgpack")))
-        raise SpecError(key, f"'{where}' has no Flax weights ({FLAX_WEIGHTS}); found {found or 'no weights'}. "
-                             "PyTorch weights need a one-time conversion: from_pretrained(..., from_pt=True) with torch "
-                             "installed, then save_pretrained(folder, params=params)")
+    found = os.listdir(where)
+    kind, files = pytorch_weights.choose_weights(found)
+    if kind not in ("flax", "safetensors"):
+        raise pytorch_weights.weights_error(kind, files, where, key, found)
     return root, sub, where
 
 
 def load_pretrained(cls, folder: tuple[str, str | None, str], dtype):
     """(module, params, raw config.json) of a diffusers Flax class from a checked
-    :func:`model_folder` (root, subfolder, path)."""
+    :func:`model_folder` (root, subfolder, path): Flax weights through ``from_pretrained`` (params as
+    stored), else PyTorch safetensors through :func:`pytorch_weights.load_pytorch` (params in ``dtype``)."""
     root, sub, where = folder
+    key = "model.subfolder" if sub else "model.path"
     kw = {"subfolder": sub} if sub else {}
     with open(os.path.join(where, "config.json")) as f:
         raw = json.load(f)
     found = str(raw.get("_class_name", "")).removeprefix("Flax")
     want = cls.__name__.removeprefix("Flax")
     if found and found != want:   # from_pretrained would load another model's config without a word
-        raise SpecError("model.subfolder" if sub else "model.path", f"'{where}' is a {found} folder; expected a folder of {want}")
+        raise SpecError(key, f"'{where}' is a {found} folder; expected a folder of {want}")
+    kind, files = pytorch_weights.choose_weights(os.listdir(where))
+    if kind == "safetensors":
+        module, params = pytorch_weights.load_pytorch(cls, where, raw, dtype, key, files)
+        return module, params, raw
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
