@@ -16,7 +16,7 @@ import pytest
 
 from geomjobs import run_job
 from geomjobs.reward.evaluate import COLUMNS, evaluate, level_sets
-from geomjobs.reward.model import build_network, init_params, network_config, reward_meta, save_reward
+from geomjobs.sampling.reward_net import build_network, init_params, network_config, reward_meta, save_reward
 from geomjobs.spec import SpecError
 
 COUNT = 60

@@ -43,7 +43,7 @@ prompts), ``trajectory_id`` and ``step`` (trajectory) and ``z`` (the record's la
 with ``save_latent: true``).
 
 ``guidance`` ({reward, scale, window}): classifier guidance by a reward folder's r(z_t, t)
-(:mod:`geomjobs.reward.guidance`, which loads and checks the folder when the spec is planned). The
+(:mod:`geomjobs.sampling.guidance`, which loads and checks the folder when the spec is planned). The
 reward's parameters travel with the source when it is pickled; at ``scale: 0`` no hook is
 installed, so the samples are bitwise the unguided job's.
 """
@@ -159,7 +159,7 @@ class _Run:
     def __init__(self, model: dict, sampler: sampling.Sampler, batch_size: int, gen=None, guide=None,
                  prompts: _Prompts | None = None):
         self.model, self.sampler, self.batch_size = model, sampler, batch_size
-        self.guide = guide           # geomjobs.reward.guidance.Guide or None (pickled with its reward)
+        self.guide = guide           # geomjobs.sampling.Guide or None (pickled with its reward)
         self.prompts = prompts       # _Prompts or None (one prompt per job, closed into gen.params)
         self._gen, self._fns = gen, {}
 
@@ -178,15 +178,13 @@ class _Run:
     def _sampler_fn(self, record: bool):
         """(jitted batch sampler, its params): the model's alone, or with an active guide the
         guided denoiser and ``{"model": ..., "reward": ...}``."""
-        from geomjobs.reward import guidance
-
         gen, g = self.gen, self.guide
         # per-sample prompts: the context leaf gets a batch axis (in_axes 0), the weights stay shared
         model_axes = None if self.prompts is None else {k: (0 if k == "context" else None) for k in gen.params}
         if g is None or not g.active:
             return sampling.batch_sampler(gen.denoiser, self.sampler, record=record, param_axes=model_axes), gen.params
         axes = None if model_axes is None else {"model": model_axes, "reward": None}
-        fn = sampling.batch_sampler(guidance.guided_denoiser(gen.denoiser), self.sampler, record=record, guidance=g.hook(),
+        fn = sampling.batch_sampler(sampling.guided_denoiser(gen.denoiser), self.sampler, record=record, guidance=g.hook(),
                                     param_axes=axes)
         return fn, {"model": gen.params, "reward": g.reward.params}
 
@@ -250,9 +248,7 @@ def _config(lat: dict) -> tuple[dict, sampling.Sampler, Any, Any]:
     T = gen.denoiser.num_timesteps
     if sampler.steps > T:
         raise SpecError("latents.sampler.steps", f"expected at most T = {T} (the model's timesteps), got {sampler.steps}")
-    from geomjobs.reward.guidance import resolve_guidance
-
-    guide = resolve_guidance(g, gen, sampler)
+    guide = sampling.resolve_guidance(g, gen, sampler)
     resolved = {**copy.deepcopy(lat), "sampler": cfg, "seed": lat.get("seed", 0),
                 "save_latent": lat.get("save_latent", False), "batch_size": lat.get("batch_size", DEFAULT_BATCH)}
     return resolved, sampler, gen, guide

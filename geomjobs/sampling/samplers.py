@@ -39,11 +39,11 @@ sample i) and the eta > 0 noise ``default_rng([seed, i, 1]).standard_normal((ste
 sample i's path depends only on (seed, i), never on batching or sharding.
 
 Guidance hook: ``guidance(eps, x_t, t, abar_t) -> eps'`` replaces the model's eps at every step
-before the update; :func:`reward_guidance` builds SPEC section 3's classifier guidance from the
-gradient of a reward r(x_t, t). None (the default) leaves eps as it is. A hook built with
+before the update; :func:`geomjobs.sampling.guidance.reward_guidance` builds SPEC section 3's
+classifier guidance from the gradient of a reward r(x_t, t). None (the default) leaves eps as it is. A hook built with
 ``with_params=True`` is called as ``guidance(eps, x_t, t, abar_t, params)`` with the sampler's
 ``params``, so that a reward's weights are arguments of the jitted sampler (one compile serves
-any weights) rather than constants baked into it (:mod:`geomjobs.reward.guidance` passes
+any weights) rather than constants baked into it (:mod:`geomjobs.sampling.guidance` passes
 ``{"model": ..., "reward": ...}``).
 """
 from __future__ import annotations
@@ -221,24 +221,5 @@ def batch_sampler(denoiser, sampler: Sampler, record: bool = False, guidance: Gu
     return run
 
 
-def reward_guidance(grad_r: Callable[..., jax.Array], scale: float, window: tuple[int, int] | None = None,
-                    with_params: bool = False) -> Guidance:
-    """SPEC section 3's classifier guidance as a :func:`sample_loop` hook: eps' = eps - sqrt(1 -
-    abar_t) * scale * grad_r(x_t, t), applied where lo <= t <= hi for ``window = (lo, hi)`` (every
-    step when None). ``grad_r(x_t, t)`` is the gradient of the reward in x_t (one latent); with
-    ``with_params`` it is ``grad_r(params, x_t, t)`` with the sampler's params (module doc)."""
-    scale = float(scale)
-
-    def hook(eps, x, t, ab, *params):
-        g = eps - jnp.sqrt(1.0 - ab) * scale * grad_r(*params, x, t).astype(eps.dtype)
-        if window is None:
-            return g
-        lo, hi = window
-        return jnp.where((t >= lo) & (t <= hi), g, eps)
-
-    hook.with_params = bool(with_params)
-    return hook
-
-
-__all__ = ["SAMPLER_KINDS", "Sampler", "batch_sampler", "dpmpp2m_coefficients", "initial_noise", "reward_guidance",
-           "sample_loop", "schedule", "step_noise", "timesteps"]
+__all__ = ["SAMPLER_KINDS", "Guidance", "Sampler", "batch_sampler", "dpmpp2m_coefficients", "initial_noise", "sample_loop",
+           "schedule", "step_noise", "timesteps"]
