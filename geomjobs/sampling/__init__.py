@@ -10,6 +10,7 @@ evaluation), which import it.
 from geomjobs.sampling.guidance import Guide, guided_denoiser, resolve_guidance, reward_guidance
 from geomjobs.sampling.samplers import (
     SAMPLER_KINDS,
+    BatchSampler,
     Guidance,
     Sampler,
     batch_sampler,
@@ -21,5 +22,5 @@ from geomjobs.sampling.samplers import (
     timesteps,
 )
 
-__all__ = ["SAMPLER_KINDS", "Guidance", "Guide", "Sampler", "batch_sampler", "dpmpp2m_coefficients", "guided_denoiser",
+__all__ = ["SAMPLER_KINDS", "BatchSampler", "Guidance", "Guide", "Sampler", "batch_sampler", "dpmpp2m_coefficients", "guided_denoiser",
            "initial_noise", "resolve_guidance", "reward_guidance", "sample_loop", "schedule", "step_noise", "timesteps"]

@@ -64,8 +64,7 @@ def reward_guidance(grad_r: Callable[..., jax.Array], scale: float, window: tupl
         lo, hi = window
         return jnp.where((t >= lo) & (t <= hi), g, eps)
 
-    hook.with_params = bool(with_params)
-    return hook
+    return samplers.Guidance(hook, bool(with_params))
 
 
 @dataclasses.dataclass
