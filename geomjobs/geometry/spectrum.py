@@ -29,12 +29,9 @@ def jacobian(g: Callable, z):
     return (jax.jacfwd if d <= n else jax.jacrev)(g)(z)
 
 
-def exact_singular_values(g: Callable, z, *, svd_dtype=None):
+def exact_singular_values(g: Callable, z):
     """Singular values of A(z), descending; the matrix shape is (n, d)."""
-    a = jacobian(g, z)
-    if svd_dtype is not None:
-        a = a.astype(svd_dtype)
-    return jnp.linalg.svd(a, compute_uv=False)
+    return jnp.linalg.svd(jacobian(g, z), compute_uv=False)
 
 
 AUTO_CHUNK_ACCELERATOR = 32
@@ -60,9 +57,6 @@ def projected_rows(g: Callable, z, w, *, chunk: int | None = None):
     return jax.lax.map(lambda c: vjp(c)[0], w, batch_size=chunk)
 
 
-def projected_singular_values(g: Callable, z, w, *, chunk: int | None = None, svd_dtype=None):
+def projected_singular_values(g: Callable, z, w, *, chunk: int | None = None):
     """Singular values of W A(z), descending; the matrix shape is (k, d)."""
-    m = projected_rows(g, z, w, chunk=chunk)
-    if svd_dtype is not None:
-        m = m.astype(svd_dtype)
-    return jnp.linalg.svd(m, compute_uv=False)
+    return jnp.linalg.svd(projected_rows(g, z, w, chunk=chunk), compute_uv=False)
