@@ -57,8 +57,10 @@ import jsonschema
 import numpy as np
 
 from geomjobs import sampling
+from geomjobs.generators import build_generator
+from geomjobs.generators.diffusers.prompts import load_prompt_embeddings
 from geomjobs.latents.sources import LatentSource
-from geomjobs.spec import SpecError
+from geomjobs.spec import SpecError, explain_schema_error, job_schema
 
 SAMPLER_DEFAULTS = {"kind": "ddim", "steps": 50, "eta": 0.0}
 DEFAULT_BATCH = 16
@@ -73,8 +75,6 @@ _UNET_PLACEHOLDER_T = 0
 
 def _model_section(lat: dict) -> dict:
     """latents.model checked as the top-level model section is (errors name latents.model.*)."""
-    from geomjobs.spec import explain_schema_error, job_schema
-
     model = copy.deepcopy(lat["model"])
     if model["kind"] == "diffusers-unet":
         model.setdefault("timestep", _UNET_PLACEHOLDER_T)
@@ -98,8 +98,6 @@ def _rekey(e: SpecError) -> SpecError:
 
 
 def _build_model(model: dict):
-    from geomjobs.generators import build_generator
-
     try:
         gen = build_generator(model, "float32")
     except SpecError as e:
@@ -129,7 +127,6 @@ class _Prompts:
     @property
     def table(self) -> tuple[np.ndarray, np.ndarray]:
         if self._table is None:
-            from geomjobs.generators.diffusers.prompts import load_prompt_embeddings
             self._table = load_prompt_embeddings(self.path, "latents.model.prompt_embeddings")
         return self._table
 
@@ -266,8 +263,6 @@ def _prompts(lat: dict) -> _Prompts | None:
     if count % k:
         raise SpecError("latents.count", f"with latents.prompts.seeds_per_prompt = {k}, count must be a multiple of {k} "
                                          f"(n_prompts x {k}), got {count}")
-    from geomjobs.generators.diffusers.prompts import load_prompt_embeddings
-
     table = load_prompt_embeddings(model["prompt_embeddings"], "latents.model.prompt_embeddings")
     first, n, neg = model.get("prompt_index", 0), count // k, model.get("negative_embedding_index")
     if first + n > len(table[0]):
