@@ -21,7 +21,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from geomjobs.errors import SpecError
+from geomjobs.errors import SpecError  # its home; geomjobs.spec.SpecError stays importable
 
 EXECUTION_DEFAULTS = {"shard_size": 256, "batch_size": 16, "dtype": "float32", "max_retries": 3}
 # Keys that change how a job runs but not what it computes: a resume may change them.

@@ -16,10 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from geomjobs.errors import SpecError
 from geomjobs.generators import build_generator
 from geomjobs.geometry import exact_singular_values, local_rank, local_scaling, matrix_rank_rtol, orthonormal_rows
 from geomjobs.geometry.spectrum import projected_rows, projected_singular_values
-from geomjobs.spec import SpecError, validate_spec
+from geomjobs.spec import validate_spec
 
 from references import psi_nu as ref_psi_nu
 

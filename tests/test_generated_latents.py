@@ -12,11 +12,12 @@ import pandas as pd
 import pytest
 
 from geomjobs import run_job, sampling
+from geomjobs.errors import SpecError
 from geomjobs.generators import build_generator
 from geomjobs.generators.base import Denoiser
 from geomjobs.latents import build_latents
 from geomjobs.runner.plan import plan_job
-from geomjobs.spec import SpecError, validate_spec
+from geomjobs.spec import validate_spec
 from geomjobs.zoo.gmm2d import gmm_modes, mode_stats
 
 DDPM = {"kind": "zoo", "name": "ddpm-gmm2d"}

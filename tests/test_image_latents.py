@@ -11,11 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from geomjobs import diffusion, open_dataset, run_job
+from geomjobs.errors import SpecError
 from geomjobs.generators.vae import BetaVAE, load_vae
 from geomjobs.latents import build_latents
 from geomjobs.latents.images import ENCODE_BLOCK, ImageLatents
 from geomjobs.runner.plan import plan_job
-from geomjobs.spec import SpecError, validate_spec
+from geomjobs.spec import validate_spec
 from geomjobs.zoo.digits import digits_images
 
 

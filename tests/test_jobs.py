@@ -8,13 +8,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from geomjobs import run_job
+from geomjobs.errors import DatasetError
 from geomjobs.generators.mlp import load_mlp_weights, mlp_apply
 from geomjobs.geometry.complexity import trace_sites
 from geomjobs.latents import build_latents
 from geomjobs.runner.engine import Engine
 from geomjobs.runner.plan import plan_job
 from geomjobs.runner.shards import compute_shard
-from geomjobs.sink.dataset import Dataset, DatasetError
+from geomjobs.sink.dataset import Dataset
 
 from jobs import assert_each_sample_once, mlp_spec, read_sorted, write_mlp
 from references import mlp_flip_counts

@@ -181,3 +181,15 @@ def test_geometry_imports_without_ray_or_pyarrow():
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_the_errors_live_on_the_ground_floor_and_keep_their_old_names():
+    from geomjobs import errors, spec
+    from geomjobs.runner import ray_connect
+    from geomjobs.sink import dataset
+
+    assert spec.SpecError is errors.SpecError
+    assert dataset.DatasetError is errors.DatasetError
+    assert ray_connect.WorkerPoolError is errors.WorkerPoolError
+    assert not [n for n in ast.walk(ast.parse((ROOT / "errors.py").read_text())) if isinstance(n, (ast.Import, ast.ImportFrom))
+                and not (isinstance(n, ast.ImportFrom) and n.module == "__future__")]

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 from geomjobs import run_job
+from geomjobs.errors import SpecError
 from geomjobs.reward.evaluate import COLUMNS, evaluate, level_sets
 from geomjobs.sampling.reward_net import build_network, init_params, network_config, reward_meta, save_reward
-from geomjobs.spec import SpecError
 
 COUNT = 60
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import yaml
 
+from geomjobs.errors import SpecError
 from geomjobs.runner.plan import plan_job
-from geomjobs.spec import SpecError, load_spec, validate_spec
+from geomjobs.spec import load_spec, validate_spec
 
 from jobs import mlp_spec, write_mlp
 

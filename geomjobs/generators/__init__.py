@@ -9,12 +9,12 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from geomjobs.errors import SpecError
 from geomjobs.generators.base import Generator, ImageEncoder
 from geomjobs.generators.diffusers import unet_generator, vae_decoder_generator
 from geomjobs.generators.mlp import mlp_generator
 from geomjobs.generators.python_entry import python_generator
 from geomjobs.generators.zoo import zoo_generator
-from geomjobs.spec import SpecError
 
 BUILDERS = {"mlp": mlp_generator, "python": python_generator, "zoo": zoo_generator,
             "diffusers-vae-decoder": vae_decoder_generator, "diffusers-unet": unet_generator}

@@ -57,10 +57,11 @@ import jsonschema
 import numpy as np
 
 from geomjobs import sampling
+from geomjobs.errors import SpecError
 from geomjobs.generators import build_generator
 from geomjobs.generators.diffusers.prompts import load_prompt_embeddings
 from geomjobs.latents.sources import LatentSource
-from geomjobs.spec import SpecError, explain_schema_error, job_schema
+from geomjobs.spec import explain_schema_error, job_schema
 
 SAMPLER_DEFAULTS = {"kind": "ddim", "steps": 50, "eta": 0.0}
 DEFAULT_BATCH = 16

@@ -53,6 +53,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from geomjobs.errors import DatasetError  # noqa: F401 (its home is geomjobs.errors; importable from here as before)
 from geomjobs.sink.fs import filesystem, is_local, join, normalize_uri
 
 MANIFEST = "_geomjobs/manifest.json.gz"
@@ -62,10 +63,6 @@ COMPACT_EVERY = 256       # a Dataset rewrites the cache after every this many o
 READ_CONCURRENCY = 64     # markers read at once from a remote store (fsspec's cat batch size)
 
 log = logging.getLogger(__name__)
-
-
-class DatasetError(RuntimeError):
-    """The output location cannot be used as asked (exists without --resume, spec differs...)."""
 
 
 def part_name(shard: int) -> str:

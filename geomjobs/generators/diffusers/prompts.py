@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 
-from geomjobs.spec import SpecError
+from geomjobs.errors import SpecError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from geomjobs import diffusion
+from geomjobs.errors import SpecError
 from geomjobs.generators.base import Denoiser, Generator
 from geomjobs.generators.diffusers.folders import (
     Numerics,
@@ -40,7 +41,6 @@ from geomjobs.generators.diffusers.folders import (
     with_remat,
 )
 from geomjobs.generators.diffusers.prompts import Conditioning, conditioning
-from geomjobs.spec import SpecError
 
 PREDICTIONS = ("eps", "x0")
 OUTPUT_KINDS = ("epsilon", "v_prediction", "sample")   # diffusers' prediction_type
