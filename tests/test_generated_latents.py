@@ -37,7 +37,7 @@ def ddpm_denoiser(monkeypatch):
 
     def with_denoiser(model, dtype):
         module, _, meta = load_ddpm("ddpm-gmm2d")
-        ab = diffusion.alphas_cumprod(diffusion.schedule_betas({**meta["schedule"], "kind": "linear"}))
+        ab = diffusion.abar({**meta["schedule"], "kind": "linear"})
         return dataclasses.replace(original(model, dtype), denoiser=Denoiser(module.apply, ab))
 
     monkeypatch.setitem(zoo.ZOO, "ddpm-gmm2d", with_denoiser)

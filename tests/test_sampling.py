@@ -27,7 +27,7 @@ from geomjobs import diffusion, sampling
 from geomjobs.generators.base import Denoiser
 from geomjobs.sampling import Sampler
 
-ABAR = diffusion.alphas_cumprod(diffusion.schedule_betas({}))      # DDPM's linear schedule, T = 1000
+ABAR = diffusion.abar({})      # DDPM's linear schedule, T = 1000
 MU = np.array([1.5, -2.0, 0.5])
 
 

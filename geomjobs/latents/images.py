@@ -96,7 +96,7 @@ class ImageLatents(LatentSource):
     diffuse: dict | None = None       # {"t": int | "random", "seed": int, "schedule": {...}} or None
 
     def __post_init__(self):
-        self._abar = diffusion.alphas_cumprod(diffusion.schedule_betas(self.diffuse["schedule"])) if self.diffuse else None
+        self._abar = diffusion.abar(self.diffuse["schedule"]) if self.diffuse else None
         self._fn = None
         self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
 
