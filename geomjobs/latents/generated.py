@@ -38,9 +38,11 @@ process sample a shared trajectory once (records unchanged: the sampler's batche
 independent of their companions at a fixed batch size).
 
 Columns: ``noise_seed`` (= seed), ``guidance_scale`` (``latents.guidance.scale``, 0.0 without
-guidance), ``prompt_id`` (a conditioned model's prompt: each record's own with per-sample
-prompts), ``trajectory_id`` and ``step`` (trajectory) and ``z`` (the record's latent, flattened,
-with ``save_latent: true``).
+guidance: the *reward* guidance), ``cfg_scale`` (the classifier-free guidance scale the sampling
+model ran at, ``latents.model.cfg_scale``; left to the job's model when it has none),
+``prompt_id`` (a conditioned model's prompt: each record's own with per-sample prompts),
+``trajectory_id`` and ``step`` (trajectory) and ``z`` (the record's latent, flattened, with
+``save_latent: true``).
 
 ``guidance`` ({reward, scale, window}): classifier guidance by a reward folder's r(z_t, t)
 (:mod:`geomjobs.sampling.guidance`, which loads and checks the folder when the spec is planned). The
@@ -61,7 +63,7 @@ from geomjobs.errors import SpecError
 from geomjobs.generators import build_generator
 from geomjobs.generators.diffusers.prompts import load_prompt_embeddings
 from geomjobs.latents.sources import LatentSource
-from geomjobs.spec import explain_schema_error, job_schema
+from geomjobs.spec import current_model_keys, explain_schema_error, job_schema
 
 SAMPLER_DEFAULTS = {"kind": "ddim", "steps": 50, "eta": 0.0}
 DEFAULT_BATCH = 16
@@ -76,7 +78,7 @@ _UNET_PLACEHOLDER_T = 0
 
 def _model_section(lat: dict) -> dict:
     """latents.model checked as the top-level model section is (errors name latents.model.*)."""
-    model = copy.deepcopy(lat["model"])
+    model = copy.deepcopy(current_model_keys(lat["model"], "latents.model"))
     if model["kind"] == "diffusers-unet":
         model.setdefault("timestep", _UNET_PLACEHOLDER_T)
     validator = jsonschema.Draft202012Validator(job_schema()["properties"]["model"])
@@ -329,6 +331,8 @@ class Sampled(LatentSource):
             cols["prompt_id"] = self.run.prompts.prompt_ids(self.sample_ids(ids))
         elif self.run.gen.prompt_id is not None:
             cols["prompt_id"] = np.full(n, self.run.gen.prompt_id, np.int64)
+        if self.run.gen.cfg_scale is not None:      # the samples were drawn at it, whatever the job's model
+            cols["cfg_scale"] = np.full(n, self.run.gen.cfg_scale, np.float64)
         if self.save_latent:
             cols["z"] = _z_column(self._generated(ids))
         return cols

@@ -61,7 +61,7 @@ class Target:
 
 def unet_generator(model: dict, dtype=jnp.float32) -> Generator:
     """``kind: diffusers-unet`` (keys: path, subfolder, dtype, timestep, prediction, prompt_embeddings,
-    prompt_index, guidance_scale, negative_embedding_index, scheduler_config, latent_shape,
+    prompt_index, cfg_scale, negative_embedding_index, scheduler_config, latent_shape,
     model_id, remat), from a schema-validated section."""
     diffusers = import_diffusers("diffusers-unet")
     numerics = Numerics(compute_dtype(model), dtype, model.get("remat", "none"))
@@ -122,12 +122,12 @@ def unet_from_module(unet, params, cond: Conditioning, target: Target, numerics:
         den = unet_denoiser(unet_output_at(unet, cond, numerics), target.abar, target.output_kind, numerics.out)
     return Generator(model_id=model_id, apply=apply, params=p, latent_shape=shape,
                      output_shape=shape_of(apply, p, shape, numerics.dtype), timestep=target.timestep,
-                     dtype=numerics.dtype, prompt_id=cond.prompt_id, denoiser=den)
+                     dtype=numerics.dtype, prompt_id=cond.prompt_id, cfg_scale=cond.cfg_scale, denoiser=den)
 
 
 def unet_output(unet, params, cond: Conditioning, timestep: int, numerics: Numerics = Numerics()):
     """(out(p, z), p): the UNet's raw output at ``timestep`` for ONE latent z (C, h, w), in
-    ``numerics.out``, classifier-free guided when ``cond.guidance_scale`` is set, and its params
+    ``numerics.out``, classifier-free guided when ``cond.cfg_scale`` is set, and its params
     (UNet weights cast to ``numerics.compute`` plus the context)."""
     p = {"unet": cast_params(params, numerics.compute), "context": jnp.asarray(cond.context, numerics.compute)}
     out_t = unet_output_at(unet, cond, numerics)
@@ -139,7 +139,7 @@ def unet_output_at(unet, cond: Conditioning, numerics: Numerics = Numerics()):
     may be traced; p as :func:`unet_output` returns it."""
     compute, out_dtype = numerics.compute, numerics.out
     n_ctx = len(cond.context)
-    s = None if cond.guidance_scale is None else float(cond.guidance_scale)
+    s = None if cond.cfg_scale is None else float(cond.cfg_scale)
 
     def out(p, z, t):
         x = jnp.broadcast_to(z.astype(compute)[None], (n_ctx, *z.shape))   # (1 or 2, C, h, w): NCHW
