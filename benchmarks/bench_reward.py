@@ -35,8 +35,8 @@ def parse(argv):
 
 
 def _guide(gen, overrides: dict):
-    from geomjobs.reward.guidance import Guide
-    from geomjobs.reward.model import Reward, build_network, init_params, network_config, reward_meta
+    from geomjobs.sampling.guidance import Guide
+    from geomjobs.sampling.reward_net import Reward, build_network, init_params, network_config, reward_meta
 
     shape = tuple(gen.latent_shape)
     cfg = network_config(shape, **overrides)
@@ -55,7 +55,7 @@ def step_costs(name: str, overrides: dict, count: int, steps: int, rounds: int) 
 
     from geomjobs import sampling
     from geomjobs.generators import build_generator
-    from geomjobs.reward.guidance import guided_denoiser
+    from geomjobs.sampling.guidance import guided_denoiser
 
     gen = build_generator({"kind": "zoo", "name": name})
     guide, n_params = _guide(gen, overrides)

@@ -108,7 +108,7 @@ def step_rate(batch: int, repeats: int = 200) -> float:
     import jax.numpy as jnp
     import optax
 
-    from geomjobs.reward import model as rm
+    from geomjobs.sampling import reward_net as rm
 
     net = rm.build_network((2,), rm.network_config((2,)))
     params = rm.init_params(net)

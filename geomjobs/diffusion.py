@@ -3,7 +3,7 @@
 Conventions (Ho et al. 2020, timesteps numbered 0..T-1, as diffusers numbers them)::
 
     beta_t   the noise schedule, t = 0..T-1                      (:func:`betas`)
-    abar_t   = prod_{s <= t} (1 - beta_s)                        (:func:`alphas_cumprod`)
+    abar_t   = prod_{s <= t} (1 - beta_s)                        (:func:`abar`: its one home)
     z_t      = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps           (:func:`forward_diffuse`)
     x0_hat   = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)       (:func:`x0_from_eps`)
     eps      = (z_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)        (:func:`eps_from_x0`)
@@ -19,7 +19,8 @@ Schedules (:data:`SCHEDULE_KINDS`), with diffusers' formulas (``CommonSchedulerS
                    f(u) = cos((u + 0.008) / 1.008 * pi / 2)^2   (Nichol & Dhariwal 2021; diffusers'
                    ``squaredcos_cap_v2``; beta_start / beta_end do not enter)
 
-Schedules are computed in float64 NumPy; callers round to their dtype.
+Schedules are computed in float64 NumPy; callers round to their dtype (the zoo DDPM's fixed-timestep
+generator rounds abar_t to float32, its Denoiser keeps the float64 schedule).
 
 DDIM (Song et al. 2021, eq. 12 and 16), from timestep t to an earlier one with abar_prev::
 
@@ -67,9 +68,19 @@ def betas(kind: str, T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -
     raise ValueError(f"unknown schedule kind {kind!r}; expected one of {list(SCHEDULE_KINDS)}")
 
 
-def alphas_cumprod(b: np.ndarray) -> np.ndarray:
-    """abar_t = prod_{s <= t} (1 - beta_s), float64."""
+def abar(schedule: Mapping | None = None, *, betas=None) -> np.ndarray:
+    """abar_t = prod_{s <= t} (1 - beta_s), t = 0..T-1, float64: of a schedule mapping ``{kind, T,
+    beta_start, beta_end}`` (missing keys: :data:`DEFAULT_SCHEDULE`), or of the given ``betas``
+    (e.g. :func:`diffusers_betas`). Exactly one of the two."""
+    if (schedule is None) == (betas is None):
+        raise TypeError("abar() takes a schedule mapping or betas=, exactly one")
+    b = schedule_betas(schedule) if betas is None else betas
     return np.cumprod(1.0 - np.asarray(b, np.float64))
+
+
+def alphas_cumprod(b: np.ndarray) -> np.ndarray:
+    """diffusers' name for ``abar(betas=b)``; kept for callers outside the package."""
+    return abar(betas=b)
 
 
 def schedule_betas(schedule: Mapping) -> np.ndarray:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,14 @@ from typing import Any
 import jsonschema
 import yaml
 
-from geomjobs.errors import SpecError
+from geomjobs.errors import SpecError  # its home; geomjobs.spec.SpecError stays importable
 
+# model keys renamed since a release wrote them into specs, per model kind: old name -> new name.
+# The old name is still accepted (renamed, with a one-line warning); the spec identity compares
+# new names, and spec_hash spells them the old way, so a job stored before the rename keeps its
+# hash (and default job_id) and resumes. guidance_scale -> cfg_scale: the record column
+# guidance_scale is the *reward* guidance scale (latents.guidance.scale).
+RENAMED_MODEL_KEYS = {"diffusers-unet": {"guidance_scale": "cfg_scale"}}
 EXECUTION_DEFAULTS = {"shard_size": 256, "batch_size": 16, "dtype": "float32", "max_retries": 3}
 # Keys that change how a job runs but not what it computes: a resume may change them.
 RUN_ONLY_KEYS = ("batch_size", "workers", "resources", "max_retries")
@@ -71,10 +78,48 @@ def explain_schema_error(err: jsonschema.ValidationError) -> SpecError:
     return SpecError(key, err.message)
 
 
+def _model_sections(spec: dict):
+    """(dotted key, section) of the model sections a spec holds: ``model`` and ``latents.model``."""
+    lat = spec.get("latents")
+    for key, section in (("model", spec.get("model")), ("latents.model", lat.get("model") if isinstance(lat, dict) else None)):
+        if isinstance(section, dict):
+            yield key, section
+
+
+def current_model_keys(model: dict, key: str = "model", *, warn: bool = True) -> dict:
+    """A model section with its renamed keys (:data:`RENAMED_MODEL_KEYS`) under their new names,
+    in place of the old ones (the section itself when there are none); with ``warn``, one
+    FutureWarning per old key naming the new one. SpecError when both names are given."""
+    renames = {old: new for old, new in RENAMED_MODEL_KEYS.get(model.get("kind"), {}).items() if old in model}
+    for old, new in renames.items():
+        if new in model:
+            raise SpecError(f"{key}.{old}", f"give only '{key}.{new}' ('{old}' is its old name)")
+        if warn:
+            warnings.warn(f"spec key '{key}.{old}' is deprecated: use '{key}.{new}'", FutureWarning, stacklevel=3)
+    return {renames.get(k, k): v for k, v in model.items()} if renames else model
+
+
+def with_current_keys(spec: dict, *, warn: bool = False) -> dict:
+    """A copy of a spec (one a user wrote, or one an older release stored) whose model sections
+    use the current key names (:func:`current_model_keys`); anything but a mapping as it is."""
+    if not isinstance(spec, dict):
+        return spec
+    spec = copy.deepcopy(spec)
+    for key, section in list(_model_sections(spec)):
+        new = current_model_keys(section, key, warn=warn)
+        if key == "model":
+            spec["model"] = new
+        else:
+            spec["latents"]["model"] = new
+    return spec
+
+
 def validate_spec(raw: Any) -> dict:
-    """Schema-check a spec mapping and return a copy with model-independent defaults filled."""
+    """Schema-check a spec mapping and return a copy with model-independent defaults filled
+    (and renamed model keys under their new names, with a warning)."""
     if not isinstance(raw, dict):
         raise SpecError("", f"a job spec must be a mapping, got {type(raw).__name__}")
+    raw = with_current_keys(raw, warn=True)
     validator = jsonschema.Draft202012Validator(job_schema())
     errors = sorted(validator.iter_errors(raw), key=lambda e: (len(list(e.absolute_path)), str(list(e.absolute_path))))
     if errors:
@@ -137,8 +182,9 @@ def resolve_paths(spec: dict, base: str | Path) -> dict:
 
 
 def identity(spec: dict) -> dict:
-    """The part of a resolved spec that decides what is computed (and so what resume checks)."""
-    s = copy.deepcopy(spec)
+    """The part of a resolved spec that decides what is computed (and so what resume checks), with
+    current key names (a spec stored by an older release compares equal to its rerun)."""
+    s = with_current_keys(spec)
     s.pop("output", None)
     s.pop("job_id", None)
     for k in RUN_ONLY_KEYS:
@@ -147,7 +193,14 @@ def identity(spec: dict) -> dict:
 
 
 def spec_hash(spec: dict) -> str:
-    return hashlib.sha256(json.dumps(identity(spec), sort_keys=True).encode()).hexdigest()
+    """sha256 of the spec's identity, with renamed model keys spelled the old way
+    (:data:`RENAMED_MODEL_KEYS`): the hash of every job an older release stored stays valid."""
+    s = identity(spec)
+    for _, section in _model_sections(s):
+        for old, new in RENAMED_MODEL_KEYS.get(section.get("kind"), {}).items():
+            if new in section:
+                section[old] = section.pop(new)
+    return hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()
 
 
 def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -23,10 +23,10 @@ import pytest
 
 from geomjobs import descriptors
 from geomjobs.descriptors import DESCRIPTORS, Dims
+from geomjobs.errors import SpecError
 from geomjobs.generators.mlp import load_mlp_weights
 from geomjobs.runner.plan import plan_job
 from geomjobs.runner.precision import precision
-from geomjobs.spec import SpecError
 
 from jobs import mlp_spec, write_mlp
 from references import mlp_flip_counts, psi_nu

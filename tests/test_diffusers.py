@@ -16,10 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from geomjobs.errors import SpecError
 from geomjobs.generators import build_generator
 from geomjobs.geometry import exact_singular_values, local_rank, local_scaling, matrix_rank_rtol, orthonormal_rows
 from geomjobs.geometry.spectrum import projected_rows, projected_singular_values
-from geomjobs.spec import SpecError, validate_spec
+from geomjobs.spec import validate_spec
 
 from references import psi_nu as ref_psi_nu
 
@@ -87,7 +88,7 @@ def test_unet_eps_x0_and_guidance_are_the_diffusers_unet(pipe):
     np.testing.assert_allclose(jax.jit(eps.apply)(eps.params, z), e_cond, rtol=1e-5, atol=1e-5)
 
     a = abar(t)
-    x0 = build_generator(unet_spec(pipe, prompt_index=1, prediction="x0", guidance_scale=7.5, negative_embedding_index=2))
+    x0 = build_generator(unet_spec(pipe, prompt_index=1, prediction="x0", cfg_scale=7.5, negative_embedding_index=2))
     guided = e_neg + 7.5 * (e_cond - e_neg)
     np.testing.assert_allclose(jax.jit(x0.apply)(x0.params, z), (z - np.sqrt(1 - a) * guided) / np.sqrt(a),
                                rtol=1e-4, atol=1e-4)
@@ -109,8 +110,8 @@ def test_prompt_embeddings_from_parquet_keep_the_files_prompt_ids(pipe, tmp_path
     ids = [70, 71, 72]
     pq.write_table(pa.table({"prompt_id": ids, "embedding": [e.tolist() for e in emb]}), tmp_path / "p.parquet")
     z = jax.random.normal(jax.random.PRNGKey(4), (4, 4, 4), jnp.float32)
-    ref = build_generator(unet_spec(pipe, prompt_index=1, guidance_scale=3.0, negative_embedding_index=0))
-    got = build_generator(unet_spec(pipe, prompt_index=1, guidance_scale=3.0, negative_embedding_index=0,
+    ref = build_generator(unet_spec(pipe, prompt_index=1, cfg_scale=3.0, negative_embedding_index=0))
+    got = build_generator(unet_spec(pipe, prompt_index=1, cfg_scale=3.0, negative_embedding_index=0,
                                     prompt_embeddings=str(tmp_path / "p.parquet")))
     assert ref.prompt_id == 1 and got.prompt_id == 71
     np.testing.assert_array_equal(jax.jit(got.apply)(got.params, z), jax.jit(ref.apply)(ref.params, z))
@@ -156,7 +157,7 @@ def test_psi_nu_equal_numpy_svd_of_the_dense_jacobian(pipe, vae64, kind):
     if kind == VAE:
         gen, z, a = vae64
     else:
-        gen = build_generator(unet_spec(pipe, dtype="float64", prediction="x0", guidance_scale=3.0,
+        gen = build_generator(unet_spec(pipe, dtype="float64", prediction="x0", cfg_scale=3.0,
                                         negative_embedding_index=0), "float64")
         z = jax.random.normal(jax.random.PRNGKey(4), (gen.latent_dim,), jnp.float64)
         a = dense_reference(gen, z)
@@ -280,11 +281,31 @@ def test_a_unet_job_keeps_timestep_and_prompt_id(pipe, tmp_path):
     res = run_job(spec, str(tmp_path / "out"))
     assert res.ok, res
     df, W, _ = read_job(tmp_path / "out")
-    assert list(df.timestep) == [400, 400] and list(df.prompt_id) == [2, 2]
+    assert list(df.timestep) == [400, 400] and list(df.prompt_id) == [2, 2] and df.cfg_scale.isna().all()
     z = np.stack([np.random.default_rng([0, i]).standard_normal((4, 4, 4)) for i in range(2)])
     ref = record_psi_nu(build_generator(unet_spec(pipe, prompt_index=2, prediction="x0")), z, W)
     np.testing.assert_allclose(df.local_scaling, ref[:, 0], rtol=0, atol=1e-3)
     np.testing.assert_allclose(df.local_rank, ref[:, 1], rtol=0, atol=1e-3)
+
+
+def test_a_unet_job_at_cfg_records_cfg_scale_and_takes_the_old_key_with_a_warning(pipe, tmp_path):
+    """model.guidance_scale, the key's old name, still works (a FutureWarning names cfg_scale): the
+    records carry cfg_scale = 3.0 (guidance_scale, the reward guidance's column, stays null: no
+    generated latents) and psi is the CFG model's."""
+    from geomjobs import run_job
+    old = unet_spec(pipe, prompt_index=2, guidance_scale=3.0, negative_embedding_index=0)
+    spec = {"model": old, "latents": {"kind": "gaussian", "count": 2, "shape": [4, 4, 4]},
+            "descriptors": {"local_scaling": {"mode": "projection", "k": 4, "chunk": 4}},
+            "execution": {"shard_size": 2, "batch_size": 2}}
+    with pytest.warns(FutureWarning, match=r"'model.guidance_scale' is deprecated: use 'model.cfg_scale'"):
+        res = run_job(spec, str(tmp_path / "out"))
+    assert res.ok, res
+    df, W, _ = read_job(tmp_path / "out")
+    assert list(df.cfg_scale) == [3.0, 3.0] and df.guidance_scale.isna().all()
+    new = build_generator(unet_spec(pipe, prompt_index=2, cfg_scale=3.0, negative_embedding_index=0))
+    assert new.cfg_scale == 3.0
+    z = np.stack([np.random.default_rng([0, i]).standard_normal((4, 4, 4)) for i in range(2)])
+    np.testing.assert_allclose(df.local_scaling, record_psi_nu(new, z, W)[:, 0], rtol=0, atol=1e-3)
 
 
 def test_a_remote_model_folder_is_copied_once_into_the_cache(pipe, tmp_path, monkeypatch):
@@ -336,7 +357,7 @@ def job(model):
     (lambda p, t: vae_spec(p, latent_shape=[3, 4, 4]), r"model.latent_shape'.*4 latent channels"),
     (lambda p, t: vae_spec(p, remat="some"), r"model.remat'"),
     (lambda p, t: unet_spec(p, prompt_index=3), r"model.prompt_index'.*0..2"),
-    (lambda p, t: unet_spec(p, guidance_scale=1.0, negative_embedding_index=3), r"model.negative_embedding_index'.*0..2"),
+    (lambda p, t: unet_spec(p, cfg_scale=1.0, negative_embedding_index=3), r"model.negative_embedding_index'.*0..2"),
     (lambda p, t: unet_spec(p, prompt_embeddings=str(t / "no.npz")), r"model.prompt_embeddings'.*does not exist"),
     (lambda p, t: unet_spec(p, timestep=1000), r"model.timestep'.*0..999"),
     (lambda p, t: unet_spec(p, path=str(t), subfolder="unet"), r"model.subfolder'"),
@@ -357,8 +378,9 @@ def test_bad_paths_subfolders_and_values_name_the_key(pipe, tmp_path, case, msg)
     (lambda p: {k: v for k, v in unet_spec(p).items() if k != "timestep"}, "model.timestep"),
     (lambda p: unet_spec(p, timestep=-1), "model.timestep"), (lambda p: unet_spec(p, timestep=1.5), "model.timestep"),
     (lambda p: {k: v for k, v in unet_spec(p).items() if k != "prompt_embeddings"}, "model.prompt_embeddings"),
-    (lambda p: unet_spec(p, guidance_scale=5.0), "model.negative_embedding_index"),
-    (lambda p: unet_spec(p, negative_embedding_index=0), "model.guidance_scale"),
+    (lambda p: unet_spec(p, cfg_scale=5.0), "model.negative_embedding_index"),
+    (lambda p: unet_spec(p, negative_embedding_index=0), "model.cfg_scale"),
+    (lambda p: unet_spec(p, cfg_scale=2.0, guidance_scale=2.0, negative_embedding_index=0), "model.guidance_scale"),
     (lambda p: unet_spec(p, scheduler="x"), "model.scheduler"),
 ])
 def test_the_job_schema_names_the_key_before_anything_is_loaded(pipe, case, key):

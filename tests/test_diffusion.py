@@ -31,7 +31,7 @@ def flax_scheduler(cls_name: str, config: dict):
 
 @pytest.mark.parametrize("config", SCHEDULERS)
 @pytest.mark.parametrize("cls_name", ["FlaxDDPMScheduler", "FlaxDDIMScheduler"])
-def test_alphas_cumprod_equal_diffusers_flax_schedulers(cls_name, config):
+def test_abar_equals_diffusers_flax_schedulers_alphas_cumprod(cls_name, config):
     """diffusers builds the betas in float32 (cosine: in float64, then rounded) and multiplies T
     float32 factors. Relative error of factor s, 1 - beta_s in float32: half an ulp (2^-24) for
     its own rounding plus beta_s's rounding amplified by beta_s / (1 - beta_s) (large where the
@@ -42,7 +42,7 @@ def test_alphas_cumprod_equal_diffusers_flax_schedulers(cls_name, config):
     _, state = flax_scheduler(cls_name, config)
     T = config["num_train_timesteps"]
     b = diffusion.diffusers_betas(config)
-    ours = diffusion.alphas_cumprod(b)
+    ours = diffusion.abar(betas=b)
     ref = np.asarray(state.common.alphas_cumprod, np.float64)
     assert ours.dtype == np.float64 and ours.shape == (T,)
     bound = 2 * 2.0 ** -24 * np.cumsum(2 + b / (1 - b))
@@ -61,7 +61,11 @@ def test_schedule_kinds_are_the_diffusers_formulas():
     assert diffusion.betas("cosine", T)[-1] == 0.999                   # the cap binds at the last step
     np.testing.assert_allclose(diffusion.betas("scaled_linear", 3, 0.0001, 0.0009), [1e-4, 4e-4, 9e-4], rtol=1e-14)
     np.testing.assert_array_equal(diffusion.betas("linear", 3, 0.1, 0.3), np.linspace(0.1, 0.3, 3))
-    np.testing.assert_allclose(diffusion.alphas_cumprod([0.1, 0.2, 0.5]), [0.9, 0.72, 0.36], rtol=1e-15)
+    np.testing.assert_allclose(diffusion.abar(betas=[0.1, 0.2, 0.5]), [0.9, 0.72, 0.36], rtol=1e-15)
+    np.testing.assert_array_equal(diffusion.abar({"kind": "cosine", "T": T}), np.cumprod(1 - diffusion.betas("cosine", T)))
+    np.testing.assert_array_equal(diffusion.alphas_cumprod([0.1, 0.2]), diffusion.abar(betas=[0.1, 0.2]))   # the alias
+    with pytest.raises(TypeError, match="exactly one"):
+        diffusion.abar({}, betas=[0.1])
     # the default schedule is DDPM's
     np.testing.assert_array_equal(diffusion.schedule_betas({}), np.linspace(1e-4, 0.02, 1000))
     trained = [0.1, 0.2]
@@ -148,7 +152,7 @@ def test_ddim_with_eta_1_between_consecutive_steps_is_the_ddpm_posterior():
     is the posterior q(z_{t-1} | z_t, x0) = N(mu_tilde, beta_tilde I) of Ho et al. (eq. 7):
     mu_tilde = sqrt(a') beta / (1 - a) x0 + sqrt(alpha) (1 - a') / (1 - a) z_t, beta_tilde =
     (1 - a') / (1 - a) beta, with alpha = a / a', beta = 1 - alpha."""
-    ab = diffusion.alphas_cumprod(diffusion.betas("linear", 100))
+    ab = diffusion.abar(betas=diffusion.betas("linear", 100))
     rng = np.random.default_rng(2)
     x0, zt, noise = rng.standard_normal((3, 5))
     for t in (1, 40, 99):

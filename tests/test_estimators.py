@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from geomjobs.errors import SpecError
 from geomjobs.generators.mlp import load_mlp_weights, mlp_apply, random_mlp
 from geomjobs.geometry.descriptors import local_rank, local_scaling
 from geomjobs.geometry.estimators import (
@@ -33,7 +34,6 @@ from geomjobs.geometry.estimators import (
     start_vector,
 )
 from geomjobs.geometry.spectrum import jacobian
-from geomjobs.spec import SpecError
 
 from jobs import mlp_spec, read_sorted, write_mlp
 from references import gram_log, hutchinson_sigma, matrix_with_singular_values, psi_nu_of_spectrum

@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 
 from geomjobs import run_job
+from geomjobs.errors import DatasetError
 from geomjobs.runner.local import run_local
-from geomjobs.sink.dataset import Dataset, DatasetError
+from geomjobs.sink.dataset import Dataset
 
 from jobs import assert_each_sample_once, mlp_spec, write_mlp
 from ray_cluster import GcsEmulator, serving, shared_cluster

@@ -12,11 +12,12 @@ import pandas as pd
 import pytest
 
 from geomjobs import run_job, sampling
+from geomjobs.errors import SpecError
 from geomjobs.generators import build_generator
 from geomjobs.generators.base import Denoiser
 from geomjobs.latents import build_latents
 from geomjobs.runner.plan import plan_job
-from geomjobs.spec import SpecError, validate_spec
+from geomjobs.spec import validate_spec
 from geomjobs.zoo.gmm2d import gmm_modes, mode_stats
 
 DDPM = {"kind": "zoo", "name": "ddpm-gmm2d"}
@@ -36,7 +37,7 @@ def ddpm_denoiser(monkeypatch):
 
     def with_denoiser(model, dtype):
         module, _, meta = load_ddpm("ddpm-gmm2d")
-        ab = diffusion.alphas_cumprod(diffusion.schedule_betas({**meta["schedule"], "kind": "linear"}))
+        ab = diffusion.abar({**meta["schedule"], "kind": "linear"})
         return dataclasses.replace(original(model, dtype), denoiser=Denoiser(module.apply, ab))
 
     monkeypatch.setitem(zoo.ZOO, "ddpm-gmm2d", with_denoiser)
@@ -190,6 +191,7 @@ def test_a_sampled_job_writes_the_generated_latents_and_their_descriptors(tmp_pa
     z = build(lat(count=10)).latents(np.arange(10))
     np.testing.assert_array_equal(np.stack(df.z.to_numpy()), z)
     assert (df.noise_seed == 3).all() and (df.guidance_scale == 0.0).all() and df.trajectory_id.isna().all()
+    assert df.cfg_scale.isna().all()                                  # no classifier-free guidance anywhere
     gen = build_generator(spec["model"])
     for i in range(10):
         s = np.linalg.svd(np.asarray(jax.jacfwd(lambda x: gen.apply(gen.params, x))(jnp.asarray(z[i], jnp.float32)), np.float64),
@@ -302,7 +304,7 @@ def unet_model(pipe, **kw):
 
 
 @pytest.mark.parametrize("extra", [pytest.param({}, marks=pytest.mark.slow),   # the CFG case below covers the same path
-                                   {"guidance_scale": 7.5, "negative_embedding_index": 0, "prompt_index": 1}])
+                                   {"cfg_scale": 7.5, "negative_embedding_index": 0, "prompt_index": 1}])
 def test_the_unet_denoiser_is_the_generators_eps_at_every_timestep(pipe, extra):
     """Denoiser.eps at a traced t equals the eps generator built at that timestep (same prompt, CFG)."""
     import jax
@@ -330,7 +332,7 @@ def test_unet_sampling_then_vae_decoder_descriptors_on_the_tiny_pipeline(pipe, t
     """SD's recipe in miniature: DDIM on the UNet (prompt 2, CFG) -> the decoder's psi / nu at each
     generated latent, against the dense-Jacobian reference at the source's latents."""
     from diffusers_tiny import record_psi_nu
-    model = unet_model(pipe, prompt_index=2, guidance_scale=3.0, negative_embedding_index=0)
+    model = unet_model(pipe, prompt_index=2, cfg_scale=3.0, negative_embedding_index=0)
     latents = {"kind": "sampled", "model": model, "sampler": {"kind": "ddim", "steps": 4}, "count": 3, "seed": 1,
                "batch_size": 2}
     vae = {"kind": "diffusers-vae-decoder", "path": str(pipe["root"]), "subfolder": "vae"}
@@ -341,6 +343,8 @@ def test_unet_sampling_then_vae_decoder_descriptors_on_the_tiny_pipeline(pipe, t
     assert res.ok, res
     df = pd.read_parquet(tmp_path / "out").sort_values("sample_id").reset_index(drop=True)
     assert list(df.prompt_id) == [2, 2, 2] and (df.noise_seed == 1).all()
+    # the sampler's classifier-free guidance is recorded as cfg_scale, not as the reward guidance's guidance_scale
+    assert (df.cfg_scale == 3.0).all() and (df.guidance_scale == 0.0).all()
     z = build_latents(latents).latents(np.arange(3))
     assert z.shape == (3, 4, 4, 4) and np.isfinite(z).all()
     W = np.load(tmp_path / "out" / "_artifacts" / "projections.npz")["W"]

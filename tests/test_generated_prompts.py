@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 
 from geomjobs import run_job, sampling
+from geomjobs.errors import SpecError
 from geomjobs.generators import build_generator
 from geomjobs.latents import build_latents
 from geomjobs.runner.plan import plan_job
-from geomjobs.spec import SpecError, validate_spec
+from geomjobs.spec import validate_spec
 
 pytest.importorskip("diffusers")
 
@@ -44,7 +45,7 @@ def unet(pipe, **kw):
 
 
 def cfg(**kw):
-    return {"guidance_scale": 3.0, "negative_embedding_index": NEG, **kw}
+    return {"cfg_scale": 3.0, "negative_embedding_index": NEG, **kw}
 
 
 def section(pipe, model, kind="sampled", sampler=None, **kw):
@@ -83,6 +84,7 @@ def test_a_sweep_job_of_3_prompts_x_2_seeds_is_3_single_prompt_jobs(pipe, single
     assert res.ok and res.rows == 6, res
     df = pd.read_parquet(tmp_path / "out").sort_values("sample_id").reset_index(drop=True)
     assert list(df.prompt_id) == [0, 0, 1, 1, 2, 2] and (df.noise_seed == 5).all() and (df.guidance_scale == 0).all()
+    assert (df.cfg_scale == 3.0).all()          # the sweep's classifier-free guidance, per record
     z = np.stack(df.z).reshape(6, 4, 4, 4)
     for p in range(3):
         np.testing.assert_allclose(z[2 * p:2 * p + 2], singles[p][1], rtol=0, atol=TOL)

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from geomjobs.errors import SpecError
 from geomjobs.generators import build_generator
 from geomjobs.generators.mlp import load_mlp_weights
-from geomjobs.spec import SpecError
 
 from jobs import write_mlp
 

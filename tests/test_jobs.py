@@ -8,14 +8,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from geomjobs import run_job
+from geomjobs.errors import DatasetError
 from geomjobs.generators.mlp import load_mlp_weights, mlp_apply
 from geomjobs.geometry.complexity import trace_sites
 from geomjobs.latents import build_latents
+from geomjobs.records import SCHEMA_VERSION
 from geomjobs.runner.engine import Engine
 from geomjobs.runner.job import open_job
 from geomjobs.runner.plan import plan_job
 from geomjobs.runner.shards import compute_shard
-from geomjobs.sink.dataset import Dataset, DatasetError
+from geomjobs.sink.dataset import Dataset
 
 from jobs import assert_each_sample_once, mlp_spec, read_sorted, write_mlp
 from references import mlp_flip_counts
@@ -51,7 +53,8 @@ def test_parquet_files_carry_the_versioned_record_schema(tmp_path):
     f = sorted((tmp_path / "out").glob("part-*.parquet"))
     assert len(f) == res.num_shards == 3
     schema = pq.read_schema(f[0])
-    assert schema.metadata[b"geomjobs.schema_version"] == b"1"
+    assert schema.metadata[b"geomjobs.schema_version"] == str(SCHEMA_VERSION).encode() == b"2"
+    assert schema.field("cfg_scale").type == "double" and pq.read_table(f[0]).column("cfg_scale").null_count == 16
     assert schema.metadata[b"geomjobs.job_id"] == res.job_id.encode()
     assert schema.field("sample_id").type == "int64" and schema.field("local_complexity").type == "int64"
     art = np.load(tmp_path / "out" / "_artifacts" / "projections.npz")

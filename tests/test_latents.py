@@ -3,8 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from geomjobs.errors import SpecError
 from geomjobs.latents import build_latents
-from geomjobs.spec import SpecError
 
 
 def test_gaussian_latent_depends_only_on_seed_and_id():

@@ -17,11 +17,11 @@ import pandas as pd
 import pytest
 
 from geomjobs import run_job
+from geomjobs.errors import DatasetError, SpecError
 from geomjobs.runner import local_mode, ray_connect
 from geomjobs.runner.job import open_job
 from geomjobs.runner.plan import plan_job
-from geomjobs.sink.dataset import Dataset, DatasetError
-from geomjobs.spec import SpecError
+from geomjobs.sink.dataset import Dataset
 
 from jobs import assert_each_sample_once, mlp_spec, read_sorted, write_mlp
 from ray_cluster import TESTS, cli, shared_cluster, slow_spec, write_spec

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from geomjobs import run_job
+from geomjobs.errors import WorkerPoolError
 from geomjobs.runner.job import open_job
 from geomjobs.runner.plan import plan_job
-from geomjobs.runner.ray_connect import WorkerPoolError, worker_start_error
+from geomjobs.runner.ray_connect import worker_start_error
 from geomjobs.runner.ray_driver import drive_ray
 from geomjobs.sink.dataset import Dataset
 

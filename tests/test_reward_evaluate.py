@@ -16,9 +16,9 @@ import pytest
 
 from geomjobs import run_job
 from geomjobs.analysis.stats import level_set_index
+from geomjobs.errors import SpecError
 from geomjobs.reward.evaluate import COLUMNS, evaluate
-from geomjobs.reward.model import build_network, init_params, network_config, reward_meta, save_reward
-from geomjobs.spec import SpecError
+from geomjobs.sampling.reward_net import build_network, init_params, network_config, reward_meta, save_reward
 
 COUNT = 60
 

@@ -20,9 +20,9 @@ from geomjobs import sampling
 from geomjobs.errors import SpecError
 from geomjobs.generators import build_generator
 from geomjobs.latents import build_latents
-from geomjobs.reward.model import build_network, init_params, network_config, reward_meta, save_reward
 from geomjobs.runner.plan import plan_job
 from geomjobs.sampling import Sampler
+from geomjobs.sampling.reward_net import build_network, init_params, network_config, reward_meta, save_reward
 from geomjobs.spec import validate_spec
 
 DDPM = {"kind": "zoo", "name": "ddpm-gmm2d"}
@@ -106,7 +106,7 @@ def reward_dir(tmp_path_factory):
 def test_a_folder_reward_moves_the_first_state_by_its_own_gradient(gen, reward_dir):
     """A trajectory job's step-1 states, guided minus unguided = scale * c_0 * grad r(x_T, t_0), with
     grad r taken here from the folder's Reward (float32 sampler: agreement to ~1e-5)."""
-    from geomjobs.reward.model import load_reward
+    from geomjobs.sampling.reward_net import load_reward
 
     scale, steps, n = 2.0, 4, 5
     plain = build(lat("trajectory", steps=steps, count=n))

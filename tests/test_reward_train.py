@@ -1,4 +1,4 @@
-"""The reward model (geomjobs.reward.model: network, folder format) and `geomjobs reward train`
+"""The reward model (geomjobs.sampling.reward_net: network, folder format) and `geomjobs reward train`
 (geomjobs.reward.data / train): z_t rebuilt bitwise from a dataset's own spec, learning known
 functions and ddpm-gmm2d's psi, resume after a kill, bad input exiting 2 before any work."""
 import json
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from geomjobs.errors import SpecError
-from geomjobs.reward import model as rm
+from geomjobs.sampling import reward_net as rm
 
 from ray_cluster import GcsEmulator, serving
 

@@ -44,8 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from geomjobs.errors import SpecError
 from geomjobs.generators import build_generator
-from geomjobs.spec import SpecError
 
 diffusers = pytest.importorskip("diffusers")
 safetensors = pytest.importorskip("safetensors")

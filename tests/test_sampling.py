@@ -27,7 +27,7 @@ from geomjobs import diffusion, sampling
 from geomjobs.generators.base import Denoiser
 from geomjobs.sampling import Sampler
 
-ABAR = diffusion.alphas_cumprod(diffusion.schedule_betas({}))      # DDPM's linear schedule, T = 1000
+ABAR = diffusion.abar({})      # DDPM's linear schedule, T = 1000
 MU = np.array([1.5, -2.0, 0.5])
 
 
@@ -285,6 +285,32 @@ def test_sampler_config_refuses_bad_values():
             Sampler(**bad)
     with pytest.raises(ValueError, match="needs the noise"):
         sampling.sample_loop(gaussian_denoiser(MU, 1.0), None, jnp.zeros(3), Sampler("ddim", 4, eta=0.5))
+
+
+def test_noise_goes_to_stochastic_samplers_only_and_hooks_are_named_tuples(x_T):
+    """The sampler's noise argument is never silently dropped; Guidance and BatchSampler are the
+    hook's and the batch sampler's whole protocol (no function attributes)."""
+    den = gaussian_denoiser(MU, 0.5)
+    det, sto = sampling.batch_sampler(den, Sampler("ddim", 4)), sampling.batch_sampler(den, Sampler("ddim", 4, eta=0.5))
+    assert isinstance(det, sampling.BatchSampler) and not det.stochastic and sto.stochastic
+    noise = np.stack([sampling.step_noise(0, i, 4, (3,)) for i in range(len(x_T))])
+    with pytest.raises(ValueError, match="deterministic"):
+        det(None, jnp.asarray(x_T), jnp.asarray(noise))
+    with pytest.raises(ValueError, match="deterministic"):
+        sampling.sample_loop(den, None, jnp.zeros(3), Sampler("dpmpp2m", 4), noise=jnp.zeros((4, 3)))
+    with pytest.raises(ValueError, match="stochastic"):
+        sto(None, jnp.asarray(x_T))
+    assert det.jitted._cache_size() == 0
+    det(None, jnp.asarray(x_T))
+    assert det.jitted._cache_size() == 1
+    grad_r = lambda p, x, t: -x  # noqa: E731
+    hook = sampling.reward_guidance(grad_r, 1.0, with_params=True)
+    assert isinstance(hook, sampling.Guidance) and hook.with_params
+    params = jnp.zeros(())
+    as_tuple = sampling.batch_sampler(den, Sampler("ddim", 4), guidance=hook)(params, jnp.asarray(x_T))
+    plain_fn = sampling.batch_sampler(den, Sampler("ddim", 4), guidance=lambda e, x, t, ab: hook.fn(e, x, t, ab, params))(
+        params, jnp.asarray(x_T))                     # a plain callable is Guidance(fn)
+    np.testing.assert_array_equal(np.asarray(as_tuple), np.asarray(plain_fn))
 
 
 def test_noise_streams_depend_on_seed_and_index_only():

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import yaml
 
+from geomjobs.errors import SpecError
 from geomjobs.runner.plan import plan_job
-from geomjobs.spec import SpecError, load_spec, validate_spec
+from geomjobs.spec import load_spec, validate_spec
 
 from jobs import mlp_spec, write_mlp
 
@@ -140,7 +141,7 @@ def test_cli_run_then_inspect(tmp_path):
     r = run_cli("inspect", str(tmp_path / "out"), cwd=tmp_path)
     assert r.returncode == 0
     assert "rows           40 of 40 samples (0 with status 'error')" in r.stdout
-    assert "3 committed, 0 failed, 0 pending, of 3" in r.stdout and "record schema v1" in r.stdout
+    assert "3 committed, 0 failed, 0 pending, of 3" in r.stdout and "record schema v2" in r.stdout
     # how the step ran, from the shards' markers: chunk auto on a CPU is one pass, sized by XLA
     # how the step ran, from the shards' markers (the engine's own line): chunk auto on a CPU is one pass
     assert re.search(r"^engine +local_scaling \(mode projection, all rows in one pass\) \+ local_rank, "
@@ -179,3 +180,49 @@ def test_chunk_auto_is_the_default_and_resolves_per_platform(tmp_path):
     assert plan.spec["descriptors"]["local_scaling"]["chunk"] == 3 and Engine(plan).chunk == 3
     slq = plan_job(mlp_spec(w, local_scaling={"mode": "slq", "num_probes": 4, "steps": 3, "chunk": "auto"}))
     assert slq.spec["descriptors"]["local_scaling"]["chunk"] == 4
+
+
+# spec_hash of these two specs by the release before model.guidance_scale became model.cfg_scale
+# (geomjobs at e501131: spec_hash(validate_spec(spec)) with the key spelled guidance_scale): the
+# hash stored jobs carry in job.json and every Parquet file, and the default job_id's suffix
+UNET = {"kind": "diffusers-unet", "path": "/models/sd", "subfolder": "unet", "prompt_embeddings": "/models/prompts.npz",
+        "prompt_index": 1, "negative_embedding_index": 0}
+CFG_SPECS = {
+    "81a926500cb65a2265a299dff09567a86756c5eaa43126121dcc7a3e82e0a321": lambda cfg: {
+        "model": {"kind": "diffusers-vae-decoder", "path": "/models/sd", "subfolder": "vae"},
+        "latents": {"kind": "sampled", "model": {**UNET, **cfg}, "count": 4, "seed": 0},
+        "descriptors": {"local_scaling": {"mode": "projection", "k": 8}}},
+    "a059d3af4b20f8f6137a12d6fdf490f7871cedb73ea1a3929463443e207edb79": lambda cfg: {
+        "model": {**UNET, **cfg, "timestep": 400}, "latents": {"kind": "gaussian", "count": 2, "shape": [4, 8, 8]},
+        "descriptors": {"local_rank": {}}},
+}
+
+
+@pytest.mark.parametrize("release_hash", sorted(CFG_SPECS))
+def test_model_cfg_scale_keeps_the_hash_and_identity_of_jobs_stored_as_guidance_scale(release_hash):
+    """model.guidance_scale is model.cfg_scale's old name: accepted with a one-line FutureWarning
+    naming the new key, renamed in the resolved spec, and either spelling hashes as the release
+    did; a spec the release stored (old name) has the identity of its rerun (resume compares it)."""
+    from geomjobs.spec import identity, spec_hash
+
+    make = CFG_SPECS[release_hash]
+    with pytest.warns(FutureWarning, match=r"^spec key '(latents\.)?model\.guidance_scale' is deprecated: use "
+                                           r"'(latents\.)?model\.cfg_scale'$"):
+        old = validate_spec(make({"guidance_scale": 7.5}))
+    new = validate_spec(make({"cfg_scale": 7.5}))
+    assert old == new
+    section = new["model"] if new["model"]["kind"] == "diffusers-unet" else new["latents"]["model"]
+    assert section["cfg_scale"] == 7.5 and "guidance_scale" not in section
+    assert spec_hash(new) == release_hash
+    assert spec_hash(validate_spec(make({"cfg_scale": 2.0}))) != release_hash        # the value still counts
+    # the release's resolved spec kept the old name; spec.yaml holds it as YAML
+    stored = yaml.safe_load(yaml.safe_dump({**new, "output": "/elsewhere", "job_id": "job-" + release_hash[:12]}))
+    held = stored["model"] if stored["model"]["kind"] == "diffusers-unet" else stored["latents"]["model"]
+    held["guidance_scale"] = held.pop("cfg_scale")
+    assert identity(stored) == identity(new) and spec_hash(stored) == release_hash
+
+
+def test_model_cfg_scale_and_its_old_name_together_are_refused():
+    with pytest.raises(SpecError) as e:
+        validate_spec(CFG_SPECS[sorted(CFG_SPECS)[1]]({"cfg_scale": 2.0, "guidance_scale": 2.0}))
+    assert e.value.key == "model.guidance_scale" and "give only 'model.cfg_scale'" in e.value.message

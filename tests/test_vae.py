@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from geomjobs.errors import SpecError
 from geomjobs.generators import build_generator
 from geomjobs.generators.encoders import vae_digits_encoder
 from geomjobs.generators.vae import ZOO_FILES, BetaVAE, init_params, load_vae, vae_decoder_generator, zoo_path
-from geomjobs.spec import SpecError
 from geomjobs.zoo.digits import digits_images, digits_split, reconstruct
 
 # ARTIFACT CHECKS. Some tests below check the shipped weights (geomjobs/zoo/vae_digits.*), not

@@ -18,6 +18,7 @@ import pytest
 from flax import traverse_util
 
 from geomjobs import diffusion, run_job
+from geomjobs.errors import SpecError
 from geomjobs.generators import build_generator
 from geomjobs.generators.checkpoint import zoo_path
 from geomjobs.generators.classifier import classifier_features, classifier_probs, load_classifier
@@ -25,7 +26,6 @@ from geomjobs.generators.dit import dit_generator, load_dit
 from geomjobs.generators.ldm import load_ldm
 from geomjobs.geometry.complexity import local_complexity, trace_sites
 from geomjobs.latents import build_latents
-from geomjobs.spec import SpecError
 from geomjobs.zoo import train_classifier_digits, train_dit_digits, train_ldm_digits
 from geomjobs.zoo.digits import digits_images, digits_split
 from geomjobs.zoo.quality import image_quality
@@ -208,7 +208,7 @@ def test_denoiser_eps_is_the_module_and_apply_its_prediction(name, rng):
         from geomjobs.generators.ddpm import load_ddpm as load
     module, params, meta = load(name)
     gen = build_generator({"kind": "zoo", "name": name, "timestep": 37, "prediction": "x0"})
-    np.testing.assert_array_equal(gen.denoiser.abar, diffusion.alphas_cumprod(diffusion.schedule_betas(meta["schedule"])))
+    np.testing.assert_array_equal(gen.denoiser.abar, diffusion.abar(meta["schedule"]))
     x = jnp.asarray(rng.standard_normal(gen.latent_shape), jnp.float32)
     eps_jit = jax.jit(gen.denoiser.eps)
     for t in (0, 37, len(gen.denoiser.abar) - 1):

@@ -29,9 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from geomjobs.errors import SpecError
-    from geomjobs.runner.ray_connect import WorkerPoolError
-    from geomjobs.sink.dataset import DatasetError
+    from geomjobs.errors import DatasetError, SpecError, WorkerPoolError
 
     args = build_parser().parse_args(argv)
     try:

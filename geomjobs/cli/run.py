@@ -35,7 +35,8 @@ def engine_line(e: dict) -> str:
 def _inspect(args) -> int:
     import yaml
 
-    from geomjobs.sink.dataset import Dataset, DatasetError
+    from geomjobs.errors import DatasetError
+    from geomjobs.sink.dataset import Dataset
 
     ds = Dataset(args.uri)
     if not ds.exists():

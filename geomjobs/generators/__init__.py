@@ -9,19 +9,22 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from geomjobs.errors import SpecError
 from geomjobs.generators.base import Generator, ImageEncoder
 from geomjobs.generators.diffusers import unet_generator, vae_decoder_generator
 from geomjobs.generators.mlp import mlp_generator
 from geomjobs.generators.python_entry import python_generator
 from geomjobs.generators.zoo import zoo_generator
-from geomjobs.spec import SpecError
+from geomjobs.spec import current_model_keys
 
 BUILDERS = {"mlp": mlp_generator, "python": python_generator, "zoo": zoo_generator,
             "diffusers-vae-decoder": vae_decoder_generator, "diffusers-unet": unet_generator}
 
 
 def build_generator(model: dict, dtype: str = "float32") -> Generator:
-    """The generator a spec's ``model`` section names (weights loaded, nothing compiled)."""
+    """The generator a spec's ``model`` section names (weights loaded, nothing compiled); renamed
+    keys are taken under their new names (:func:`geomjobs.spec.current_model_keys`)."""
+    model = current_model_keys(model)
     kind = model["kind"]
     if kind not in BUILDERS:
         raise SpecError("model.kind", f"kind '{kind}' is not available in this build; expected one of {sorted(BUILDERS)}")

@@ -28,7 +28,7 @@ class Denoiser:
 
     ``eps(params, x_t, t)`` maps ONE noisy latent (no batch axis, shape ``latent_shape``) and an
     integer timestep t in [0, T) (a traced int32 scalar is fine) to eps_theta(x_t, t). ``abar``
-    is the model's schedule, alphas_cumprod (T,) in float64 (geomjobs.diffusion). A conditioned
+    is the model's schedule abar_t, t = 0..T-1, in float64 (:func:`geomjobs.diffusion.abar`). A conditioned
     model (a UNet with a prompt, classifier-free guidance) closes over its conditioning here.
     """
     eps: Callable[[Any, jax.Array, jax.Array], jax.Array]
@@ -51,6 +51,7 @@ class Generator:
     prompt_id: int | None = None       # conditioning prompt of a conditioned generator (diffusers-unet)
     resolved: dict = dataclasses.field(default_factory=dict)   # the model section, defaults filled
     denoiser: Denoiser | None = None   # diffusion models: eps_theta(x_t, t) with ``params`` (samplers, trajectories)
+    cfg_scale: float | None = None     # classifier-free guidance scale it runs at (diffusers-unet model.cfg_scale)
 
     @property
     def latent_dim(self) -> int:

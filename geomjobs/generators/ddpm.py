@@ -110,16 +110,6 @@ def betas(schedule: dict) -> np.ndarray:
     return diffusion.schedule_betas(schedule).astype(np.float32)
 
 
-def alpha_bars(schedule: dict) -> np.ndarray:
-    """abar_0..abar_{T-1} (float32), computed in float64 then rounded."""
-    return diffusion.alphas_cumprod(diffusion.schedule_betas({**schedule, "kind": "linear"})).astype(np.float32)
-
-
-def alpha_bar(t, schedule: dict):
-    """abar_t for integer timestep(s) t in [0, T-1] (works on ints and jax/numpy integer arrays)."""
-    return jnp.asarray(alpha_bars(schedule))[t]
-
-
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------
@@ -171,7 +161,8 @@ def ddpm_generator(name: str = "ddpm-gmm2d", timestep: int = 10, prediction: str
     t = int(timestep)
     if not 0 <= t <= T - 1:
         raise ValueError(f"timestep {t} is outside the valid range [0, {T - 1}] for '{name}' (T = {T})")
-    abar = float(alpha_bars(meta["schedule"])[t])
+    abar64 = diffusion.abar({**meta["schedule"], "kind": "linear"})
+    abar = float(np.float32(abar64[t]))        # abar_t rounded to the model's float32, as it was trained
     t_arr = np.int32(t)
 
     if prediction == "eps":
@@ -183,7 +174,6 @@ def ddpm_generator(name: str = "ddpm-gmm2d", timestep: int = 10, prediction: str
 
     latent_shape = (module.data_dim,)
     model_id = name if str(name) in ZOO_FILES else f"ddpm:{Path(str(name)).with_suffix('').name}"
-    abar64 = diffusion.alphas_cumprod(diffusion.schedule_betas({**meta["schedule"], "kind": "linear"}))
     return Generator(model_id=model_id, apply=apply, params=params, latent_shape=latent_shape,
                      output_shape=output_shape_of(apply, params, latent_shape), timestep=t, dtype=jnp.float32,
                      denoiser=Denoiser(eps=module.apply, abar=abar64))

@@ -32,11 +32,6 @@ def load_flax_pair(path_or_name, zoo_files: dict, required: dict, from_config: C
     return module, read_params(npz_path, shapes, what=what, script=script), meta
 
 
-def abar_of(meta: dict) -> np.ndarray:
-    """alphas_cumprod (T,) in float64 of a model card's schedule (geomjobs.diffusion)."""
-    return diffusion.alphas_cumprod(diffusion.schedule_betas(meta["schedule"]))
-
-
 def check_timestep(timestep, T: int, name: str) -> int:
     """``timestep`` as an int in [0, T - 1], else ValueError naming the model."""
     if isinstance(timestep, bool) or not isinstance(timestep, (int, np.integer)):

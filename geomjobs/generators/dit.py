@@ -37,9 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from geomjobs import diffusion
 from geomjobs.generators.base import Generator
 from geomjobs.generators.checkpoint import save_pair
-from geomjobs.generators.diffusion_zoo import SCHEDULE_KEYS, abar_of, denoiser_generator, load_flax_pair
+from geomjobs.generators.diffusion_zoo import SCHEDULE_KEYS, denoiser_generator, load_flax_pair
 
 ZOO_FILES = {"dit-digits": "dit_digits"}
 ARCH_KEYS = ("image_size", "patch", "dim", "depth", "heads", "mlp_ratio", "freq_dim")
@@ -200,4 +201,4 @@ def dit_generator(name="dit-digits", timestep: int = 0, prediction: str = "x0") 
 
     model_id = str(name) if str(name) in ZOO_FILES else f"dit:{Path(str(name)).with_suffix('').name}"
     shape = (module.image_size, module.image_size)
-    return denoiser_generator(model_id, eps_fn, params, abar_of(meta), shape, timestep, prediction)
+    return denoiser_generator(model_id, eps_fn, params, diffusion.abar(meta["schedule"]), shape, timestep, prediction)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import jax.numpy as jnp
 
+from geomjobs.errors import SpecError
 from geomjobs.generators.base import ImageEncoder
 from geomjobs.generators.diffusers.folders import (
     cast_params,
@@ -27,7 +28,6 @@ from geomjobs.generators.diffusers.folders import (
     model_folder,
 )
 from geomjobs.generators.vae import BetaVAE, encoder_params, load_vae, vae_model_id
-from geomjobs.spec import SpecError
 
 KEY = "latents.encoder"
 

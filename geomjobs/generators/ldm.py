@@ -26,9 +26,10 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from geomjobs import diffusion
 from geomjobs.generators.base import Generator
 from geomjobs.generators.ddpm import ARCH_KEYS, EpsMLP, module_from_config
-from geomjobs.generators.diffusion_zoo import SCHEDULE_KEYS, abar_of, denoiser_generator, load_flax_pair
+from geomjobs.generators.diffusion_zoo import SCHEDULE_KEYS, denoiser_generator, load_flax_pair
 
 ZOO_FILES = {"ldm-digits": "ldm_digits", "memo-digits": "memo_digits"}   # memo-digits: geomjobs.zoo.train_memo_digits
 _WHAT, _SCRIPT = "LDM", "geomjobs.zoo.train_ldm_digits"
@@ -57,4 +58,4 @@ def ldm_generator(name="ldm-digits", timestep: int = 0, prediction: str = "x0") 
         return module.apply(p, z, t)
 
     model_id = str(name) if str(name) in ZOO_FILES else f"ldm:{Path(str(name)).with_suffix('').name}"
-    return denoiser_generator(model_id, eps_fn, params, abar_of(meta), (module.data_dim,), timestep, prediction)
+    return denoiser_generator(model_id, eps_fn, params, diffusion.abar(meta["schedule"]), (module.data_dim,), timestep, prediction)

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from geomjobs.errors import SpecError
 from geomjobs.generators.base import Generator
-from geomjobs.spec import SpecError
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,

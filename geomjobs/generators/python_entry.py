@@ -10,8 +10,8 @@ import importlib
 
 import jax.numpy as jnp
 
+from geomjobs.errors import SpecError
 from geomjobs.generators.base import Generator, output_shape_of
-from geomjobs.spec import SpecError
 
 
 def python_generator(model: dict, dtype=jnp.float32) -> Generator:

@@ -6,12 +6,12 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from geomjobs.errors import SpecError
 from geomjobs.generators.base import Generator
 from geomjobs.generators.ddpm import ddpm_generator
 from geomjobs.generators.dit import dit_generator
 from geomjobs.generators.ldm import ldm_generator
 from geomjobs.generators.vae import vae_decoder_generator
-from geomjobs.spec import SpecError
 
 DDPM_DEFAULTS = {"timestep": 10, "prediction": "eps"}
 # the DiT paper's analysis: the x0 prediction at t = 0; ldm-digits follows it

@@ -33,12 +33,9 @@ def jacobian(g: Callable, z):
     return (jax.jacfwd if d <= n else jax.jacrev)(g)(z)
 
 
-def exact_singular_values(g: Callable, z, *, svd_dtype=None):
+def exact_singular_values(g: Callable, z):
     """Singular values of A(z), descending; the matrix shape is (n, d)."""
-    a = jacobian(g, z)
-    if svd_dtype is not None:
-        a = a.astype(svd_dtype)
-    return jnp.linalg.svd(a, compute_uv=False)
+    return jnp.linalg.svd(jacobian(g, z), compute_uv=False)
 
 
 AUTO_CHUNK_ACCELERATOR = 32
@@ -105,10 +102,7 @@ def cheaper_side(g: Callable, z, k: int) -> str:
     return "jvp" if d * jvp + 2.0 * k * out.shape[0] * d < k * vjp else "vjp"
 
 
-def projected_singular_values(g: Callable, z, w, *, chunk: int | None = None, side: str = "vjp", svd_dtype=None):
+def projected_singular_values(g: Callable, z, w, *, chunk: int | None = None, side: str = "vjp"):
     """Singular values of W A(z), descending; the matrix shape is (k, d). ``side``: how W A is
     formed (module doc); the same matrix either way, up to float rounding."""
-    m = SIDES[side](g, z, w, chunk=chunk)
-    if svd_dtype is not None:
-        m = m.astype(svd_dtype)
-    return jnp.linalg.svd(m, compute_uv=False)
+    return jnp.linalg.svd(SIDES[side](g, z, w, chunk=chunk), compute_uv=False)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import copy
 
+from geomjobs.errors import SpecError
 from geomjobs.latents.generated import build_sampled, build_trajectory
 from geomjobs.latents.images import build_image_latents
 from geomjobs.latents.sources import LatentSource, build_gaussian, build_grid2d, build_parquet, build_plane3
-from geomjobs.spec import SpecError
 
 BUILDERS = {"gaussian": build_gaussian, "grid2d": build_grid2d, "plane3": build_plane3,
             "parquet": build_parquet, "images": build_image_latents,

@@ -38,12 +38,14 @@ process sample a shared trajectory once (records unchanged: the sampler's batche
 independent of their companions at a fixed batch size).
 
 Columns: ``noise_seed`` (= seed), ``guidance_scale`` (``latents.guidance.scale``, 0.0 without
-guidance), ``prompt_id`` (a conditioned model's prompt: each record's own with per-sample
-prompts), ``trajectory_id`` and ``step`` (trajectory) and ``z`` (the record's latent, flattened,
-with ``save_latent: true``).
+guidance: the *reward* guidance), ``cfg_scale`` (the classifier-free guidance scale the sampling
+model ran at, ``latents.model.cfg_scale``; left to the job's model when it has none),
+``prompt_id`` (a conditioned model's prompt: each record's own with per-sample prompts),
+``trajectory_id`` and ``step`` (trajectory) and ``z`` (the record's latent, flattened, with
+``save_latent: true``).
 
 ``guidance`` ({reward, scale, window}): classifier guidance by a reward folder's r(z_t, t)
-(:mod:`geomjobs.reward.guidance`, which loads and checks the folder when the spec is planned). The
+(:mod:`geomjobs.sampling.guidance`, which loads and checks the folder when the spec is planned). The
 reward's parameters travel with the source when it is pickled; at ``scale: 0`` no hook is
 installed, so the samples are bitwise the unguided job's.
 """
@@ -57,8 +59,11 @@ import jsonschema
 import numpy as np
 
 from geomjobs import sampling
+from geomjobs.errors import SpecError
+from geomjobs.generators import build_generator
+from geomjobs.generators.diffusers.prompts import load_prompt_embeddings
 from geomjobs.latents.sources import LatentSource
-from geomjobs.spec import SpecError
+from geomjobs.spec import current_model_keys, explain_schema_error, job_schema
 
 SAMPLER_DEFAULTS = {"kind": "ddim", "steps": 50, "eta": 0.0}
 DEFAULT_BATCH = 16
@@ -73,9 +78,7 @@ _UNET_PLACEHOLDER_T = 0
 
 def _model_section(lat: dict) -> dict:
     """latents.model checked as the top-level model section is (errors name latents.model.*)."""
-    from geomjobs.spec import explain_schema_error, job_schema
-
-    model = copy.deepcopy(lat["model"])
+    model = copy.deepcopy(current_model_keys(lat["model"], "latents.model"))
     if model["kind"] == "diffusers-unet":
         model.setdefault("timestep", _UNET_PLACEHOLDER_T)
     validator = jsonschema.Draft202012Validator(job_schema()["properties"]["model"])
@@ -98,8 +101,6 @@ def _rekey(e: SpecError) -> SpecError:
 
 
 def _build_model(model: dict):
-    from geomjobs.generators import build_generator
-
     try:
         gen = build_generator(model, "float32")
     except SpecError as e:
@@ -129,7 +130,6 @@ class _Prompts:
     @property
     def table(self) -> tuple[np.ndarray, np.ndarray]:
         if self._table is None:
-            from geomjobs.generators.diffusers.prompts import load_prompt_embeddings
             self._table = load_prompt_embeddings(self.path, "latents.model.prompt_embeddings")
         return self._table
 
@@ -159,7 +159,7 @@ class _Run:
     def __init__(self, model: dict, sampler: sampling.Sampler, batch_size: int, gen=None, guide=None,
                  prompts: _Prompts | None = None):
         self.model, self.sampler, self.batch_size = model, sampler, batch_size
-        self.guide = guide           # geomjobs.reward.guidance.Guide or None (pickled with its reward)
+        self.guide = guide           # geomjobs.sampling.Guide or None (pickled with its reward)
         self.prompts = prompts       # _Prompts or None (one prompt per job, closed into gen.params)
         self._gen, self._fns = gen, {}
 
@@ -178,15 +178,13 @@ class _Run:
     def _sampler_fn(self, record: bool):
         """(jitted batch sampler, its params): the model's alone, or with an active guide the
         guided denoiser and ``{"model": ..., "reward": ...}``."""
-        from geomjobs.reward import guidance
-
         gen, g = self.gen, self.guide
         # per-sample prompts: the context leaf gets a batch axis (in_axes 0), the weights stay shared
         model_axes = None if self.prompts is None else {k: (0 if k == "context" else None) for k in gen.params}
         if g is None or not g.active:
             return sampling.batch_sampler(gen.denoiser, self.sampler, record=record, param_axes=model_axes), gen.params
         axes = None if model_axes is None else {"model": model_axes, "reward": None}
-        fn = sampling.batch_sampler(guidance.guided_denoiser(gen.denoiser), self.sampler, record=record, guidance=g.hook(),
+        fn = sampling.batch_sampler(sampling.guided_denoiser(gen.denoiser), self.sampler, record=record, guidance=g.hook(),
                                     param_axes=axes)
         return fn, {"model": gen.params, "reward": g.reward.params}
 
@@ -250,9 +248,7 @@ def _config(lat: dict) -> tuple[dict, sampling.Sampler, Any, Any]:
     T = gen.denoiser.num_timesteps
     if sampler.steps > T:
         raise SpecError("latents.sampler.steps", f"expected at most T = {T} (the model's timesteps), got {sampler.steps}")
-    from geomjobs.reward.guidance import resolve_guidance
-
-    guide = resolve_guidance(g, gen, sampler)
+    guide = sampling.resolve_guidance(g, gen, sampler)
     resolved = {**copy.deepcopy(lat), "sampler": cfg, "seed": lat.get("seed", 0),
                 "save_latent": lat.get("save_latent", False), "batch_size": lat.get("batch_size", DEFAULT_BATCH)}
     return resolved, sampler, gen, guide
@@ -270,8 +266,6 @@ def _prompts(lat: dict) -> _Prompts | None:
     if count % k:
         raise SpecError("latents.count", f"with latents.prompts.seeds_per_prompt = {k}, count must be a multiple of {k} "
                                          f"(n_prompts x {k}), got {count}")
-    from geomjobs.generators.diffusers.prompts import load_prompt_embeddings
-
     table = load_prompt_embeddings(model["prompt_embeddings"], "latents.model.prompt_embeddings")
     first, n, neg = model.get("prompt_index", 0), count // k, model.get("negative_embedding_index")
     if first + n > len(table[0]):
@@ -337,6 +331,8 @@ class Sampled(LatentSource):
             cols["prompt_id"] = self.run.prompts.prompt_ids(self.sample_ids(ids))
         elif self.run.gen.prompt_id is not None:
             cols["prompt_id"] = np.full(n, self.run.gen.prompt_id, np.int64)
+        if self.run.gen.cfg_scale is not None:      # the samples were drawn at it, whatever the job's model
+            cols["cfg_scale"] = np.full(n, self.run.gen.cfg_scale, np.float64)
         if self.save_latent:
             cols["z"] = _z_column(self._generated(ids))
         return cols

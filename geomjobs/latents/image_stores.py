@@ -22,8 +22,8 @@ import math
 
 import numpy as np
 
+from geomjobs.errors import SpecError
 from geomjobs.latents.sources import LazyDataset, open_latent_dataset
-from geomjobs.spec import SpecError
 from geomjobs.zoo.digits import digits_images
 
 IMAGE_SUFFIXES = (".png", ".npy")

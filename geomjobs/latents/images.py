@@ -59,11 +59,11 @@ import dataclasses
 import numpy as np
 
 from geomjobs import diffusion
+from geomjobs.errors import SpecError
 from geomjobs.generators.base import ImageEncoder
 from geomjobs.generators.encoders import get_encoder
 from geomjobs.latents.image_stores import STORES, ImageStore
 from geomjobs.latents.sources import LatentSource
-from geomjobs.spec import SpecError
 
 DEFAULT_SCHEDULE = diffusion.DEFAULT_SCHEDULE
 ENCODE_BLOCK = 64             # ids [64 b, 64 b + 64) are always encoded together, as one batch
@@ -96,7 +96,7 @@ class ImageLatents(LatentSource):
     diffuse: dict | None = None       # {"t": int | "random", "seed": int, "schedule": {...}} or None
 
     def __post_init__(self):
-        self._abar = diffusion.alphas_cumprod(diffusion.schedule_betas(self.diffuse["schedule"])) if self.diffuse else None
+        self._abar = diffusion.abar(self.diffuse["schedule"]) if self.diffuse else None
         self._fn = None
         self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
 

@@ -12,8 +12,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from geomjobs.errors import SpecError
 from geomjobs.latents.streams import per_sample_normal
-from geomjobs.spec import SpecError
 
 
 @dataclasses.dataclass

@@ -31,6 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from geomjobs.errors import SpecError
+from geomjobs.generators import build_generator
+from geomjobs.latents import build_latents
 from geomjobs.sink.dataset import Dataset
 from geomjobs.sink.fs import join
 
@@ -141,8 +143,6 @@ def _num_timesteps(spec: dict, latents) -> int:
     if run is not None:
         return int(run.gen.denoiser.num_timesteps)
     if "timestep" in spec.get("model", {}):    # a denoiser at a fixed timestep: its own schedule
-        from geomjobs.generators import build_generator
-
         gen = build_generator(spec["model"], spec["execution"]["dtype"])
         if gen.denoiser is not None:
             return int(gen.denoiser.num_timesteps)
@@ -175,8 +175,6 @@ def open_source(uri: str, target: str, *, use_z_column: bool = True) -> RewardSo
     """One dataset checked and indexed, before any training: SpecError naming it for anything
     that makes it unusable (missing, no ok rows, no target, latents that cannot be rebuilt).
     ``use_z_column=False`` rebuilds z from the spec even where a ``z`` column exists (tests)."""
-    from geomjobs.latents import build_latents
-
     ds = Dataset(uri)
     try:
         present = ds.exists()

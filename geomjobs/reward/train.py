@@ -4,7 +4,7 @@ Data (:mod:`geomjobs.reward.data`): the index columns of every dataset in memory
 rebuilt from its dataset's spec (or read from its ``z`` column) on a background thread while the
 previous batch trains. Rows are split by sample id into training and held-out sets.
 
-Training: the network of :mod:`geomjobs.reward.model` on z normalised by the training rows'
+Training: the network of :mod:`geomjobs.sampling.reward_net` on z normalised by the training rows'
 scalar mean and std (estimated on up to :data:`NORM_ROWS` of them) and the target normalised by
 its training mean and std; loss = mean squared error of the normalised target; optax AdamW with a
 linear warm-up (5 % of the steps) and cosine decay to 1 % of ``lr``. Batch order is a function of
@@ -17,7 +17,7 @@ parameters, early-stopping state) is written under ``OUT/checkpoints/`` at every
 a run started again with the same datasets and options resumes from it and, since batches
 depend on the step only, ends with the parameters an uninterrupted run gives.
 
-``reward.json`` (:func:`geomjobs.reward.model.reward_meta` plus): ``datasets`` (uri, spec_hash,
+``reward.json`` (:func:`geomjobs.sampling.reward_net.reward_meta` plus): ``datasets`` (uri, spec_hash,
 job_id, where z came from, rows), ``training`` (the options), ``n_train``, ``n_val``, ``val_r2``,
 ``val_spearman``, ``val_rmse`` (on every held-out row, with the best parameters), ``best_step``,
 ``steps_run``, ``stopped_early``, ``history`` (step, train loss, held-out loss per evaluation).
@@ -38,9 +38,9 @@ import optax
 from flax import serialization
 
 from geomjobs.errors import SpecError
-from geomjobs.reward import model as rm
 from geomjobs.reward.config import TrainConfig
 from geomjobs.reward.data import RewardSource, open_sources, split_unit
+from geomjobs.sampling import reward_net as rm
 from geomjobs.sink.fs import filesystem, join, normalize_uri
 
 CHUNK = 64          # consecutive training rows kept together in the batch order (= images' ENCODE_BLOCK)

@@ -23,10 +23,11 @@ import numpy as np
 import pyarrow as pa
 
 from geomjobs._version import __version__
+from geomjobs.errors import DatasetError, SpecError
 from geomjobs.records import SCHEMA_VERSION
-from geomjobs.sink.dataset import Dataset, DatasetError
+from geomjobs.sink.dataset import Dataset
 from geomjobs.sink.fs import is_local, normalize_uri
-from geomjobs.spec import SpecError, diff_keys, identity
+from geomjobs.spec import diff_keys, identity
 
 
 class ShardEngine(Protocol):

@@ -14,11 +14,12 @@ import numpy as np
 
 from geomjobs import descriptors, diffusion
 from geomjobs.descriptors import Bound, Dims
+from geomjobs.errors import SpecError
 from geomjobs.generators import Generator, build_generator
 from geomjobs.latents import LatentSource, build_latents
 from geomjobs.runner.engine import Engine
 from geomjobs.runner.precision import precision
-from geomjobs.spec import SpecError, resolve_paths, spec_hash, validate_spec
+from geomjobs.spec import resolve_paths, spec_hash, validate_spec
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,15 +14,9 @@ import os
 import re
 import warnings
 
-from geomjobs.spec import SpecError
+from geomjobs.errors import SpecError, WorkerPoolError  # WorkerPoolError's home; importable from here as before
 
 EMBEDDED_OBJECT_STORE = 200 * 1024 * 1024   # the driver moves only commit markers
-
-
-class WorkerPoolError(RuntimeError):
-    """The cluster cannot be reached, or a worker cannot start (its constructor raised: the
-    model missing on its node, an import error, another geomjobs version); committed shards are
-    kept (resume later). Worker deaths alone never raise it: dead workers are replaced."""
 
 
 def worker_resources(execution: dict) -> dict[str, float]:

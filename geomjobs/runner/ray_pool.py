@@ -7,8 +7,9 @@ import contextlib
 import ray
 from ray.exceptions import RayActorError, RayError
 
+from geomjobs.errors import WorkerPoolError
 from geomjobs.runner.job import ShardPlan
-from geomjobs.runner.ray_connect import WorkerPoolError, actor_options, worker_start_error
+from geomjobs.runner.ray_connect import actor_options, worker_start_error
 from geomjobs.runner.ray_worker import ShardWorker
 from geomjobs.runner.retry import format_exception
 

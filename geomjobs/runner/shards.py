@@ -76,6 +76,7 @@ def shard_table(plan: Plan, shard: int, ids: np.ndarray, res: dict, errors: list
         "model_id": pa.repeat(gen.model_id, n),
         "timestep": np.asarray(t, np.int32) if t is not None else pa.repeat(gen.timestep, n).cast(pa.int32()),
         "prompt_id": pa.repeat(gen.prompt_id, n).cast(pa.int64()),
+        "cfg_scale": pa.repeat(gen.cfg_scale, n).cast(pa.float64()),   # generated latents: the sampler's (columns)
         "status": np.where(ok, "ok", "error"),
         "error": errors,
     }

@@ -53,7 +53,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from geomjobs.errors import DatasetError  # noqa: F401 (its home is geomjobs.errors; importable from here as before)
+from geomjobs.records import SCHEMA_VERSION, as_version, record_schema
 from geomjobs.sink.fs import filesystem, is_local, join, normalize_uri
+from geomjobs.spec import with_current_keys
 
 MANIFEST = "_geomjobs/manifest.json.gz"
 MANIFEST_FORMAT = 1
@@ -62,10 +65,6 @@ COMPACT_EVERY = 256       # a Dataset rewrites the cache after every this many o
 READ_CONCURRENCY = 64     # markers read at once from a remote store (fsspec's cat batch size)
 
 log = logging.getLogger(__name__)
-
-
-class DatasetError(RuntimeError):
-    """The output location cannot be used as asked (holds a different job, is a file, is not a dataset...)."""
 
 
 def part_name(shard: int) -> str:
@@ -144,6 +143,7 @@ class Dataset:
         # markers written through this object since it last wrote the cache: name -> (version, marker)
         self._written: dict[str, tuple[str, dict]] = {}
         self._pending = 0          # commits through this object since it last wrote the cache
+        self._schema_version = None   # the job card's record schema version, read on first commit
 
     # ---- low-level atomic writes -------------------------------------------------------
     def _path(self, *parts: str) -> str:
@@ -229,7 +229,9 @@ class Dataset:
         return json.loads(self._get("_geomjobs/job.json"))
 
     def spec(self) -> dict:
-        return yaml.safe_load(self._get("_geomjobs/spec.yaml"))
+        """The stored spec, its model keys under their current names (a spec an older release
+        stored reads as this release writes it: :func:`geomjobs.spec.with_current_keys`)."""
+        return with_current_keys(yaml.safe_load(self._get("_geomjobs/spec.yaml")))
 
     def initialize(self, spec: dict, job: dict, artifacts: dict[str, np.ndarray]) -> None:
         """Write spec, job card and artifacts of a new job (idempotent for the same job)."""
@@ -344,9 +346,22 @@ class Dataset:
         failures = {k: v for k, v in self.failures().items() if k not in committed}
         return Summary(self.uri, self.job(), committed, failures)
 
+    def schema_version(self) -> int:
+        """The record schema version this dataset was created with (its job card's; read once)."""
+        if self._schema_version is None:
+            try:
+                self._schema_version = int(self.job().get("schema_version", 1))
+            except FileNotFoundError:    # no job card (yet): records are written as they come
+                return SCHEMA_VERSION
+        return self._schema_version
+
     def commit_shard(self, shard: int, table: pa.Table, *, worker: str = "", engine: dict | None = None) -> dict:
         """Write shard's records, then its marker. Safe to repeat for the same shard.
-        ``engine``: how the step ran (Engine.describe), kept in the marker."""
+        ``engine``: how the step ran (Engine.describe), kept in the marker. A dataset created in
+        an older record schema (a job resumed by a later release) keeps it: the records are
+        written in that version (:func:`geomjobs.records.as_version`)."""
+        if self.schema_version() != SCHEMA_VERSION:
+            table = as_version(table, self.schema_version())
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         self._put(part_name(shard), buf.getvalue())
@@ -381,9 +396,10 @@ class Dataset:
             self.fs.rm(self._path("_staging"), recursive=True)
 
     def read_table(self) -> pa.Table:
-        """All committed records (only files with a marker), sorted by sample_id."""
+        """All committed records (only files with a marker), sorted by sample_id, in the record
+        schema of the files (a dataset's own version; files of different versions are unified by
+        column name, the missing columns null)."""
         tables = [pq.read_table(io.BytesIO(self._get(m["file"]))) for _, m in sorted(self.committed().items())]
         if not tables:
-            from geomjobs.records import record_schema
-            return record_schema().empty_table()
-        return pa.concat_tables(tables).sort_by("sample_id")
+            return record_schema(self.schema_version()).empty_table()
+        return pa.concat_tables(tables, promote_options="default").sort_by("sample_id")

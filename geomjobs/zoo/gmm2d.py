@@ -42,7 +42,7 @@ def sample(module: EpsMLP, params, meta: dict, n: int, seed: int = 0) -> np.ndar
     sched = meta["schedule"]
     T = int(sched["T"])
     b64 = diffusion.betas("linear", T, sched["beta_start"], sched["beta_end"])
-    ab64 = diffusion.alphas_cumprod(b64)
+    ab64 = diffusion.abar(betas=b64)
     ab_prev = np.concatenate([[1.0], ab64[:-1]])
     sigma = np.sqrt(b64 * (1.0 - ab_prev) / (1.0 - ab64))
     coef = b64 / np.sqrt(1.0 - ab64)

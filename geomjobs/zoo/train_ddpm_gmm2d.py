@@ -52,13 +52,15 @@ def train(steps: int, seed: int, batch: int, lr: float, log_every: int, log=prin
     import jax.numpy as jnp
     import optax
 
-    from geomjobs.generators.ddpm import EpsMLP, alpha_bars
+    from geomjobs import diffusion
+    from geomjobs.generators.ddpm import EpsMLP
     from geomjobs.zoo.gmm2d import gmm_data
 
     data = jnp.asarray(gmm_data(DATA["n_points"], DATA["data_seed"], DATA["n_modes"], DATA["radius"], DATA["std"]))
     T = SCHEDULE["T"]
-    sqrt_ab = jnp.asarray(np.sqrt(alpha_bars(SCHEDULE)), jnp.float32)
-    sqrt_1mab = jnp.asarray(np.sqrt(1.0 - alpha_bars(SCHEDULE)), jnp.float32)
+    ab = diffusion.abar(SCHEDULE).astype(np.float32)       # float32, as the model trains
+    sqrt_ab = jnp.asarray(np.sqrt(ab), jnp.float32)
+    sqrt_1mab = jnp.asarray(np.sqrt(1.0 - ab), jnp.float32)
 
     module = EpsMLP(**ARCH)
     key = jax.random.PRNGKey(seed)

@@ -50,12 +50,12 @@ def train(steps: int, seed: int, batch: int, lr: float, warmup: int, ema: float,
     import jax.numpy as jnp
     import optax
 
-    from geomjobs.generators.diffusion_zoo import abar_of
+    from geomjobs import diffusion
     from geomjobs.generators.dit import DiT, init_params
     from geomjobs.zoo.training import diffusion_step, run_steps
 
     data = jnp.asarray(digits_pm1()[0])
-    abar = abar_of({"schedule": SCHEDULE})
+    abar = diffusion.abar(SCHEDULE)
     sqrt_ab, sqrt_1mab = jnp.asarray(np.sqrt(abar), jnp.float32), jnp.asarray(np.sqrt(1 - abar), jnp.float32)
     T = SCHEDULE["T"]
     module = DiT(**ARCH)
@@ -77,14 +77,14 @@ def train(steps: int, seed: int, batch: int, lr: float, warmup: int, ema: float,
 
 def measure_quality(module, params, meta: dict, counts, seed: int, steps: int) -> dict:
     """The card's ``quality`` section: DDIM samples of the DiT scored against the held-out digits."""
+    from geomjobs import diffusion
     from geomjobs.generators.base import Denoiser
     from geomjobs.generators.classifier import from_signed, load_classifier
-    from geomjobs.generators.diffusion_zoo import abar_of
     from geomjobs.zoo.quality import data_reference, ddim_samples, sample_figures
 
     clf = load_classifier()
     train_x, held_x = (from_signed(a) for a in digits_pm1())
-    den = Denoiser(eps=lambda p, x, t: module.apply(p, x, t), abar=abar_of(meta))
+    den = Denoiser(eps=lambda p, x, t: module.apply(p, x, t), abar=diffusion.abar(meta["schedule"]))
     x0 = ddim_samples(den, params, seed, max(counts), (module.image_size, module.image_size), steps)
     return {"classifier": "classifier-digits", "seed": seed, "noise": "sample i: numpy default_rng([seed, i]).standard_normal((8, 8))",
             "sampler": {**SAMPLER, "steps": steps}, "postprocess": "(x + 1) / 2 clipped to [0, 1]",

@@ -56,14 +56,14 @@ def train(steps: int, seed: int, batch: int, lr: float, ema: float, log_every: i
     import jax.numpy as jnp
     import optax
 
+    from geomjobs import diffusion
     from geomjobs.generators.ddpm import EpsMLP
-    from geomjobs.generators.diffusion_zoo import abar_of
     from geomjobs.generators.ldm import init_params
     from geomjobs.zoo.training import diffusion_step, run_steps
 
     z, *_ = digit_latents()
     data = jnp.asarray(z)
-    abar = abar_of({"schedule": SCHEDULE})
+    abar = diffusion.abar(SCHEDULE)
     sqrt_ab, sqrt_1mab = jnp.asarray(np.sqrt(abar), jnp.float32), jnp.asarray(np.sqrt(1 - abar), jnp.float32)
     module = EpsMLP(**ARCH)
     key = jax.random.PRNGKey(seed)
@@ -86,9 +86,9 @@ def measure_quality(module, params, meta: dict, counts, seed: int, steps: int) -
     import jax
     import jax.numpy as jnp
 
+    from geomjobs import diffusion
     from geomjobs.generators.base import Denoiser
     from geomjobs.generators.classifier import load_classifier
-    from geomjobs.generators.diffusion_zoo import abar_of
     from geomjobs.generators.vae import BetaVAE
     from geomjobs.zoo.quality import data_reference, ddim_samples, image_quality, sample_figures
 
@@ -99,7 +99,7 @@ def measure_quality(module, params, meta: dict, counts, seed: int, steps: int) -
         return np.clip(np.asarray(jax.jit(lambda z: vae.apply(vparams, z, method=BetaVAE.decode))(jnp.asarray(z))), 0.0, 1.0)
 
     recon = decode(vae.apply(vparams, jnp.asarray(held_x), method=BetaVAE.encode)[0])
-    den = Denoiser(eps=lambda p, z, t: module.apply(p, z, t), abar=abar_of(meta))
+    den = Denoiser(eps=lambda p, z, t: module.apply(p, z, t), abar=diffusion.abar(meta["schedule"]))
     z0 = ddim_samples(den, params, seed, max(counts), (module.data_dim,), steps)
     return {"classifier": "classifier-digits", "seed": seed, "noise": "sample i: numpy default_rng([seed, i]).standard_normal(8)",
             "sampler": {**SAMPLER, "steps": steps}, "postprocess": "vae-digits decoder, clipped to [0, 1]",

@@ -72,15 +72,15 @@ def train(steps: int, seed: int, batch: int, lr: float, ema: float, log_every: i
     import jax.numpy as jnp
     import optax
 
+    from geomjobs import diffusion
     from geomjobs.generators.ddpm import EpsMLP
-    from geomjobs.generators.diffusion_zoo import abar_of
     from geomjobs.generators.ldm import init_params
     from geomjobs.zoo.training import diffusion_step, run_steps
 
     z, *_ = digit_latents()
     dup = duplicated_indices(len(z), duplicated, seed)
     data = jnp.asarray(training_set(z, dup, copies))
-    abar = abar_of({"schedule": SCHEDULE})
+    abar = diffusion.abar(SCHEDULE)
     sqrt_ab, sqrt_1mab = jnp.asarray(np.sqrt(abar), jnp.float32), jnp.asarray(np.sqrt(1 - abar), jnp.float32)
     module = EpsMLP(**ARCH)
     key = jax.random.PRNGKey(seed)
@@ -100,11 +100,11 @@ def train(steps: int, seed: int, batch: int, lr: float, ema: float, log_every: i
 
 def sample_latents(module, params, meta: dict, n: int, seed: int, steps: int) -> np.ndarray:
     """Samples 0..n-1 of a card's model by deterministic DDIM (:func:`geomjobs.zoo.quality.ddim_samples`)."""
+    from geomjobs import diffusion
     from geomjobs.generators.base import Denoiser
-    from geomjobs.generators.diffusion_zoo import abar_of
     from geomjobs.zoo.quality import ddim_samples
 
-    den = Denoiser(eps=lambda p, z, t: module.apply(p, z, t), abar=abar_of(meta))
+    den = Denoiser(eps=lambda p, z, t: module.apply(p, z, t), abar=diffusion.abar(meta["schedule"]))
     return ddim_samples(den, params, seed, n, (module.data_dim,), steps)
 
 

@@ -30,9 +30,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from geomjobs.errors import SpecError
 from geomjobs.generators.base import output_shape_of
 from geomjobs.generators.diffusers import pytorch_weights
-from geomjobs.spec import SpecError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 REMAT = ("none", "dots", "full")

@@ -3,7 +3,7 @@ SD 1.x: (n, 77, 768)), as an .npz with one array ``embeddings`` of shape (num_pr
 or a Parquet file with one row per prompt (column ``embedding``: a (seq, dim) list of lists;
 optional integer column ``prompt_id``). A job uses one prompt, row ``prompt_index`` of the file,
 and each record's ``prompt_id`` is that row's ``prompt_id`` (the row number for an .npz). With
-``guidance_scale`` s and ``negative_embedding_index`` (the unconditional / negative prompt, same
+``cfg_scale`` s and ``negative_embedding_index`` (the unconditional / negative prompt, same
 file) the output is classifier-free guided: out = out_uncond + s (out_cond - out_uncond), both in
 one batch of 2.
 """
@@ -13,15 +13,15 @@ import dataclasses
 
 import numpy as np
 
-from geomjobs.spec import SpecError
+from geomjobs.errors import SpecError
 
 
 @dataclasses.dataclass(frozen=True)
 class Conditioning:
     """What the UNet is conditioned on: ``context`` (1, seq, dim) prompt hidden states, or
-    (2, seq, dim) = (negative, prompt) with ``guidance_scale``; ``prompt_id`` goes into records."""
+    (2, seq, dim) = (negative, prompt) with ``cfg_scale``; ``prompt_id`` and ``cfg_scale`` go into records."""
     context: np.ndarray
-    guidance_scale: float | None = None
+    cfg_scale: float | None = None
     prompt_id: int | None = None
 
 
@@ -36,7 +36,8 @@ def conditioning(model: dict) -> Conditioning:
     if neg is not None and not 0 <= neg < len(emb):
         raise SpecError("model.negative_embedding_index", f"expected 0..{len(emb) - 1}, got {neg}")
     rows = [idx] if neg is None else [neg, idx]
-    return Conditioning(emb[rows], model.get("guidance_scale"), int(prompt_ids[idx]))
+    cfg = model.get("cfg_scale")
+    return Conditioning(emb[rows], None if cfg is None else float(cfg), int(prompt_ids[idx]))
 
 
 def load_prompt_embeddings(path: str, key: str = "model.prompt_embeddings") -> tuple[np.ndarray, np.ndarray]:

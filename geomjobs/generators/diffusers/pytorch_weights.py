@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from geomjobs.spec import SpecError
+from geomjobs.errors import SpecError
 
 PT_WEIGHTS = "diffusion_pytorch_model.safetensors"
 PT_INDEX = "diffusion_pytorch_model.safetensors.index.json"

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from geomjobs import diffusion
+from geomjobs.errors import SpecError
 from geomjobs.generators.base import Denoiser, Generator
 from geomjobs.generators.diffusers.folders import (
     Numerics,
@@ -40,7 +41,6 @@ from geomjobs.generators.diffusers.folders import (
     with_remat,
 )
 from geomjobs.generators.diffusers.prompts import Conditioning, conditioning
-from geomjobs.spec import SpecError
 
 PREDICTIONS = ("eps", "x0")
 OUTPUT_KINDS = ("epsilon", "v_prediction", "sample")   # diffusers' prediction_type
@@ -50,18 +50,18 @@ OUTPUT_KINDS = ("epsilon", "v_prediction", "sample")   # diffusers' prediction_t
 class Target:
     """What G computes: the UNet at ``timestep`` on latents of ``latent_shape``, whose raw output
     is ``output_kind`` (the scheduler's prediction_type), returned as ``prediction`` (eps | x0);
-    ``abar`` = abar_t (needed unless both are eps)."""
+    ``abar_t`` (needed unless both are eps)."""
     latent_shape: tuple[int, ...]
     timestep: int
-    abar: float | None = None
+    abar_t: float | None = None
     output_kind: str = "epsilon"
     prediction: str = "eps"
-    alphas_cumprod: Any = None     # the whole schedule (T,) float64 where known: the Denoiser needs it
+    abar: Any = None               # the whole schedule (T,) float64 where known: the Denoiser needs it
 
 
 def unet_generator(model: dict, dtype=jnp.float32) -> Generator:
     """``kind: diffusers-unet`` (keys: path, subfolder, dtype, timestep, prediction, prompt_embeddings,
-    prompt_index, guidance_scale, negative_embedding_index, scheduler_config, latent_shape,
+    prompt_index, cfg_scale, negative_embedding_index, scheduler_config, latent_shape,
     model_id, remat), from a schema-validated section."""
     diffusers = import_diffusers("diffusers-unet")
     numerics = Numerics(compute_dtype(model), dtype, model.get("remat", "none"))
@@ -91,7 +91,7 @@ def _target(model: dict, root: str, shape) -> Target:
                                                       "or a pipeline folder with scheduler/scheduler_config.json")
         return Target(shape, t, None, kind, prediction)
     try:
-        ab = diffusion.alphas_cumprod(diffusion.diffusers_betas(sched))
+        ab = diffusion.abar(betas=diffusion.diffusers_betas(sched))
     except (ValueError, TypeError) as e:
         raise SpecError("model.scheduler_config", str(e)) from None
     if t >= len(ab):
@@ -115,19 +115,19 @@ def unet_from_module(unet, params, cond: Conditioning, target: Target, numerics:
     diffusers-unet`` builds after loading (also used by benchmarks/bench_sd.py on random SD-shaped
     weights)."""
     out_fn, p = unet_output(unet, params, cond, target.timestep, numerics)
-    apply = with_remat(as_prediction(out_fn, target.abar, target.output_kind, target.prediction), numerics.remat)
+    apply = with_remat(as_prediction(out_fn, target.abar_t, target.output_kind, target.prediction), numerics.remat)
     shape = tuple(target.latent_shape)
     den = None
-    if target.alphas_cumprod is not None:
-        den = unet_denoiser(unet_output_at(unet, cond, numerics), target.alphas_cumprod, target.output_kind, numerics.out)
+    if target.abar is not None:
+        den = unet_denoiser(unet_output_at(unet, cond, numerics), target.abar, target.output_kind, numerics.out)
     return Generator(model_id=model_id, apply=apply, params=p, latent_shape=shape,
                      output_shape=shape_of(apply, p, shape, numerics.dtype), timestep=target.timestep,
-                     dtype=numerics.dtype, prompt_id=cond.prompt_id, denoiser=den)
+                     dtype=numerics.dtype, prompt_id=cond.prompt_id, cfg_scale=cond.cfg_scale, denoiser=den)
 
 
 def unet_output(unet, params, cond: Conditioning, timestep: int, numerics: Numerics = Numerics()):
     """(out(p, z), p): the UNet's raw output at ``timestep`` for ONE latent z (C, h, w), in
-    ``numerics.out``, classifier-free guided when ``cond.guidance_scale`` is set, and its params
+    ``numerics.out``, classifier-free guided when ``cond.cfg_scale`` is set, and its params
     (UNet weights cast to ``numerics.compute`` plus the context)."""
     p = {"unet": cast_params(params, numerics.compute), "context": jnp.asarray(cond.context, numerics.compute)}
     out_t = unet_output_at(unet, cond, numerics)
@@ -139,7 +139,7 @@ def unet_output_at(unet, cond: Conditioning, numerics: Numerics = Numerics()):
     may be traced; p as :func:`unet_output` returns it."""
     compute, out_dtype = numerics.compute, numerics.out
     n_ctx = len(cond.context)
-    s = None if cond.guidance_scale is None else float(cond.guidance_scale)
+    s = None if cond.cfg_scale is None else float(cond.cfg_scale)
 
     def out(p, z, t):
         x = jnp.broadcast_to(z.astype(compute)[None], (n_ctx, *z.shape))   # (1 or 2, C, h, w): NCHW
@@ -149,13 +149,13 @@ def unet_output_at(unet, cond: Conditioning, numerics: Numerics = Numerics()):
     return out
 
 
-def unet_denoiser(out_t, alphas_cumprod, output_kind: str = "epsilon", out_dtype=jnp.float32) -> Denoiser:
+def unet_denoiser(out_t, abar, output_kind: str = "epsilon", out_dtype=jnp.float32) -> Denoiser:
     """The :class:`Denoiser` of a raw output ``out_t(p, z, t)`` of kind epsilon | v_prediction |
     sample: eps(p, x_t, t) by the identities of :mod:`geomjobs.diffusion` with abar_t from the
     schedule (rounded to ``out_dtype``), t an integer timestep (traced or not)."""
     if output_kind not in OUTPUT_KINDS:
         raise ValueError(f"expected output_kind in {OUTPUT_KINDS}, got {output_kind!r}")
-    ab64 = np.asarray(alphas_cumprod, np.float64)
+    ab64 = np.asarray(abar, np.float64)
     to_eps = {"epsilon": None, "v_prediction": diffusion.eps_from_v, "sample": diffusion.eps_from_x0}[output_kind]
 
     def eps(p, z, t):

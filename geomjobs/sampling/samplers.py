@@ -38,19 +38,19 @@ Sample i's randomness (:func:`initial_noise`, :func:`step_noise`): x_T = numpy
 sample i) and the eta > 0 noise ``default_rng([seed, i, 1]).standard_normal((steps, *shape))``, so
 sample i's path depends only on (seed, i), never on batching or sharding.
 
-Guidance hook: ``guidance(eps, x_t, t, abar_t) -> eps'`` replaces the model's eps at every step
-before the update; :func:`reward_guidance` builds SPEC section 3's classifier guidance from the
-gradient of a reward r(x_t, t). None (the default) leaves eps as it is. A hook built with
-``with_params=True`` is called as ``guidance(eps, x_t, t, abar_t, params)`` with the sampler's
-``params``, so that a reward's weights are arguments of the jitted sampler (one compile serves
-any weights) rather than constants baked into it (:mod:`geomjobs.reward.guidance` passes
-``{"model": ..., "reward": ...}``).
+Guidance hook (:class:`Guidance`): ``fn(eps, x_t, t, abar_t) -> eps'`` replaces the model's eps
+at every step before the update; :func:`geomjobs.sampling.guidance.reward_guidance` builds SPEC
+section 3's classifier guidance from the gradient of a reward r(x_t, t). None (the default) leaves
+eps as it is; a plain callable is taken as ``Guidance(fn)``. With ``with_params=True`` the hook is
+called as ``fn(eps, x_t, t, abar_t, params)`` with the sampler's ``params``, so that a reward's
+weights are arguments of the jitted sampler (one compile serves any weights) rather than constants
+baked into it (:mod:`geomjobs.sampling.guidance` passes ``{"model": ..., "reward": ...}``).
 """
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +59,27 @@ import numpy as np
 from geomjobs import diffusion
 
 SAMPLER_KINDS = ("ddim", "dpmpp2m")
-Guidance = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+class Guidance(NamedTuple):
+    """A sampler's guidance hook (module doc): ``fn(eps, x_t, t, abar_t) -> eps'``, called with the
+    sampler's params as a fifth argument when ``with_params``."""
+    fn: Callable[..., jax.Array]
+    with_params: bool = False
+
+
+class BatchSampler(NamedTuple):
+    """What :func:`batch_sampler` returns: call it as ``(params, x_T, noise=None)``; ``jitted`` is
+    the underlying ``jax.jit`` object (its ``_cache_size()`` counts compiles)."""
+    jitted: Any
+    stochastic: bool
+
+    def __call__(self, params, x_T, noise=None):
+        if self.stochastic and noise is None:
+            raise ValueError("this sampler is stochastic (ddim with eta > 0): pass the step noise, shape (B, steps, *shape)")
+        if not self.stochastic and noise is not None:
+            raise ValueError("this sampler is deterministic: it takes no noise (pass None)")
+        return self.jitted(params, x_T, noise) if self.stochastic else self.jitted(params, x_T)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,16 +155,18 @@ def step_noise(seed: int, i: int, steps: int, shape) -> np.ndarray:
 
 
 def sample_loop(denoiser, params: Any, x_T, sampler: Sampler, noise=None, record: bool = False,
-                guidance: Guidance | None = None):
+                guidance: Guidance | Callable | None = None):
     """Sample ONE latent: x_T (latent shape, the state at timesteps[0]) -> x_0.
 
     ``denoiser`` is a :class:`~geomjobs.generators.base.Denoiser` (``eps(params, x_t, t)``,
     ``abar``). ``noise`` (steps, *x_T.shape) is needed by ddim with eta > 0 (:func:`step_noise`)
-    and ignored otherwise. The computation runs in x_T's dtype (the schedule is rounded to it).
+    and refused (ValueError) by a deterministic sampler. The computation runs in x_T's dtype (the schedule is rounded to it).
     Returns x_0, or with ``record=True`` (x_0, states), states (steps + 1, *x_T.shape): states[j]
     is the input of step j (at ``timesteps[j]``) and states[steps] = x_0."""
     x_T = jnp.asarray(x_T)
     dt = x_T.dtype
+    if guidance is not None and not isinstance(guidance, Guidance):
+        guidance = Guidance(guidance)
     ts, a, a_next = schedule(denoiser.abar, sampler.steps)
     if sampler.stochastic:
         if noise is None:
@@ -152,6 +174,8 @@ def sample_loop(denoiser, params: Any, x_T, sampler: Sampler, noise=None, record
         noise = jnp.asarray(noise, dt)
         if noise.shape != (sampler.steps, *x_T.shape):
             raise ValueError(f"noise must have shape {(sampler.steps, *x_T.shape)}, got {noise.shape}")
+    elif noise is not None:
+        raise ValueError(f"the {sampler.kind} sampler (eta = {sampler.eta}) is deterministic: it takes no noise")
     else:
         noise = jnp.zeros((sampler.steps, *([1] * x_T.ndim)), dt)   # a placeholder scanned over, never used
     tab = lambda v: jnp.asarray(np.asarray(v), dt)  # noqa: E731
@@ -161,8 +185,8 @@ def sample_loop(denoiser, params: Any, x_T, sampler: Sampler, noise=None, record
         eps = denoiser.eps(params, x, t).astype(dt)
         if guidance is None:
             return eps
-        extra = (params,) if getattr(guidance, "with_params", False) else ()
-        return guidance(eps, x, t, ab, *extra).astype(dt)
+        extra = (params,) if guidance.with_params else ()
+        return guidance.fn(eps, x, t, ab, *extra).astype(dt)
 
     if sampler.kind == "ddim":
         eta = float(sampler.eta)
@@ -192,11 +216,11 @@ def sample_loop(denoiser, params: Any, x_T, sampler: Sampler, noise=None, record
     return x0, jnp.concatenate([states, x0[None]], axis=0)
 
 
-def batch_sampler(denoiser, sampler: Sampler, record: bool = False, guidance: Guidance | None = None,
-                  param_axes: Any = None):
-    """A jitted ``fn(params, x_T, noise) -> x_0`` (or ``(x_0, states)``) over a batch: x_T (B, *shape),
-    noise (B, steps, *shape) (or None when the sampler is deterministic), :func:`sample_loop` vmapped.
-    ``fn.jitted`` is the underlying ``jax.jit`` object (compile counting).
+def batch_sampler(denoiser, sampler: Sampler, record: bool = False, guidance: Guidance | Callable | None = None,
+                  param_axes: Any = None) -> BatchSampler:
+    """A jitted ``fn(params, x_T, noise=None) -> x_0`` (or ``(x_0, states)``) over a batch: x_T (B,
+    *shape), noise (B, steps, *shape) for a stochastic sampler and None (omitted) for a
+    deterministic one (ValueError otherwise), :func:`sample_loop` vmapped (:class:`BatchSampler`).
 
     ``param_axes``: the ``jax.vmap`` in_axes of ``params`` (None: shared by the whole batch). A
     pytree prefix such as ``{"unet": None, "context": 0}`` gives each sample its own leaf (here a
@@ -205,40 +229,13 @@ def batch_sampler(denoiser, sampler: Sampler, record: bool = False, guidance: Gu
         def one(params, x, n):
             return sample_loop(denoiser, params, x, sampler, n, record, guidance)
 
-        f = jax.jit(jax.vmap(one, in_axes=(param_axes, 0, 0)))
-        f.jitted = f
-        return f
+        return BatchSampler(jax.jit(jax.vmap(one, in_axes=(param_axes, 0, 0))), True)
 
     def one_det(params, x):
         return sample_loop(denoiser, params, x, sampler, None, record, guidance)
 
-    f = jax.jit(jax.vmap(one_det, in_axes=(param_axes, 0)))
-
-    def run(params, x, noise=None):
-        return f(params, x)
-
-    run.jitted = f                 # the jitted function (its _cache_size() counts compiles)
-    return run
+    return BatchSampler(jax.jit(jax.vmap(one_det, in_axes=(param_axes, 0))), False)
 
 
-def reward_guidance(grad_r: Callable[..., jax.Array], scale: float, window: tuple[int, int] | None = None,
-                    with_params: bool = False) -> Guidance:
-    """SPEC section 3's classifier guidance as a :func:`sample_loop` hook: eps' = eps - sqrt(1 -
-    abar_t) * scale * grad_r(x_t, t), applied where lo <= t <= hi for ``window = (lo, hi)`` (every
-    step when None). ``grad_r(x_t, t)`` is the gradient of the reward in x_t (one latent); with
-    ``with_params`` it is ``grad_r(params, x_t, t)`` with the sampler's params (module doc)."""
-    scale = float(scale)
-
-    def hook(eps, x, t, ab, *params):
-        g = eps - jnp.sqrt(1.0 - ab) * scale * grad_r(*params, x, t).astype(eps.dtype)
-        if window is None:
-            return g
-        lo, hi = window
-        return jnp.where((t >= lo) & (t <= hi), g, eps)
-
-    hook.with_params = bool(with_params)
-    return hook
-
-
-__all__ = ["SAMPLER_KINDS", "Sampler", "batch_sampler", "dpmpp2m_coefficients", "initial_noise", "reward_guidance",
-           "sample_loop", "schedule", "step_noise", "timesteps"]
+__all__ = ["SAMPLER_KINDS", "BatchSampler", "Guidance", "Sampler", "batch_sampler", "dpmpp2m_coefficients", "initial_noise", "sample_loop",
+           "schedule", "step_noise", "timesteps"]

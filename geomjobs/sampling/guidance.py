@@ -2,7 +2,7 @@
 s, window: [lo, hi]}`` in ``sampled`` and ``trajectory`` jobs.
 
 Classifier guidance on the noise-aware reward r(z_t, t) of a reward folder
-(:mod:`geomjobs.reward.model`): at every sampler step whose timestep t satisfies lo <= t <= hi
+(:mod:`geomjobs.sampling.reward_net`): at every sampler step whose timestep t satisfies lo <= t <= hi
 (every step without a window)
 
     eps'(z_t, t) = eps_theta(z_t, t) - sqrt(1 - abar_t) * s * grad_{z_t} r(z_t, t)
@@ -33,18 +33,38 @@ Inside the jitted sampler the reward parameters are arguments (``params = {"mode
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from geomjobs import sampling
 from geomjobs.errors import SpecError
 from geomjobs.generators.base import Denoiser
+from geomjobs.sampling import samplers
+from geomjobs.sampling.reward_net import Reward, build_network, load_reward
 
 KEY = "latents.guidance"
 T_RANGE_SLACK = 0.01          # guided timesteps may lie this fraction of T outside the reward's t_range
+
+
+def reward_guidance(grad_r: Callable[..., jax.Array], scale: float, window: tuple[int, int] | None = None,
+                    with_params: bool = False) -> samplers.Guidance:
+    """SPEC section 3's classifier guidance as a sampler hook (:mod:`geomjobs.sampling.samplers`):
+    eps' = eps - sqrt(1 - abar_t) * scale * grad_r(x_t, t), applied where lo <= t <= hi for
+    ``window = (lo, hi)`` (every step when None). ``grad_r(x_t, t)`` is the gradient of the reward
+    in x_t (one latent); with ``with_params`` it is ``grad_r(params, x_t, t)`` with the sampler's
+    params."""
+    scale = float(scale)
+
+    def hook(eps, x, t, ab, *params):
+        g = eps - jnp.sqrt(1.0 - ab) * scale * grad_r(*params, x, t).astype(eps.dtype)
+        if window is None:
+            return g
+        lo, hi = window
+        return jnp.where((t >= lo) & (t <= hi), g, eps)
+
+    return samplers.Guidance(hook, bool(with_params))
 
 
 @dataclasses.dataclass
@@ -53,15 +73,13 @@ class Guide:
     uri: str
     scale: float
     window: tuple[int, int] | None
-    reward: Any                     # geomjobs.reward.model.Reward
+    reward: Reward
 
     def __getstate__(self):
         return {"uri": self.uri, "scale": self.scale, "window": self.window, "meta": self.reward.meta,
                 "params": jax.tree_util.tree_map(np.asarray, jax.device_get(self.reward.params))}
 
     def __setstate__(self, state):
-        from geomjobs.reward.model import Reward, build_network
-
         meta = state["meta"]
         shape = tuple(int(x) for x in meta["latent_shape"])
         params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), state["params"])
@@ -82,9 +100,9 @@ class Guide:
         """grad_z r(z, t) (one VJP of the reward network)."""
         return jax.grad(lambda v: self.r(params, v, t))(z)
 
-    def hook(self) -> sampling.Guidance:
+    def hook(self) -> samplers.Guidance:
         """The sampler hook: params are the sampler's ``{"model": ..., "reward": ...}``."""
-        return sampling.reward_guidance(lambda p, x, t: self.grad(p["reward"], x, t), self.scale, self.window,
+        return reward_guidance(lambda p, x, t: self.grad(p["reward"], x, t), self.scale, self.window,
                                         with_params=True)
 
 
@@ -93,13 +111,11 @@ def guided_denoiser(denoiser: Denoiser) -> Denoiser:
     return Denoiser(eps=lambda p, x, t: denoiser.eps(p["model"], x, t), abar=denoiser.abar)
 
 
-def resolve_guidance(section: dict | None, gen, sampler: sampling.Sampler) -> Guide | None:
+def resolve_guidance(section: dict | None, gen, sampler: samplers.Sampler) -> Guide | None:
     """The Guide of a validated ``latents.guidance`` section for the model ``gen`` (a generator with
     a Denoiser) and its sampler, or None without a section. Every check of the module doc."""
     if section is None:
         return None
-    from geomjobs.reward.model import load_reward
-
     window = section.get("window")
     if window is not None:
         lo, hi = int(window[0]), int(window[1])
@@ -116,7 +132,7 @@ def resolve_guidance(section: dict | None, gen, sampler: sampling.Sampler) -> Gu
     if reward.num_train_timesteps != T:
         raise SpecError(f"{KEY}.reward", f"the reward '{uri}' was trained for a diffusion model with {reward.num_train_timesteps} "
                                          f"timesteps, but latents.model has T = {T}")
-    ts = sampling.timesteps(T, sampler.steps)
+    ts = samplers.timesteps(T, sampler.steps)
     guided = ts if window is None else ts[(ts >= window[0]) & (ts <= window[1])]
     lo_r, hi_r = reward.t_range
     slack = T_RANGE_SLACK * T
@@ -129,4 +145,4 @@ def resolve_guidance(section: dict | None, gen, sampler: sampling.Sampler) -> Gu
     return Guide(str(uri), float(section["scale"]), window, reward)
 
 
-__all__ = ["Guide", "guided_denoiser", "resolve_guidance"]
+__all__ = ["Guide", "guided_denoiser", "resolve_guidance", "reward_guidance"]
