@@ -99,3 +99,21 @@ def save_figure(fig, out_dir, name: str, dpi: int = 110) -> str:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+def save_png(fig, uri: str, dpi: int = 90) -> None:
+    """Write ``fig`` as a PNG to ``uri`` (local path or gs://) and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from geomjobs.sink.fs import filesystem
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    fs, path = filesystem(uri)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(buf.getvalue())
