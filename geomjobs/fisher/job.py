@@ -20,6 +20,7 @@ Stages (:func:`run_fisher`):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -33,21 +34,14 @@ import numpy as np
 import yaml
 
 from geomjobs.errors import SpecError
+from geomjobs.fisher.geodesic import GeodesicConfig
+from geomjobs.fisher.posterior import PosteriorConfig
+from geomjobs.fisher.potential import PotentialConfig
 from geomjobs.sink.fs import filesystem, join, normalize_uri
 
-# head "grid" (geomjobs.fisher.posterior): on the Ising L=8 example's samples the metric error was
-# 0.19 / 0.21 (posterior seeds 0 / 1) against 0.38 / 0.28 with the dense head; the exact likelihood
-# on the same held-out samples gives 0.19.
-POSTERIOR_DEFAULTS = {"bundle": 4, "steps": 1500, "batch": 64, "lr": 3e-3, "holdout": 0.25, "fit_bundle": 32,
-                      "bundles_per_point": 8, "seed": 0, "head": "grid"}
-# A small F net: with learned posteriors (Ising L=8, TASEP L=8, 10 x 10 grids, 128 samples per
-# point, dense head) width 32 / depth 2 / 800 steps gave metric errors 0.25 / 0.60 where 64 / 3 /
-# 1500 steps fitted the posteriors' noise (2.0 / 2.9); with the exact likelihood on the same Ising
-# samples 0.22 against 0.41.
-# coords: the coordinates F is fitted in (geomjobs.fisher.potential; "log" for TASEP's rates).
-# convex: F an input-convex network, so the metric is positive semi-definite everywhere.
-POTENTIAL_DEFAULTS = {"steps": 800, "width": 32, "depth": 2, "lr": 3e-3, "seed": 0, "coords": "identity",
-                      "convex": False}
+# the section defaults are the field defaults of their configs (PosteriorConfig, PotentialConfig, GeodesicConfig)
+POSTERIOR_DEFAULTS = {k: v for k, v in dataclasses.asdict(PosteriorConfig()).items() if k != "kind"}
+POTENTIAL_DEFAULTS = dataclasses.asdict(PotentialConfig())
 
 
 def fisher_schema() -> dict:
@@ -87,7 +81,7 @@ def validate_fisher_spec(raw, base: str | Path = ".") -> tuple[dict, object]:
     spec["posterior"] = {**POSTERIOR_DEFAULTS, **{"kind": "learned"}, **spec.get("posterior", {})}
     spec["potential"] = {**POTENTIAL_DEFAULTS, **spec.get("potential", {})}
     spec["execution"] = {"shard_size": 16, **spec.get("execution", {})}
-    spec["geodesics"] = {"points": 33, **spec.get("geodesics", {})}
+    spec["geodesics"] = {"points": GeodesicConfig.points, **spec.get("geodesics", {})}
     spec.setdefault("figures", True)
     fam_mod = _families(spec["family"].get("kind"))
     family = fam_mod.build_family(_resolve_family_paths(spec["family"], base))
@@ -289,8 +283,7 @@ def fit_method(spec: dict, family, x: np.ndarray, thetas: np.ndarray, progress: 
     else:
         n = x.shape[1]
         n_hold = int(round(n * post["holdout"]))
-        net, params, tinfo = post_mod.train_posterior(x[:, :n - n_hold], bundle=post["bundle"], steps=post["steps"],
-                                                      batch=post["batch"], lr=post["lr"], seed=post["seed"], head=post["head"],
+        net, params, tinfo = post_mod.train_posterior(x[:, :n - n_hold], PosteriorConfig(**post),
                                                       grid=to_coords(spec["potential"]["coords"], thetas))
         info["posterior_loss"] = tinfo["loss"]
         info["posterior_loss_history"] = tinfo["loss_history"]
@@ -300,8 +293,7 @@ def fit_method(spec: dict, family, x: np.ndarray, thetas: np.ndarray, progress: 
     info["fit_bundle"] = min(post["fit_bundle"], loglik.shape[1])
     t0 = time.time()
     ps = spec["potential"]
-    pot, pinfo = fit_potential(thetas, lp, pts, steps=ps["steps"], lr=ps["lr"], width=ps["width"], depth=ps["depth"],
-                               seed=ps["seed"], coords=ps["coords"], convex=bool(ps["convex"]))
+    pot, pinfo = fit_potential(thetas, lp, pts, PotentialConfig(**ps))
     info["potential_loss"] = pinfo["loss"]
     info["potential_loss_history"] = pinfo["loss_history"]
     info["potential_seconds"] = time.time() - t0
@@ -493,9 +485,9 @@ def _write_networks(out, fit) -> None:
     from flax import serialization
 
     pot = fit["potential"]
-    cfg = {"potential": {"width": pot.width, "depth": pot.depth, "centre": np.asarray(pot.centre).tolist(),
-                         "half_width": np.asarray(pot.half_width).tolist(), "coords": pot.coords,
-                         "convex": pot.convex,
+    cfg = {"potential": {"width": pot.cfg.width, "depth": pot.cfg.depth, "centre": np.asarray(pot.centre).tolist(),
+                         "half_width": np.asarray(pot.half_width).tolist(), "coords": pot.cfg.coords,
+                         "convex": pot.cfg.convex,
                          "note": "F(t) = FNet(width, depth, convex).apply(params, (u(t) - centre) / half_width), per sample; "
                                  "u = the fitting coordinates (identity: u = t; log: u = log t)"}}
     files = {"potential.msgpack": serialization.to_bytes(pot.params)}
@@ -518,15 +510,15 @@ def load_potential(out: str):
     import jax.numpy as jnp
     from flax import serialization
 
-    from geomjobs.fisher.potential import FNet, Potential
+    from geomjobs.fisher.potential import Potential
 
     fs, path = filesystem(join(normalize_uri(out), "networks.json"))
-    cfg = json.loads(fs.cat_file(path))["potential"]
-    template = FNet(cfg["width"], cfg["depth"], cfg.get("convex", False)).init(jax.random.PRNGKey(0), jnp.zeros((1, 2)))
+    saved = json.loads(fs.cat_file(path))["potential"]
+    cfg = PotentialConfig(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(PotentialConfig)}})
+    template = cfg.net().init(jax.random.PRNGKey(0), jnp.zeros((1, 2)))
     fs, path = filesystem(join(normalize_uri(out), "potential.msgpack"))
     params = serialization.from_bytes(template, fs.cat_file(path))
-    return Potential(params, np.asarray(cfg["centre"], np.float32), np.asarray(cfg["half_width"], np.float32),
-                     cfg["width"], cfg["depth"], cfg.get("coords", "identity"), cfg.get("convex", False))
+    return Potential(params, np.asarray(saved["centre"], np.float32), np.asarray(saved["half_width"], np.float32), cfg)
 
 
 def fisher_cli(args) -> int:
