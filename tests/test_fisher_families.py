@@ -331,6 +331,21 @@ def test_family_interface():
     assert build_family({"kind": "tasep", "L": 20}).exact([(0.3, 0.4)]) is None
 
 
+def test_families_declare_what_the_job_needs():
+    """FAMILIES is a static table (diffusion-slice's builder imports its module when called), and
+    a family states its sites, default box, posterior kinds and resolved spec (every default
+    filled; building it again gives the same family)."""
+    assert set(FAMILIES) == {"ising", "tasep", "diffusion-slice"}
+    for cfg, sites in (({"kind": "ising", "L": 6}, 36), ({"kind": "tasep", "L": 5}, 5), ({"kind": "ising", "L": 4}, 16)):
+        f = build_family(cfg)
+        assert f.sites == sites and f.default_box is None and f.posterior_kinds == ("learned", "oracle")
+        assert f.sample_dtype == "int8" and f.outputs({}, "", None, None, None) == {}
+        r = f.resolved()
+        assert {k: r[k] for k in cfg} == cfg and r["burn_in"] == f.burn_in and r["thin"] == f.thin
+        assert build_family(r).resolved() == r
+    assert "L <= 4; got L = 6" in build_family({"kind": "ising", "L": 6}).no_oracle_reason
+
+
 @pytest.mark.parametrize(("cfg", "key"), [
     ({"kind": "potts", "L": 4}, "family.kind"),
     ({"kind": "ising"}, "family.L"),

@@ -141,8 +141,7 @@ def test_convex_potential_has_positive_semidefinite_metric_everywhere():
 
 
 def test_convex_flag_round_trips_through_the_saved_networks(tmp_path):
-    from geomjobs.fisher.job import _write_networks as write_networks
-    from geomjobs.fisher.job import load_potential
+    from geomjobs.fisher.outputs import load_potential, write_networks
 
     cfg = PotentialConfig(width=16, depth=3, convex=True)
     params = cfg.net().init(jax.random.PRNGKey(1), jnp.zeros((1, 2)))

@@ -55,8 +55,7 @@ from scipy.special import logsumexp
 
 from geomjobs.fisher.chains import chain_keys, layout  # noqa: F401 - chain_keys: benchmarks/bench_fisher.py
 
-# --------------------------------------------------------------------------------------------
-# statistics
+# statistics ---------------------------------------------------------------------------------------
 
 
 def bond_sum(s) -> np.ndarray:
@@ -74,8 +73,7 @@ def sufficient_statistics(s) -> np.ndarray:
     return np.stack([bond_sum(s), magnetisation(s)], axis=-1).astype(np.float64)
 
 
-# --------------------------------------------------------------------------------------------
-# exact: enumeration
+# exact: enumeration -------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=8)
@@ -139,8 +137,7 @@ def log_partition_enumeration(L: int, thetas) -> np.ndarray:
     return _joint_logp(L, thetas)[1]
 
 
-# --------------------------------------------------------------------------------------------
-# exact: transfer matrix
+# exact: transfer matrix ---------------------------------------------------------------------------
 
 TRANSFER_MAX_L = 12
 
@@ -217,8 +214,7 @@ def log_partition(L: int, thetas) -> np.ndarray | None:
     return None
 
 
-# --------------------------------------------------------------------------------------------
-# samplers (JAX)
+# samplers (JAX) -----------------------------------------------------------------------------------
 
 UPDATES = ("cluster", "checkerboard")
 ALIASES = {"metropolis": "checkerboard"}  # the word for the single-spin checkerboard update

@@ -213,3 +213,24 @@ def bundle_posteriors(loglik: np.ndarray, size: int, per_point: int, seed: int =
     lp = lp - np.log(np.exp(lp).sum(1, keepdims=True))
     return lp, np.asarray(pts, np.int64)
 
+
+def feature_loglik(features, x) -> np.ndarray:
+    """The ``features`` posterior (geomjobs.fisher.diffusion_slice, the paper's CLIP rule):
+    (P, m - m // 2, P) per-sample log-likelihoods of samples x (P, m, *shape) from their features
+    (``features(images)`` -> (N, D)). Of each point's m samples the first m // 2 are its
+    references (mu_q = their mean feature), the others bundle samples; l(x | q) = -|phi(x) -
+    mu_q|^2 / (2 tau^2), tau^2 the pooled within-point variance of the reference features."""
+    from geomjobs.errors import SpecError
+
+    P, m = x.shape[:2]
+    if m < 2:
+        raise SpecError("samples_per_point", f"the feature posterior needs >= 2 samples per point (references and bundle samples), got {m}")
+    phi = features(x).reshape(P, m, -1)
+    m_ref = m // 2
+    ref, bun = phi[:, :m_ref], phi[:, m_ref:]
+    mu = ref.mean(1)                                            # (P, D)
+    tau2 = float(ref.var(1, ddof=1).mean()) if m_ref > 1 else float(phi.var(1, ddof=1).mean())
+    tau2 = max(tau2, 1e-12)
+    b = bun.reshape(-1, phi.shape[-1])
+    d2 = (b * b).sum(1)[:, None] - 2 * b @ mu.T + (mu * mu).sum(1)[None]
+    return (-np.maximum(d2, 0.0) / (2 * tau2)).reshape(P, m - m_ref, P)
