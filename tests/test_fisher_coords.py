@@ -15,6 +15,8 @@ import pytest
 
 from geomjobs.cli import main
 from geomjobs.fisher import posterior, potential, tasep
+from geomjobs.fisher.posterior import PosteriorConfig
+from geomjobs.fisher.potential import PotentialConfig
 
 
 def test_log_coords_metric_is_the_pulled_back_hessian():
@@ -27,9 +29,10 @@ def test_log_coords_metric_is_the_pulled_back_hessian():
     a = np.linspace(0.15, 0.9, 5)
     th = np.stack(np.meshgrid(a, a, indexing="ij"), -1).reshape(-1, 2)
     u = np.log(th)
-    params = potential.FNet(32, 2).init(jax.random.PRNGKey(4), jnp.zeros((1, 2)))
+    cfg = PotentialConfig(width=32, depth=2, coords="log")
+    params = cfg.net().init(jax.random.PRNGKey(4), jnp.zeros((1, 2)))
     centre, half = (u.min(0) + u.max(0)) / 2, (u.max(0) - u.min(0)) / 2
-    pot = potential.Potential(params, centre.astype(np.float32), half.astype(np.float32), 32, 2, coords="log")
+    pot = potential.Potential(params, centre.astype(np.float32), half.astype(np.float32), cfg)
     g = pot.hessian(th)
 
     def grad_u(uu):
@@ -84,7 +87,7 @@ def test_tasep_exact_limit_needs_log_rates():
     ex = tasep.exact(8, th)
     errs = {}
     for coords in ("log", "identity"):
-        pot, info = potential.fit_potential(th, lp, np.arange(len(th)), steps=800, width=32, depth=2, coords=coords)
+        pot, info = potential.fit_potential(th, lp, np.arange(len(th)), PotentialConfig(steps=800, width=32, depth=2, coords=coords))
         errs[coords] = potential.error_table(th, pot.F(th), pot.grad(th), pot.hessian(th), ex, 8, interior, coords=coords)
     assert errs["log"]["metric_rel_error"] < 0.25, errs
     assert errs["identity"]["metric_rel_error"] > 0.35, errs
@@ -94,14 +97,14 @@ def test_grid_head_shapes_and_errors():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 2, size=(6, 8, 5)).astype(np.int8)
     grid = rng.uniform(0.1, 0.9, size=(6, 2))
-    net, params, info = posterior.train_posterior(x, bundle=2, steps=3, batch=4, head="grid", grid=grid)
+    net, params, info = posterior.train_posterior(x, PosteriorConfig(bundle=2, steps=3, batch=4, head="grid"), grid=grid)
     assert net.grid is not None and len(net.grid) == 6
     ll = posterior.learned_loglik(net, params, x)
     assert ll.shape == (6, 8, 6) and np.allclose(np.exp(ll).sum(-1), 1, atol=1e-5)
     with pytest.raises(ValueError, match="grid head needs"):
-        posterior.train_posterior(x, steps=1, head="grid")
+        posterior.train_posterior(x, PosteriorConfig(steps=1))       # the default head is "grid"
     with pytest.raises(ValueError, match="unknown posterior head"):
-        posterior.train_posterior(x, steps=1, head="conv")
+        posterior.train_posterior(x, PosteriorConfig(steps=1, head="conv"))
 
 
 def test_log_coords_with_nonpositive_grid_exit_2(tmp_path, capsys):

@@ -15,6 +15,7 @@ from scipy import stats
 
 from geomjobs.errors import SpecError
 from geomjobs.fisher import ising, tasep
+from geomjobs.fisher.chains import integrated_autocorr_time
 from geomjobs.fisher.families import FAMILIES, build_family
 
 LEVEL = 1e-3
@@ -199,7 +200,7 @@ def test_autocorrelation_estimator_on_ar1():
     e = rng.standard_normal((n, c))
     for t in range(1, n):
         x[t] = r * x[t - 1] + e[t]
-    assert abs(ising.integrated_autocorr_time(x) - 9.0) < 0.9  # ~10%: the estimator's SE here is ~3%
+    assert abs(integrated_autocorr_time(x) - 9.0) < 0.9  # ~10%: the estimator's SE here is ~3%
 
 
 @pytest.mark.parametrize(("update", "L", "theta"), [("cluster", 8, (0.4407, 0.0)), ("cluster", 8, (0.44, 0.1)),
@@ -209,7 +210,7 @@ def test_default_thinning_exceeds_autocorrelation_time(update, L, theta):
     steps = 40 * fam.thin
     x = ising.chain_series(L, theta, steps, 16, seed=5, burn_in=fam.burn_in, update=update)
     for name, series in (("B", x[..., 0]), ("M", x[..., 1]), ("|M|", np.abs(x[..., 1]))):
-        tau = ising.integrated_autocorr_time(series)
+        tau = integrated_autocorr_time(series)
         assert tau < fam.thin, (name, tau, fam.thin)
 
 
@@ -309,7 +310,7 @@ def test_tasep_default_thinning_exceeds_autocorrelation_time():
     L = 8
     for th in [(0.3, 0.3), (0.8, 0.9)]:  # the coexistence line is the slowest (a wandering domain wall)
         x = tasep.sample(L, np.tile(th, (16, 1)), 30 * tasep.default_thin(L), 0, chains=1, burn_in=tasep.default_burn_in(L), thin=1)
-        tau = ising.integrated_autocorr_time(x.mean(-1).T)
+        tau = integrated_autocorr_time(x.mean(-1).T)
         assert tau < tasep.default_thin(L), (th, tau)
 
 
@@ -328,6 +329,21 @@ def test_family_interface():
     assert t.theta_names == ("alpha", "beta") and t.sample_shape == (5,) and t.sufficient_statistics(None) is None
     assert set(t.exact([(0.3, 0.4)])) >= {"F", "dF", "g", "current"}
     assert build_family({"kind": "tasep", "L": 20}).exact([(0.3, 0.4)]) is None
+
+
+def test_families_declare_what_the_job_needs():
+    """FAMILIES is a static table (diffusion-slice's builder imports its module when called), and
+    a family states its sites, default box, posterior kinds and resolved spec (every default
+    filled; building it again gives the same family)."""
+    assert set(FAMILIES) == {"ising", "tasep", "diffusion-slice"}
+    for cfg, sites in (({"kind": "ising", "L": 6}, 36), ({"kind": "tasep", "L": 5}, 5), ({"kind": "ising", "L": 4}, 16)):
+        f = build_family(cfg)
+        assert f.sites == sites and f.default_box is None and f.posterior_kinds == ("learned", "oracle")
+        assert f.sample_dtype == "int8" and f.outputs({}, "", None, None, None) == {}
+        r = f.resolved()
+        assert {k: r[k] for k in cfg} == cfg and r["burn_in"] == f.burn_in and r["thin"] == f.thin
+        assert build_family(r).resolved() == r
+    assert "L <= 4; got L = 6" in build_family({"kind": "ising", "L": 6}).no_oracle_reason
 
 
 @pytest.mark.parametrize(("cfg", "key"), [

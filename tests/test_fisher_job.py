@@ -1,9 +1,13 @@
 """``geomjobs fisher``: bad input (exit 2 naming the key, before any work), the output folder
-(metric.parquet read by pandas and DuckDB, networks, PNG), resume, Ray sampling, and the
-learned-posterior error tables on Ising and TASEP against the exact references."""
+(metric.parquet read by pandas and DuckDB, networks, PNG), the sampling stage as an ordinary job
+(resume by commit markers after a kill, failure records, Ray, ``geomjobs inspect``), the section
+defaults, and the learned-posterior error tables on Ising and TASEP against the exact references."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,13 @@ import yaml
 
 from geomjobs.cli import main
 from geomjobs.fisher import job as fjob
+from geomjobs.fisher.geodesic import GeodesicConfig, geodesics
+from geomjobs.fisher.outputs import load_potential
+from geomjobs.fisher.posterior import PosteriorConfig, train_posterior
+from geomjobs.fisher.potential import PotentialConfig, fit_potential
+from geomjobs.fisher.sampling import SamplesEngine, load_samples, sample_grid, samples_uri
+from geomjobs.fisher.spec import validate_fisher_spec
+from geomjobs.sink.dataset import Dataset
 
 METRIC_COLUMNS = ["theta_1", "theta_2", "F", "dF_1", "dF_2", "g_11", "g_12", "g_22",
                   "exact_F", "exact_g_11", "exact_g_12", "exact_g_22"]
@@ -99,7 +110,16 @@ def test_output_folder(ising4_run):
     assert (out / "fisher.png").stat().st_size > 10_000
     for name in ("potential.msgpack", "networks.json"):
         assert (out / name).is_file()
-    pot = fjob.load_potential(str(out))
+    # the samples: a geomjobs dataset, one row per grid point, read by pandas and DuckDB
+    smp = pd.read_parquet(out / "samples").sort_values("sample_id")
+    assert list(smp.sample_id) == list(range(25)) and (smp.status == "ok").all()
+    np.testing.assert_array_equal(smp[["theta_1", "theta_2"]].to_numpy(), df[["theta_1", "theta_2"]].to_numpy())
+    np.testing.assert_array_equal(smp.exact_g_11.to_numpy(), df.exact_g_11.to_numpy())
+    assert smp.x.map(len).eq(64 * 16).all() and smp.x.iloc[0].dtype == np.int8
+    assert duckdb.sql(f"SELECT count(*) FROM '{out}/samples/*.parquet'").fetchall()[0][0] == 25
+    card = json.loads((out / "samples" / "_geomjobs" / "job.json").read_text())
+    assert card["table"] == "fisher-samples" and card["sample_shape"] == [4, 4] and card["count"] == 25
+    pot = load_potential(str(out))
     np.testing.assert_allclose(pot.F(df[["theta_1", "theta_2"]].to_numpy()), df.F, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(pot.hessian(df[["theta_1", "theta_2"]].to_numpy())[:, 0, 1], df.g_12, rtol=1e-4, atol=1e-3)
     assert len(s["geodesics"]) == 2 and all(g["length"] > 0 and g["exact_length"] > 0 for g in s["geodesics"])
@@ -107,14 +127,18 @@ def test_output_folder(ising4_run):
 
 @pytest.mark.timeout(900)   # ~1 min on an idle 2-core machine; the shared one is many times slower
 def test_rerun_resumes_sampling(ising4_run):
+    """A shard whose commit marker is gone is computed again, the same samples; the others are not."""
     tmp, out, path = ising4_run
     before = pd.read_parquet(out / "metric.parquet")
-    x1 = np.load(out / "samples" / "shard-00001.npz")["x"]
-    (out / "samples" / "shard-00001.npz").unlink()
+    part = out / "samples" / "part-000001.parquet"
+    x1 = pd.read_parquet(part).x
+    part.unlink()
+    (out / "samples" / "_geomjobs" / "shards" / "000001.json").unlink()
     assert main(["fisher", path, "-q"]) == 0
     s = json.loads((out / "fisher.json").read_text())
     assert s["sampled_shards"] == {"computed": 1, "shards": 3}
-    np.testing.assert_array_equal(np.load(out / "samples" / "shard-00001.npz")["x"], x1)
+    for a, b in zip(pd.read_parquet(part).x, x1):
+        np.testing.assert_array_equal(a, b)
     after = pd.read_parquet(out / "metric.parquet")
     np.testing.assert_allclose(after.F, before.F, rtol=1e-6, atol=1e-6)
 
@@ -123,25 +147,128 @@ def test_other_job_in_same_folder_is_refused(ising4_run, tmp_path, capsys):
     _, out, _ = ising4_run
     path = write(tmp_path, tiny_ising4(out, samples_per_point=32))
     assert main(["fisher", path, "-q"]) == 2
-    assert "'output'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "'output'" in err and "samples_per_point" in err, err
+
+
+def test_other_method_settings_reuse_the_samples(ising4_run):
+    """The sampling job's spec holds only what decides the samples: other posterior, potential
+    or geodesic settings (or retries) resume it with nothing to compute."""
+    _, out, _ = ising4_run
+    spec, fam = validate_fisher_spec(tiny_ising4(posterior={"kind": "learned", "steps": 7}, potential={"steps": 9, "width": 8},
+                                                 geodesics={"points": 5}, execution={"shard_size": 10, "max_retries": 0}))
+    assert sample_grid(spec, fam, str(out), progress=False) == {"computed": 0, "shards": 3}
+
+
+def test_inspect_reads_the_samples_dataset(ising4_run, capsys):
+    _, out, _ = ising4_run
+    assert main(["inspect", str(out / "samples")]) == 0
+    text = capsys.readouterr().out
+    assert "fisher-samples:ising" in text and "25 of 25 samples" in text and "3 committed, 0 failed, 0 pending" in text, text
+    assert main(["inspect", "--json", str(out / "samples")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    (engine,) = info["engines"]
+    assert engine["display"].startswith("ising sampler (L 4, update cluster") and engine["shards"] == 3, engine
+    assert set(info["spec"]) == {"family", "grid", "samples_per_point", "seed", "execution", "job_id", "output"}
+
+
+@pytest.mark.timeout(900)
+def test_killed_mid_sampling_resumes_without_recomputing_committed_shards(tmp_path, monkeypatch):
+    """As tests/test_jobs.py::test_resume_after_interruption_writes_every_sample_once: the process
+    stopped while computing shard 2 of 5 keeps shards 0 and 1; a shard file without its marker (a
+    crash between the two) is computed again; the rerun computes only the missing shards, and every
+    grid point's samples are there once, equal to an uninterrupted run's."""
+    spec, fam = validate_fisher_spec(tiny_ising4(execution={"shard_size": 5}))
+    out = str(tmp_path / "out")
+    real = SamplesEngine.compute_shard
+    calls = []
+
+    def dying(engine, shard):
+        calls.append(shard)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the process is stopped mid-sampling
+        return real(engine, shard)
+
+    monkeypatch.setattr(SamplesEngine, "compute_shard", dying)
+    with pytest.raises(KeyboardInterrupt):
+        fjob.run_fisher(spec, out, progress=False, family=fam)
+    samples = tmp_path / "out" / "samples"
+    assert sorted(Dataset(str(samples)).committed()) == [0, 1]
+    shutil.copy(samples / "part-000000.parquet", samples / "part-000002.parquet")
+    monkeypatch.setattr(SamplesEngine, "compute_shard", lambda engine, shard: (calls.append(shard), real(engine, shard))[1])
+    calls.clear()
+    assert sample_grid(spec, fam, out, progress=False) == {"computed": 3, "shards": 5}
+    assert sorted(calls) == [2, 3, 4]          # committed shards are never recomputed
+    df = pd.read_parquet(samples)
+    assert sorted(df.sample_id) == list(range(25)) and (df.status == "ok").all()
+    full = str(tmp_path / "full")
+    sample_grid(spec, fam, full, progress=False)
+    a, b = load_samples(out), load_samples(full)
+    np.testing.assert_array_equal(a["x"], b["x"])
+    np.testing.assert_array_equal(a["exact"]["g"], b["exact"]["g"])
+    calls.clear()
+    assert sample_grid(spec, fam, out, progress=False)["computed"] == 0 and calls == []
+
+
+@pytest.mark.timeout(900)
+def test_a_shard_that_always_fails_is_recorded_and_fisher_exits_1(tmp_path, monkeypatch, capsys):
+    """A shard that raises on every attempt is recorded after 1 + max_retries attempts; nothing is
+    fitted, the command exits 1 naming the failure record; once the fault is gone a rerun computes
+    that shard alone (and its failure record goes)."""
+    out = tmp_path / "out"
+    path = write(tmp_path, tiny_ising4(out, execution={"shard_size": 10, "max_retries": 1}))
+    real = SamplesEngine.compute_shard
+    calls = []
+
+    def poison(engine, shard):
+        calls.append(shard)
+        if shard == 1:
+            raise RuntimeError("poisoned shard")
+        return real(engine, shard)
+
+    monkeypatch.setattr(SamplesEngine, "compute_shard", poison)
+    assert main(["fisher", path, "-q"]) == 1
+    err = capsys.readouterr().err
+    record = out / "samples" / "_geomjobs" / "failures" / "000001.json"
+    assert f"shard 1: RuntimeError: poisoned shard (2 attempts; failure record {record})" in err, err
+    assert calls.count(1) == 2 and json.loads(record.read_text())["attempts"] == 2
+    assert not (out / "metric.parquet").exists() and not (out / "fisher.json").exists()
+    monkeypatch.setattr(SamplesEngine, "compute_shard", real)
+    spec, fam = validate_fisher_spec(tiny_ising4(out, execution={"shard_size": 10, "max_retries": 1}))
+    assert sample_grid(spec, fam, str(out), progress=False) == {"computed": 1, "shards": 3}
+    assert not record.exists()
 
 
 @pytest.mark.timeout(900)
 def test_ray_sampling_equals_in_process(ising4_run, tmp_path):
-    """The sample shards computed as Ray tasks (an embedded Ray: address 'local') hold the same
-    samples and references as the in-process run's."""
+    """The sampling job on an embedded Ray (address 'local': a pool of Ray workers, each rebuilding
+    the plan from its spec) holds the same samples and references as the in-process run's."""
     _, out, _ = ising4_run
-    spec, family = fjob.validate_fisher_spec(tiny_ising4())
-    r = fjob.sample_grid(spec, family, str(tmp_path / "ray"), address="local", progress=False)
+    spec, family = validate_fisher_spec(tiny_ising4())
+    ray_out = str(tmp_path / "ray")
+    r = sample_grid(spec, family, ray_out, address="local", progress=False)
     assert r == {"computed": 3, "shards": 3}
-    a, b = fjob.load_samples(spec, str(tmp_path / "ray")), fjob.load_samples(spec, str(out))
+    assert all(m["worker"].startswith("ray:") for m in Dataset(samples_uri(ray_out)).committed().values())
+    a, b = load_samples(ray_out), load_samples(str(out))
     np.testing.assert_array_equal(a["x"], b["x"])
     np.testing.assert_allclose(a["exact"]["g"], b["exact"]["g"], rtol=1e-12)
 
 
+def test_the_library_defaults_are_the_jobs():
+    """One home per default: a spec without posterior / potential / geodesics sections gets the
+    configs' field defaults, which are also the library functions' defaults."""
+    spec, _ = validate_fisher_spec({k: v for k, v in tiny_ising4().items() if k not in ("posterior", "potential", "geodesics")})
+    assert spec["posterior"] == dataclasses.asdict(PosteriorConfig()) and spec["posterior"]["head"] == "grid"
+    assert spec["potential"] == dataclasses.asdict(PotentialConfig())
+    assert (PotentialConfig().steps, PotentialConfig().width, PotentialConfig().depth) == (800, 32, 2)
+    assert inspect.signature(fit_potential).parameters["cfg"].default == PotentialConfig()
+    assert inspect.signature(train_posterior).parameters["cfg"].default == PosteriorConfig()
+    assert spec["geodesics"]["points"] == GeodesicConfig().points == inspect.signature(geodesics).parameters["n_points"].default
+
+
 @pytest.mark.timeout(900)   # ~1 min on an idle 2-core machine; the shared one is many times slower
 def test_no_exact_reference_writes_nulls(tmp_path):
-    spec, family = fjob.validate_fisher_spec(tiny_ising4(tmp_path / "o"))
+    spec, family = validate_fisher_spec(tiny_ising4(tmp_path / "o"))
 
     class NoExact:
         def __getattr__(self, name):

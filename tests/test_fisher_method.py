@@ -15,6 +15,7 @@ import pytest
 
 from geomjobs.fisher import geodesic as geo
 from geomjobs.fisher import posterior, potential
+from geomjobs.fisher.potential import PotentialConfig
 
 L = 4
 
@@ -57,7 +58,7 @@ def test_exact_limit_posterior_gives_exact_metric(ising4):
     logits = ex["dF"] @ th.T - ex["F"][None, :]
     lp = logits - logits.max(1, keepdims=True)
     lp -= np.log(np.exp(lp).sum(1, keepdims=True))
-    pot, info = potential.fit_potential(th, lp, np.arange(len(th)), steps=600, seed=0)
+    pot, info = potential.fit_potential(th, lp, np.arange(len(th)), PotentialConfig(steps=600, width=64, depth=3))
     err = potential.error_table(th, pot.F(th), pot.grad(th), pot.hessian(th), ex, L * L, interior)
     assert err["metric_rel_error"] < 0.05, err
     assert info["loss"] < 1e-3
@@ -79,7 +80,7 @@ def test_oracle_posterior_ising4_recovers_covariance(ising4):
     draws = np.stack([rng.choice(len(stats), n, p=ex["w"][p]) for p in range(len(th))])
     loglik = stats[draws] @ th.T - ex["F"][None, None, :]          # (P, n, P): exact log p(x | t)
     lp, pts = posterior.bundle_posteriors(loglik, n, 1, seed=0)
-    pot, _ = potential.fit_potential(th, lp, pts, steps=600, seed=0)
+    pot, _ = potential.fit_potential(th, lp, pts, PotentialConfig(steps=600, width=64, depth=3))
     g = pot.hessian(th)
     err = potential.error_table(th, pot.F(th), pot.grad(th), g, ex, L * L, interior)
     assert err["metric_rel_error"] < 0.12, err
@@ -108,8 +109,9 @@ def test_hessian_matches_finite_differences(convex):
     so 2e-3 of the largest entry is a wide bound that a wrong Hessian (transposed, missing the
     coordinate scaling) would still fail."""
     th, _ = grid(5)
-    params = potential.FNet(convex=convex).init(jax.random.PRNGKey(3), jnp.zeros((1, 2)))
-    pot = potential.Potential(params, np.array([0.35, 0.0], np.float32), np.array([0.25, 0.3], np.float32), convex=convex)
+    cfg = PotentialConfig(width=64, depth=3, convex=convex)
+    params = cfg.net().init(jax.random.PRNGKey(3), jnp.zeros((1, 2)))
+    pot = potential.Potential(params, np.array([0.35, 0.0], np.float32), np.array([0.25, 0.3], np.float32), cfg)
     H = pot.hessian(th)
     for i, step in enumerate(1e-2 * pot.half_width):
         e = np.zeros(2)
@@ -129,8 +131,9 @@ def test_convex_potential_has_positive_semidefinite_metric_everywhere():
     for convex in (True, False):
         lo = []
         for seed in range(10):
-            params = potential.FNet(32, 2, convex).init(jax.random.PRNGKey(seed), jnp.zeros((1, 2)))
-            ev = np.linalg.eigvalsh(potential.Potential(params, c, hw, 32, 2, convex=convex).hessian(u))
+            cfg = PotentialConfig(width=32, depth=2, convex=convex)
+            params = cfg.net().init(jax.random.PRNGKey(seed), jnp.zeros((1, 2)))
+            ev = np.linalg.eigvalsh(potential.Potential(params, c, hw, cfg).hessian(u))
             lo.append(ev.min() / np.abs(ev).max())
         worst[convex] = min(lo)
     assert worst[True] >= -1e-5, worst
@@ -138,13 +141,14 @@ def test_convex_potential_has_positive_semidefinite_metric_everywhere():
 
 
 def test_convex_flag_round_trips_through_the_saved_networks(tmp_path):
-    from geomjobs.fisher import job as fjob
+    from geomjobs.fisher.outputs import load_potential, write_networks
 
-    params = potential.FNet(16, 3, True).init(jax.random.PRNGKey(1), jnp.zeros((1, 2)))
-    pot = potential.Potential(params, np.array([0.3, 0.1], np.float32), np.array([0.2, 0.4], np.float32), 16, 3, convex=True)
-    fjob._write_networks(str(tmp_path), {"potential": pot, "posterior_params": None})
-    back = fjob.load_potential(str(tmp_path))
-    assert back.convex and (back.width, back.depth) == (16, 3)
+    cfg = PotentialConfig(width=16, depth=3, convex=True)
+    params = cfg.net().init(jax.random.PRNGKey(1), jnp.zeros((1, 2)))
+    pot = potential.Potential(params, np.array([0.3, 0.1], np.float32), np.array([0.2, 0.4], np.float32), cfg)
+    write_networks(str(tmp_path), {"potential": pot, "posterior_params": None})
+    back = load_potential(str(tmp_path))
+    assert back.cfg == cfg
     th, _ = grid(4)
     np.testing.assert_array_equal(back.F(th), pot.F(th))
 

@@ -15,6 +15,8 @@ import yaml
 from geomjobs.cli import main
 from geomjobs.fisher import job as fjob
 from geomjobs.fisher.families import build_family
+from geomjobs.fisher.sampling import load_samples, sample_grid
+from geomjobs.fisher.spec import grid_thetas, validate_fisher_spec
 from geomjobs.latents.sources import build_plane3
 
 
@@ -32,7 +34,7 @@ def slice_spec(out=None, **kw):
 
 
 def test_theta_to_latent_is_plane3():
-    spec, fam = fjob.validate_fisher_spec(slice_spec(grid={"resolution": [7, 4]}))
+    spec, fam = validate_fisher_spec(slice_spec(grid={"resolution": [7, 4]}))
     anchors = spec["family"]["anchors"]
     plane = build_plane3({"anchors": anchors, "resolution": [7, 4]})
     # the default grid box is plane3's box, and grid point p is plane3's sample p; both compute
@@ -40,13 +42,17 @@ def test_theta_to_latent_is_plane3():
     np.testing.assert_allclose(spec["grid"]["low"], plane.low, rtol=0, atol=1e-12)
     np.testing.assert_allclose(spec["grid"]["high"], plane.high, rtol=0, atol=1e-12)
     ids = np.arange(28)
-    np.testing.assert_allclose(fam.latents(fjob.grid_thetas(spec)), plane.latents(ids), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(fam.latents(grid_thetas(spec)), plane.latents(ids), rtol=0, atol=1e-12)
     # anchor ids are the generation noises default_rng([anchor_seed, i]); explicit anchors give the same family
     from geomjobs.sampling import initial_noise
 
     np.testing.assert_array_equal(np.asarray(anchors), np.stack([initial_noise(0, i, (8,)) for i in range(3)]))
     fam2 = build_family({"kind": "diffusion-slice", "anchors": anchors})
-    np.testing.assert_array_equal(fam2.latents(fjob.grid_thetas(spec)), fam.latents(fjob.grid_thetas(spec)))
+    np.testing.assert_array_equal(fam2.latents(grid_thetas(spec)), fam.latents(grid_thetas(spec)))
+    # the spec holds the family resolved (every default filled): it builds the same family
+    assert spec["family"] == fam.resolved() == build_family(spec["family"]).resolved()
+    assert spec["family"]["sampler"] == {"steps": 8, "eta": 0.5} and spec["family"]["model"] == "ldm-digits"
+    assert (fam.sites, fam.posterior_kinds, fam.sample_dtype) == (1, ("features",), "float32")
 
 
 def test_slice_samples_depend_only_on_seed_and_index():
@@ -69,20 +75,19 @@ def test_slice_samples_depend_only_on_seed_and_index():
                                     {"kind": "diffusion-slice", "sampler": {"steps": 6, "eta": 0.5}, "batch": 32}],
                          ids=["ising", "tasep", "diffusion-slice"])
 def test_job_samples_do_not_depend_on_shard_size(family):
-    """The fisher-method engineer's report ("sampling seeds depend on shard_size"): measured, it is
-    not so -- compute_shard passes each point's global grid index and pads with copies; this
-    checks that the merged samples of two shard sizes are identical."""
+    """A point's samples depend on (seed, its grid index) only: the sampling job passes each
+    point's global grid index and pads the last shard with copies; the samples of two shard
+    sizes are identical."""
     xs = []
     for ss in (10, 7):
         raw = {"family": family, "grid": {"resolution": [5, 5]}, "samples_per_point": 4, "execution": {"shard_size": ss}}
         if family["kind"] != "diffusion-slice":
             raw["grid"].update({"low": [0.1, 0.1], "high": [0.6, 0.3]})
             raw["posterior"] = {"kind": "oracle", "bundle": 2}
-        spec, fam = fjob.validate_fisher_spec(raw)
+        spec, fam = validate_fisher_spec(raw)
         d = tempfile.mkdtemp()
-        for k in range(fjob.num_shards(spec)):
-            fjob.compute_shard(spec, k, d, fam)
-        xs.append(fjob.load_samples(spec, d)["x"])
+        assert sample_grid(spec, fam, d, progress=False) == {"computed": -(-25 // ss), "shards": -(-25 // ss)}
+        xs.append(load_samples(d)["x"])
     assert xs[0].shape[0] == 25
     np.testing.assert_array_equal(xs[0], xs[1])
 
@@ -134,7 +139,7 @@ def test_tiny_slice_end_to_end(tmp_path):
     np.testing.assert_array_equal(np.stack(z_in.z.to_numpy()), np.stack(pts.z0.to_numpy()))
     np.testing.assert_allclose(psi.sort_values("sample_id").local_scaling.to_numpy(), pts.psi.to_numpy())
     # the eta = 0 class equals the classifier's class of the decoded eta = 0 sample
-    _, fam = fjob.validate_fisher_spec(slice_spec())
+    _, fam = validate_fisher_spec(slice_spec())
     z0, imgs = fam.deterministic(pts[["theta_1", "theta_2"]].to_numpy())
     np.testing.assert_array_equal(fam.classes(imgs), pts.eta0_class.to_numpy())
     png = Path(out / "slice.png").read_bytes()
@@ -171,7 +176,7 @@ def _example_slice(seed):
     raw = yaml.safe_load((Path(__file__).parent.parent / "examples" / "fisher" / "ldm-digits-slice.yaml").read_text())
     raw.update({"seed": seed, "figures": False})
     raw["family"]["psi"] = False
-    spec, fam = fjob.validate_fisher_spec(raw)
+    spec, fam = validate_fisher_spec(raw)
     return fjob.run_fisher(spec, tempfile.mkdtemp(), family=fam, progress=False)["slice"]
 
 

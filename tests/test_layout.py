@@ -35,11 +35,7 @@ FACE = FLOORS[-1]
 # the table: importer package -> the packages it may import
 ALLOWED = {pkg: frozenset(p for p, f in FLOOR.items() if f <= FLOOR[pkg]) for pkg in FLOOR}
 # known upward imports, each (file, imported package) with its reason; nothing else may be added
-EXCEPTIONS = {
-    # psi_job runs its descriptor job through the face (geomjobs.run_job); the fisher rewrite (its
-    # own worktree) is to call geomjobs.runner.run_default, one floor down, and drop this line
-    ("geomjobs/fisher/diffusion_slice.py", "__init__"),
-}
+EXCEPTIONS: set = set()
 
 
 def _is_type_checking(test: ast.expr) -> bool:

@@ -1,1 +1,1 @@
-"""The Fisher metric of 2-D families (Lobashev et al.; SPEC sections 4 and 8)."""
+"""The Fisher metric of 2-D families (Lobashev et al.; docs/fisher.md)."""

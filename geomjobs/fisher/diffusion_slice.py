@@ -27,7 +27,7 @@ companions). z_0 is decoded by vae-digits and clipped to [0, 1]: samples are (8,
 eta = 0 is refused: every sample of a point would be the same image, the per-point law a point
 mass and the feature posterior degenerate (no within-point spread to scale the distances by).
 
-The posterior (``posterior: {kind: features}``, :func:`feature_loglik`), the paper's CLIP rule
+The posterior (``posterior: {kind: features}``, :func:`geomjobs.fisher.posterior.feature_loglik`), the paper's CLIP rule
 with classifier-digits' penultimate features phi (128-d): of the m samples of each point, the
 first m_ref = m // 2 are its *references*, mu_q = their mean feature; the other m - m_ref are
 bundle samples. Per-sample log-likelihood of sample x under grid point q:
@@ -50,28 +50,40 @@ Jacobian through 25 DDIM steps: not an existing model kind.)
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
 
 from geomjobs.errors import SpecError
-from geomjobs.fisher.families import _int, _keys, _thetas, register_family
+from geomjobs.fisher.families import _int, _keys, _thetas
 
 LATENT_MODELS = ("ldm-digits", "memo-digits")
-SAMPLER_DEFAULTS = {"steps": 25, "eta": 0.5}
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIMConfig:
+    """The slice's sampler (``family.sampler``): DDIM with ``steps`` steps and noise ``eta`` > 0."""
+    steps: int = 25
+    eta: float = 0.5
 
 
 class DiffusionSliceFamily:
     kind = "diffusion-slice"
     theta_names = ("u", "v")
     sample_shape = (8, 8)
+    sample_dtype = "float32"
+    sites = 1
     has_oracle = False
+    no_oracle_reason = "family kind 'diffusion-slice' has no exact likelihood"
+    posterior_kinds = ("features",)
 
-    def __init__(self, model: str, anchors: np.ndarray, margin: float, steps: int, eta: float, batch: int, psi: bool,
+    def __init__(self, model: str, anchors: np.ndarray, margin: float, sampler: DDIMConfig, batch: int, psi: bool,
                  anchor_ids=None, anchor_seed: int = 0):
         from geomjobs.latents.sources import Plane3
 
-        self.model, self.steps, self.eta, self.batch, self.psi = model, steps, eta, batch, psi
+        self.model, self.sampler, self.batch, self.psi = model, sampler, batch, psi
+        self.steps, self.eta = sampler.steps, sampler.eta
         self.anchors = np.asarray(anchors, np.float64)
         self.margin = margin
         try:
@@ -79,8 +91,6 @@ class DiffusionSliceFamily:
         except SpecError as e:
             raise SpecError("family.anchors", e.message if hasattr(e, "message") else str(e)) from None
         self.default_box = (self.plane.low, self.plane.high)
-        self.spec_extra = {"anchors": self.anchors.tolist(), "margin": margin, "sampler": {"steps": steps, "eta": eta},
-                           "batch": batch, "psi": psi}
         self._anchor_ids, self._anchor_seed = anchor_ids, anchor_seed
 
     @classmethod
@@ -95,8 +105,8 @@ class DiffusionSliceFamily:
             raise SpecError("family.sampler", f"expected a mapping with steps and eta (DDIM), got {samp!r}")
         if samp.get("kind", "ddim") != "ddim":
             raise SpecError("family.sampler.kind", f"only ddim is stochastic (eta > 0); got {samp.get('kind')!r}")
-        steps = _int({"sampler.steps": samp.get("steps", SAMPLER_DEFAULTS["steps"])}, "sampler.steps", 0, 1, 1000)
-        eta = samp.get("eta", SAMPLER_DEFAULTS["eta"])
+        steps = _int({"sampler.steps": samp.get("steps", DDIMConfig.steps)}, "sampler.steps", 0, 1, 1000)
+        eta = samp.get("eta", DDIMConfig.eta)
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
             raise SpecError("family.sampler.eta", f"expected a number in (0, 1], got {eta!r}")
         if eta == 0:
@@ -122,8 +132,8 @@ class DiffusionSliceFamily:
             if anchors.shape != (3, 8) or not np.isfinite(anchors).all():
                 raise SpecError("family.anchors", f"expected 3 noise ids (integers) or 3 latents of 8 numbers each for {model}, "
                                                   f"got {cfg.get('anchors')!r}")
-        return cls(model, anchors, float(margin), steps, float(eta), _int(cfg, "batch", 256, 1), bool(cfg.get("psi", True)),
-                   ids, seed)
+        return cls(model, anchors, float(margin), DDIMConfig(steps, float(eta)), _int(cfg, "batch", 256, 1),
+                   bool(cfg.get("psi", True)), ids, seed)
 
     # ------------------------------------------------------------------ the plane
     def latents(self, thetas) -> np.ndarray:
@@ -219,21 +229,12 @@ class DiffusionSliceFamily:
             d["anchor_noise"] = {"seed": self._anchor_seed, "ids": self._anchor_ids}
         return d
 
+    def resolved(self) -> dict:
+        return {"kind": self.kind, "model": self.model, "anchors": self.anchors.tolist(), "margin": self.margin,
+                "sampler": dataclasses.asdict(self.sampler), "batch": self.batch, "psi": self.psi}
 
-def feature_loglik(family, x) -> np.ndarray:
-    """(P, m - m // 2, P) per-sample log-likelihoods from classifier features (module doc's rule)."""
-    P, m = x.shape[:2]
-    if m < 2:
-        raise SpecError("samples_per_point", f"the feature posterior needs >= 2 samples per point (references and bundle samples), got {m}")
-    phi = family.features(x).reshape(P, m, -1)
-    m_ref = m // 2
-    ref, bun = phi[:, :m_ref], phi[:, m_ref:]
-    mu = ref.mean(1)                                            # (P, D)
-    tau2 = float(ref.var(1, ddof=1).mean()) if m_ref > 1 else float(phi.var(1, ddof=1).mean())
-    tau2 = max(tau2, 1e-12)
-    b = bun.reshape(-1, phi.shape[-1])
-    d2 = (b * b).sum(1)[:, None] - 2 * b @ mu.T + (mu * mu).sum(1)[None]
-    return (-np.maximum(d2, 0.0) / (2 * tau2)).reshape(P, m - m_ref, P)
+    def outputs(self, spec: dict, out: str, thetas, g, interior, progress: bool = False) -> dict:
+        return {"slice": slice_outputs(self, spec, out, thetas, g, interior, progress)}
 
 
 # ---------------------------------------------------------------- the slice figure and psi map
@@ -271,7 +272,7 @@ def psi_job(out: str, z0: np.ndarray, progress: bool = False) -> np.ndarray:
     software and hardware); otherwise the stored latents and psi are replaced."""
     import pandas as pd
 
-    import geomjobs
+    from geomjobs.runner import run_default
     from geomjobs.sink.fs import filesystem, join
 
     z0 = np.asarray(z0, np.float64)
@@ -295,7 +296,7 @@ def psi_job(out: str, z0: np.ndarray, progress: bool = False) -> np.ndarray:
            "latents": {"kind": "parquet", "uri": zuri, "column": "z"},
            "descriptors": {"local_scaling": {"mode": "exact"}},
            "execution": {"shard_size": max(1, min(P, 512)), "batch_size": max(1, min(P, 128))}}
-    geomjobs.run_job(job, puri, resume=same, progress=progress)
+    run_default(job, puri, progress=progress)
     df = pd.read_parquet(puri, columns=["sample_id", "local_scaling", "status"]).sort_values("sample_id")
     psi = np.full(P, np.nan)
     ok = df.status == "ok"
@@ -347,71 +348,7 @@ def slice_outputs(family, spec: dict, out: str, thetas: np.ndarray, g: np.ndarra
     with fs.open(path, "wb") as f:
         df.to_parquet(f, index=False)
     if spec.get("figures", True):
+        from geomjobs.fisher.figures import slice_figure
+
         slice_figure(join(out, "slice.png"), spec, thetas, tr, psi, cls, ridge, family)
     return res
-
-
-def slice_figure(uri, spec, thetas, tr, psi, cls, ridge, family) -> None:
-    """log10 tr g and psi side by side; class boundaries of the eta = 0 samples (black) and the metric's
-    ridge points (red) on both; the anchors (white stars)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from geomjobs.sink.fs import filesystem
-
-    R1, R2 = spec["grid"]["resolution"]
-    lo, hi = spec["grid"]["low"], spec["grid"]["high"]
-    ext = [lo[0], hi[0], lo[1], hi[1]]
-    u, v = np.linspace(lo[0], hi[0], R1), np.linspace(lo[1], hi[1], R2)
-    du, dv = (u[1] - u[0]) / 2, (v[1] - v[0]) / 2
-    c = cls.reshape(R1, R2)
-    segs = []
-    for i in range(R1 - 1):
-        for j in range(R2):
-            if c[i, j] != c[i + 1, j]:
-                x = u[i] + du
-                segs.append(([x, x], [v[j] - dv, v[j] + dv]))
-    for i in range(R1):
-        for j in range(R2 - 1):
-            if c[i, j] != c[i, j + 1]:
-                y = v[j] + dv
-                segs.append(([u[i] - du, u[i] + du], [y, y]))
-    anchors_uv = (family.anchors - family.plane.origin) @ family.plane.basis.T
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    ltr = np.where(tr > 0, np.log10(np.where(tr > 0, tr, 1.0)), np.nan)   # tr g <= 0 (a non-convex fit): grey
-    panels = [("log10 tr g (Fisher metric; grey: tr g <= 0)", ltr),
-              ("psi (vae-digits decoder at the eta=0 z_0)", psi)]
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.6")
-    for ax, (title, val) in zip(axes, panels):
-        val = np.asarray(val, float).reshape(R1, R2)
-        if np.isfinite(val).any():
-            box = [ext[0] - du, ext[1] + du, ext[2] - dv, ext[3] + dv]
-            fin = val[np.isfinite(val)]
-            lo_c, hi_c = np.percentile(fin, [2, 98])
-            im = ax.imshow(np.ma.masked_invalid(val.T), origin="lower", extent=box, aspect="auto", cmap=cmap, vmin=lo_c, vmax=hi_c)
-            fig.colorbar(im, ax=ax, shrink=0.8)
-        else:
-            ax.text(0.5, 0.5, "psi not computed (family.psi: false)", transform=ax.transAxes, ha="center")
-        for xs, ys in segs:
-            ax.plot(xs, ys, "k-", lw=1.2)
-        rp = thetas[ridge]
-        ax.plot(rp[:, 0], rp[:, 1], "r.", ms=4)
-        ax.plot(anchors_uv[:, 0], anchors_uv[:, 1], "w*", ms=9, mec="k")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("u")
-        ax.set_ylabel("v")
-    fig.suptitle(f"{family.model} slice: class boundaries of the eta=0 samples (black), metric ridges (red)", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    fs, path = filesystem(uri)
-    with fs.open(path, "wb") as f:
-        f.write(buf.getvalue())
-
-
-register_family("diffusion-slice", DiffusionSliceFamily.from_spec)

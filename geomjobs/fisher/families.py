@@ -1,12 +1,13 @@
-"""2-D families p(x | theta) for the Fisher-metric job (SPEC sections 4 and 8): samplers and exact
+"""2-D families p(x | theta) for the Fisher-metric job (docs/fisher.md): samplers and exact
 references.
 
 The interface (stable; the method and the ``geomjobs fisher`` job build on it)::
 
     family = build_family(spec["family"])          # SpecError("family.<key>", ...) on bad keys
-    family.kind                 # "ising" | "tasep" (the method registers "diffusion-slice")
-    family.theta_names          # ("beta", "h") | ("alpha", "beta")
-    family.sample_shape         # (L, L) spins in {-1, +1} int8 | (L,) occupations in {0, 1} int8
+    family.kind                 # "ising" | "tasep" | "diffusion-slice" (geomjobs.fisher.diffusion_slice)
+    family.theta_names          # ("beta", "h") | ("alpha", "beta") | ("u", "v")
+    family.sample_shape         # (L, L) spins in {-1, +1} int8 | (L,) occupations in {0, 1} int8 |
+                                # (8, 8) float32 images
     family.check_thetas(thetas, key="grid")   # SpecError(key, ...) if a theta is outside the
                                 # family's domain (TASEP rates outside (0, 1], beta < 0 with
                                 # the cluster update); call it on the grid before any work
@@ -33,9 +34,22 @@ The interface (stable; the method and the ``geomjobs fisher`` job build on it)::
                                 # T(x) of an exponential family (Ising: (sum_<ij> s_i s_j,
                                 # sum_i s_i)); None for TASEP.
     family.describe() -> dict   # the resolved settings (update, burn-in, thinning) for records
+    family.resolved() -> dict   # the spec mapping with every default filled (build_family of it
+                                # gives the same family): what the samples job's spec holds
 
-    FAMILIES: dict[str, Callable[[dict], Family]]   # kind -> builder from the spec mapping
-    register_family(kind, builder)                  # how other modules add kinds
+What the ``geomjobs fisher`` job needs of a family, declared here instead of probed::
+
+    family.sample_dtype         # "int8" | "float32": the samples' dtype
+    family.sites                # F and dF are reported per site: L * L | L | 1
+    family.default_box          # (low, high) of the theta grid when the spec gives none, or None
+    family.posterior_kinds      # the posterior kinds it takes, the job's default first
+    family.no_oracle_reason     # why the exact likelihood is not computable (where has_oracle is False)
+    family.outputs(spec, out, thetas, g, interior, progress) -> dict
+                                # outputs of its own after the fit, merged into the summary
+                                # (diffusion-slice: {"slice": ...}; the others: {})
+
+    FAMILIES: dict[str, Callable[[dict], Family]]   # kind -> builder from the spec mapping (static;
+                                                    # diffusion-slice's imports its module when used)
 
 Spec keys: ``{kind: ising, L: 8, update: cluster|checkerboard (alias metropolis), burn_in: steps, thin: steps,
 chains: per point}`` and ``{kind: tasep, L: 8, burn_in: sweeps, thin: sweeps, chains: per point}``;
@@ -58,8 +72,18 @@ class Family(Protocol):
     kind: str
     theta_names: tuple[str, str]
     sample_shape: tuple[int, ...]
+    sample_dtype: str
     has_oracle: bool
+    posterior_kinds: tuple[str, ...]
+    default_box: tuple | None
 
+    @property
+    def sites(self) -> int: ...
+    @property
+    def no_oracle_reason(self) -> str: ...
+
+    def resolved(self) -> dict: ...
+    def outputs(self, spec: dict, out: str, thetas, g, interior, progress: bool = False) -> dict: ...
     def check_thetas(self, thetas, key: str = "grid") -> None: ...
     def sample(self, thetas, n: int, seed: int, index=None) -> np.ndarray: ...
     def exact(self, thetas) -> dict | None: ...
@@ -91,7 +115,26 @@ def _thetas(thetas) -> np.ndarray:
     return th
 
 
-class IsingFamily:
+class _Lattice:
+    """What Ising and TASEP share as families of the job: int8 samples, F per site, the learned or
+    exact posterior, no default box, no outputs of their own."""
+    sample_dtype = "int8"
+    posterior_kinds = ("learned", "oracle")
+    default_box = None
+    sample_shape: tuple[int, ...]
+
+    @property
+    def sites(self) -> int:
+        return int(np.prod(self.sample_shape))
+
+    def resolved(self) -> dict:
+        return self.describe()
+
+    def outputs(self, spec: dict, out: str, thetas, g, interior, progress: bool = False) -> dict:
+        return {}
+
+
+class IsingFamily(_Lattice):
     kind = "ising"
     theta_names = ("beta", "h")
 
@@ -124,6 +167,11 @@ class IsingFamily:
         thin = _int(cfg, "thin", 1, 1) if "thin" in cfg else None
         return cls(L, update, burn, thin, _int(cfg, "chains", 16, 1))
 
+    @property
+    def no_oracle_reason(self) -> str:
+        return (f"the exact Ising likelihood needs log Z by enumeration of 2^(L*L) states, done for L <= {ORACLE_MAX_L}; "
+                f"got L = {self.L}")
+
     def check_thetas(self, thetas, key: str = "grid") -> None:
         th = _thetas(thetas)
         if not np.isfinite(th).all():
@@ -152,7 +200,7 @@ class IsingFamily:
         return {"kind": self.kind, "L": self.L, "update": self.update, "burn_in": self.burn_in, "thin": self.thin, "chains": self.chains}
 
 
-class TasepFamily:
+class TasepFamily(_Lattice):
     kind = "tasep"
     theta_names = ("alpha", "beta")
     has_oracle = True
@@ -173,6 +221,8 @@ class TasepFamily:
         burn = _int(cfg, "burn_in", 0, 0) if "burn_in" in cfg else None
         thin = _int(cfg, "thin", 1, 1) if "thin" in cfg else None
         return cls(L, burn, thin, _int(cfg, "chains", 16, 1))
+
+    no_oracle_reason = ""
 
     def check_thetas(self, thetas, key: str = "grid") -> None:
         th = _thetas(thetas)
@@ -195,11 +245,14 @@ class TasepFamily:
         return {"kind": self.kind, "L": self.L, "burn_in": self.burn_in, "thin": self.thin, "chains": self.chains}
 
 
-FAMILIES: dict[str, Callable[[dict], Family]] = {"ising": IsingFamily.from_spec, "tasep": TasepFamily.from_spec}
+def _diffusion_slice(cfg: dict) -> Family:
+    from geomjobs.fisher.diffusion_slice import DiffusionSliceFamily  # its module loads JAX models: imported when used
+
+    return DiffusionSliceFamily.from_spec(cfg)
 
 
-def register_family(kind: str, builder: Callable[[dict], Family]) -> None:
-    FAMILIES[kind] = builder
+FAMILIES: dict[str, Callable[[dict], Family]] = {"ising": IsingFamily.from_spec, "tasep": TasepFamily.from_spec,
+                                                 "diffusion-slice": _diffusion_slice}
 
 
 def build_family(cfg) -> Family:

@@ -13,11 +13,20 @@ by a multiple of the identity where its smallest eigenvalue is below ``floor`` t
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import minimize
+
+
+@dataclass(frozen=True)
+class GeodesicConfig:
+    """The spec's ``geodesics`` section: ``points`` per path (ends included), and the ``pairs`` of
+    end points ((a1, a2), (b1, b2)); None: the job's two diagonals of the grid box, 10 % inside."""
+    points: int = 33
+    pairs: tuple | None = None
 
 
 def psd(g, floor: float = 1e-3):
@@ -56,14 +65,14 @@ def _energy_fn(met: Callable, n_points: int):
     return jax.jit(jax.value_and_grad(energy))
 
 
-def geodesic(metric: Callable, a, b, *, n_points: int = 33, bounds=None, clamp: bool = True,
+def geodesic(metric: Callable, a, b, *, n_points: int = GeodesicConfig.points, bounds=None, clamp: bool = True,
              maxiter: int = 200) -> tuple[np.ndarray, float]:
     """Geodesic from a to b: (path (n_points, 2), metric length). ``metric``: t (2,) -> (2, 2),
     traceable by jax. ``bounds``: ((lo1, lo2), (hi1, hi2)) box for the interior points."""
     return geodesics(metric, [(a, b)], n_points=n_points, bounds=bounds, clamp=clamp, maxiter=maxiter)[0]
 
 
-def geodesics(metric: Callable, pairs, *, n_points: int = 33, bounds=None, clamp: bool = True,
+def geodesics(metric: Callable, pairs, *, n_points: int = GeodesicConfig.points, bounds=None, clamp: bool = True,
               maxiter: int = 200) -> list[tuple[np.ndarray, float]]:
     """:func:`geodesic` for each (a, b) in pairs, compiling the energy once."""
     met = (lambda t: psd(metric(t))) if clamp else metric  # noqa: E731

@@ -53,8 +53,9 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.special import logsumexp
 
-# --------------------------------------------------------------------------------------------
-# statistics
+from geomjobs.fisher.chains import chain_keys, layout  # noqa: F401 - chain_keys: benchmarks/bench_fisher.py
+
+# statistics ---------------------------------------------------------------------------------------
 
 
 def bond_sum(s) -> np.ndarray:
@@ -72,8 +73,7 @@ def sufficient_statistics(s) -> np.ndarray:
     return np.stack([bond_sum(s), magnetisation(s)], axis=-1).astype(np.float64)
 
 
-# --------------------------------------------------------------------------------------------
-# exact: enumeration
+# exact: enumeration -------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=8)
@@ -137,8 +137,7 @@ def log_partition_enumeration(L: int, thetas) -> np.ndarray:
     return _joint_logp(L, thetas)[1]
 
 
-# --------------------------------------------------------------------------------------------
-# exact: transfer matrix
+# exact: transfer matrix ---------------------------------------------------------------------------
 
 TRANSFER_MAX_L = 12
 
@@ -215,8 +214,7 @@ def log_partition(L: int, thetas) -> np.ndarray | None:
     return None
 
 
-# --------------------------------------------------------------------------------------------
-# samplers (JAX)
+# samplers (JAX) -----------------------------------------------------------------------------------
 
 UPDATES = ("cluster", "checkerboard")
 ALIASES = {"metropolis": "checkerboard"}  # the issue's word for the single-spin checkerboard update
@@ -377,28 +375,6 @@ def _run_chains(keys, beta, h, burn_in, thin, *, L, n_keep, update):
     return out
 
 
-def padded(c: int) -> int:
-    """Batch size for c chains: at least 8, rounded up to 2^k * (1, 1.25, 1.5 or 1.75), so shards of
-    varying size reuse a few compiled programs (at most 25% padding)."""
-    if c <= 8:
-        return 8
-    k = 1 << (c.bit_length() - 1)
-    return next(m for m in (k, k + k // 4, k + k // 2, k + 3 * k // 4, 2 * k) if m >= c)
-
-
-def pad_chains(*arrays, to: int):
-    """Pad the leading (chain) axis of each array by repeating its first row (results discarded)."""
-    return [jnp.concatenate([a, jnp.repeat(a[:1], to - a.shape[0], axis=0)]) if to > a.shape[0] else a for a in arrays]
-
-
-def chain_keys(seed: int, index, chains: int) -> jax.Array:
-    """(P * chains, 2) keys: chain c of grid point index[p] gets fold_in(fold_in(key(seed), index[p]), c)."""
-    base = jax.random.PRNGKey(seed)
-    idx = jnp.asarray(np.asarray(index, np.uint32))
-    per_point = jax.vmap(lambda i: jax.random.fold_in(base, i))(idx)
-    return jax.vmap(lambda k: jax.vmap(lambda c: jax.random.fold_in(k, c))(jnp.arange(chains, dtype=jnp.uint32)))(per_point).reshape(-1, 2)
-
-
 def sample(L: int, thetas, n: int, seed: int, index=None, *, chains: int, burn_in: int, thin: int,
            update: str = "cluster") -> np.ndarray:
     """(P, n, L, L) int8 spins: at each theta, ``chains`` independent chains (hot start, ``burn_in``
@@ -411,20 +387,10 @@ def sample(L: int, thetas, n: int, seed: int, index=None, *, chains: int, burn_i
     if update not in UPDATES:
         raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
     th = np.atleast_2d(np.asarray(thetas, np.float64))
-    P = len(th)
     if update == "cluster" and (th[:, 0] < 0).any():
         raise ValueError("the cluster update needs beta >= 0 (ferromagnetic bonds)")
-    index = np.arange(P) if index is None else np.asarray(index)
-    chains = max(1, min(chains, n))
-    n_keep = -(-n // chains)
-    keys = chain_keys(seed, index, chains)
-    beta = jnp.asarray(np.repeat(th[:, 0], chains), jnp.float32)
-    h = jnp.asarray(np.repeat(th[:, 1], chains), jnp.float32)
-    C = keys.shape[0]
-    keys, beta, h = pad_chains(keys, beta, h, to=padded(C))
-    out = np.asarray(_run_chains(keys, beta, h, jnp.int32(burn_in), jnp.int32(thin), L=L, n_keep=n_keep, update=update))[:, :C]
-    out = out.reshape(n_keep, P, chains, L, L).transpose(1, 0, 2, 3, 4).reshape(P, n_keep * chains, L, L)
-    return out[:, :n]
+    lay, keys, (beta, h) = layout(th, n, seed, index, chains)
+    return lay.gather(_run_chains(keys, beta, h, jnp.int32(burn_in), jnp.int32(thin), L=L, n_keep=lay.n_keep, update=update))
 
 
 def chain_series(L: int, theta, steps: int, chains: int, seed: int, *, burn_in: int, update: str = "cluster"):
@@ -432,23 +398,3 @@ def chain_series(L: int, theta, steps: int, chains: int, seed: int, *, burn_in: 
     autocorrelation checks (thin = 1)."""
     s = sample(L, np.tile(np.asarray(theta, np.float64), (chains, 1)), steps, seed, chains=1, burn_in=burn_in, thin=1, update=update)
     return sufficient_statistics(s).transpose(1, 0, 2)  # (P=chains, steps, 2) -> (steps, chains, 2)
-
-
-def integrated_autocorr_time(x, c: float = 5.0) -> float:
-    """Integrated autocorrelation time tau = 1 + 2 sum_t rho(t) of a series x (steps, chains),
-    averaged over chains, with Sokal's automatic window (the smallest W with W >= c * tau(W))."""
-    x = np.asarray(x, np.float64)
-    if x.ndim == 1:
-        x = x[:, None]
-    x = x - x.mean(0)
-    n = x.shape[0]
-    f = np.fft.rfft(x, n=2 * n, axis=0)
-    acf = np.fft.irfft(f * np.conj(f), axis=0)[:n].mean(1)
-    if acf[0] <= 0:
-        return 1.0
-    rho = acf / acf[0]
-    taus = 2.0 * np.cumsum(rho) - 1.0
-    for w in range(1, n):
-        if w >= c * taus[w]:
-            return float(taus[w])
-    return float(taus[-1])

@@ -37,6 +37,8 @@ Training bundles have ``bundle`` samples (the paper's 4); the network is trained
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -66,6 +68,40 @@ class VectorEncoder(nn.Module):
 
 
 HEADS = ("dense", "grid")
+KINDS = {"learned": "a posterior network trained on the samples", "oracle": "the family's exact likelihood",
+         "features": "classifier-feature distances, as the paper does with CLIP"}
+
+
+@dataclass(frozen=True)
+class PosteriorConfig:
+    """The posterior (the spec's ``posterior`` section): these field defaults are the job's.
+    ``kind``: learned | oracle | features (the job's default is the family's first posterior kind).
+    The network trains on bundles of ``bundle`` samples of the first ``1 - holdout`` of each
+    point's samples (``steps`` Adam steps of ``batch`` bundles, learning rate ``lr``, ``seed``,
+    output layer ``head``); F is fitted on ``bundles_per_point`` bundles of ``fit_bundle`` held-out
+    samples per point. Head "grid": on the Ising L=8 example's samples the metric error was 0.19 /
+    0.21 (posterior seeds 0 / 1) against 0.38 / 0.28 with the dense head; the exact likelihood on
+    the same held-out samples gives 0.19."""
+    kind: str = "learned"
+    bundle: int = 4
+    steps: int = 1500
+    batch: int = 64
+    lr: float = 3e-3
+    holdout: float = 0.25
+    fit_bundle: int = 32
+    bundles_per_point: int = 8
+    seed: int = 0
+    head: str = "grid"
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown posterior kind {self.kind!r} (expected one of {list(KINDS)})")
+        if self.head not in HEADS:
+            raise ValueError(f"unknown posterior head {self.head!r} (expected one of {HEADS})")
+
+    def split(self, n: int) -> int:
+        """How many of a point's n samples train the network (the rest are held out for F)."""
+        return n - int(round(n * self.holdout))
 
 
 class PosteriorNet(nn.Module):
@@ -92,10 +128,10 @@ class PosteriorNet(nn.Module):
         return nn.Dense(self.rank)(f) @ psi[:, :-1].T + psi[:, -1]
 
 
-def train_posterior(x, *, bundle: int = 4, steps: int = 1500, batch: int = 64, lr: float = 3e-3, seed: int = 0,
-                    head: str = "dense", grid=None):
+def train_posterior(x, cfg: PosteriorConfig = PosteriorConfig(), grid=None):
     """Train the posterior network on samples x (P, n, *sample_shape) from the P grid points
-    (``grid``: their coordinates (P, 2), needed by the ``grid`` head).
+    (``grid``: their coordinates (P, 2), needed by the ``grid`` head); ``cfg``: bundle, steps,
+    batch, lr, seed and head (:class:`PosteriorConfig`; its defaults are the job's).
 
     Each step draws ``batch`` bundles: a random grid point and ``bundle`` of its samples (without
     replacement); the bundle's logits are the sum of its samples' logits. Returns (net, params,
@@ -103,17 +139,16 @@ def train_posterior(x, *, bundle: int = 4, steps: int = 1500, batch: int = 64, l
     """
     x = jnp.asarray(x, jnp.float32)
     P, n = x.shape[:2]
-    if head not in HEADS:
-        raise ValueError(f"unknown posterior head {head!r} (expected one of {HEADS})")
+    head, bundle, batch, steps = cfg.head, cfg.bundle, cfg.batch, cfg.steps
     if head == "grid":
         if grid is None or np.shape(grid) != (P, 2):
             raise ValueError(f"the grid head needs the grid points' coordinates (P, 2) = ({P}, 2), got {np.shape(grid)}")
         grid = tuple(tuple(float(v) for v in row) for row in np.asarray(grid))
     net = PosteriorNet(P, lattice=x.ndim == 4, grid=grid if head == "grid" else None)
-    key = jax.random.PRNGKey(seed)
+    key = jax.random.PRNGKey(cfg.seed)
     key, k0 = jax.random.split(key)
     params = net.init(k0, x[0, :1])
-    opt = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.05))
+    opt = optax.adam(optax.cosine_decay_schedule(cfg.lr, steps, alpha=0.05))
     state = opt.init(params)
 
     def loss_fn(p, k):
@@ -177,3 +212,25 @@ def bundle_posteriors(loglik: np.ndarray, size: int, per_point: int, seed: int =
     lp = lp - lp.max(1, keepdims=True)
     lp = lp - np.log(np.exp(lp).sum(1, keepdims=True))
     return lp, np.asarray(pts, np.int64)
+
+
+def feature_loglik(features, x) -> np.ndarray:
+    """The ``features`` posterior (geomjobs.fisher.diffusion_slice, the paper's CLIP rule):
+    (P, m - m // 2, P) per-sample log-likelihoods of samples x (P, m, *shape) from their features
+    (``features(images)`` -> (N, D)). Of each point's m samples the first m // 2 are its
+    references (mu_q = their mean feature), the others bundle samples; l(x | q) = -|phi(x) -
+    mu_q|^2 / (2 tau^2), tau^2 the pooled within-point variance of the reference features."""
+    from geomjobs.errors import SpecError
+
+    P, m = x.shape[:2]
+    if m < 2:
+        raise SpecError("samples_per_point", f"the feature posterior needs >= 2 samples per point (references and bundle samples), got {m}")
+    phi = features(x).reshape(P, m, -1)
+    m_ref = m // 2
+    ref, bun = phi[:, :m_ref], phi[:, m_ref:]
+    mu = ref.mean(1)                                            # (P, D)
+    tau2 = float(ref.var(1, ddof=1).mean()) if m_ref > 1 else float(phi.var(1, ddof=1).mean())
+    tau2 = max(tau2, 1e-12)
+    b = bun.reshape(-1, phi.shape[-1])
+    d2 = (b * b).sum(1)[:, None] - 2 * b @ mu.T + (mu * mu).sum(1)[None]
+    return (-np.maximum(d2, 0.0) / (2 * tau2)).reshape(P, m - m_ref, P)

@@ -61,8 +61,8 @@ class FNet(nn.Module):
     functions is convex, so F is convex in u. A log-partition function is convex, and a Fisher
     metric is positive semi-definite; the unconstrained net can fit noise into an indefinite
     Hessian (the diffusion slices' grey cells)."""
-    width: int = 64
-    depth: int = 3
+    width: int
+    depth: int
     convex: bool = False
 
     @nn.compact
@@ -101,22 +101,47 @@ def coords_jacobian(coords: str, t) -> np.ndarray:
     return np.asarray(COORDS[coords][1](jnp.asarray(np.asarray(t, np.float64))), np.float64)
 
 
+@dataclass(frozen=True)
+class PotentialConfig:
+    """The F fit (the spec's ``potential`` section): these field defaults are the job's. A small
+    net: with learned posteriors (Ising L=8, TASEP L=8, 10 x 10 grids, 128 samples per point,
+    dense head) width 32 / depth 2 / 800 steps gave metric errors 0.25 / 0.60 where 64 / 3 / 1500
+    steps fitted the posteriors' noise (2.0 / 2.9). ``coords``: the fitting coordinates (module
+    docstring); ``convex``: F an input-convex network (:class:`FNet`)."""
+    steps: int = 800
+    width: int = 32
+    depth: int = 2
+    lr: float = 3e-3
+    seed: int = 0
+    coords: str = "identity"
+    convex: bool = False
+
+    def __post_init__(self):
+        if self.coords not in COORDS:
+            raise ValueError(f"unknown fitting coordinates {self.coords!r} (expected one of {sorted(COORDS)})")
+
+    def net(self) -> FNet:
+        return FNet(self.width, self.depth, self.convex)
+
+
 @dataclass
 class Potential:
     """A fitted F: ``F(t)``, ``grad(t)`` (= dF/dt) and ``hessian(t)`` (the metric, J^T Hess_u F J;
     jax.hessian of F for identity coordinates) for t of shape (..., 2). ``centre`` and
-    ``half_width`` normalise the fitting coordinates u(t) to [-1, 1]^2."""
+    ``half_width`` normalise the fitting coordinates u(t) to [-1, 1]^2; ``cfg`` gives the net
+    (width, depth, convex) and the coordinates."""
     params: dict
     centre: np.ndarray
     half_width: np.ndarray
-    width: int = 64
-    depth: int = 3
-    coords: str = "identity"
-    convex: bool = False
+    cfg: PotentialConfig = PotentialConfig()
+
+    @property
+    def coords(self) -> str:
+        return self.cfg.coords
 
     def _fu(self, params, u):
         """F as a function of the fitting coordinates u."""
-        return _f_of_u(self.width, self.depth, self.convex, params, self.centre, self.half_width, u)
+        return _f_of_u(self.cfg, params, self.centre, self.half_width, u)
 
     def _f(self, params, t):
         return self._fu(params, COORDS[self.coords][0](t))
@@ -126,7 +151,7 @@ class Potential:
         return self._f(self.params, t)
 
     def _batched(self, which: str, t):
-        fn = _batched_fns(self.width, self.depth, self.coords, self.convex)[which]
+        fn = _batched_fns(self.cfg)[which]
         t = jnp.asarray(t, jnp.float32).reshape(-1, 2)
         return np.asarray(fn(self.params, jnp.asarray(self.centre), jnp.asarray(self.half_width), t), np.float64)
 
@@ -141,34 +166,33 @@ class Potential:
 
     def metric_fn(self):
         """t (2,) -> g(t) (2, 2), traceable (for geodesics)."""
-        return functools.partial(_metric, self.width, self.depth, self.coords, self.convex, self.params,
-                                 jnp.asarray(self.centre), jnp.asarray(self.half_width))
+        return functools.partial(_metric, self.cfg, self.params, jnp.asarray(self.centre), jnp.asarray(self.half_width))
 
 
-def _f_of_u(width: int, depth: int, convex: bool, params, c, hw, u):
+def _f_of_u(cfg: PotentialConfig, params, c, hw, u):
     """F at fitting coordinates u: the network on u normalised by centre ``c`` and half-width ``hw``."""
-    return FNet(width, depth, convex).apply(params, (u - c) / hw)
+    return cfg.net().apply(params, (u - c) / hw)
 
 
-def _metric(width: int, depth: int, coords: str, convex: bool, params, c, hw, t):
+def _metric(cfg: PotentialConfig, params, c, hw, t):
     """g(t) = J^T Hess_u F(u(t)) J, J = diag(du/dt)."""
-    u_of, du = COORDS[coords]
-    H = jax.hessian(lambda u: _f_of_u(width, depth, convex, params, c, hw, u))(u_of(t))
+    u_of, du = COORDS[cfg.coords]
+    H = jax.hessian(lambda u: _f_of_u(cfg, params, c, hw, u))(u_of(t))
     j = du(t)
     return H * j[:, None] * j[None, :]
 
 
 @functools.cache
-def _batched_fns(width: int, depth: int, coords: str = "identity", convex: bool = False) -> dict:
+def _batched_fns(cfg: PotentialConfig) -> dict:
     """Jitted F, grad F (in t), the metric over a batch of points, for one architecture (params traced)."""
-    u_of = COORDS[coords][0]
+    u_of = COORDS[cfg.coords][0]
 
     def f(params, c, hw, t):
-        return _f_of_u(width, depth, convex, params, c, hw, u_of(t))
+        return _f_of_u(cfg, params, c, hw, u_of(t))
 
     return {"F": jax.jit(jax.vmap(f, (None, None, None, 0))),
             "grad": jax.jit(jax.vmap(jax.grad(f, argnums=3), (None, None, None, 0))),
-            "hessian": jax.jit(jax.vmap(functools.partial(_metric, width, depth, coords, convex), (None, None, None, 0)))}
+            "hessian": jax.jit(jax.vmap(functools.partial(_metric, cfg), (None, None, None, 0)))}
 
 
 def model_log_posterior(f, params, thetas):
@@ -186,26 +210,25 @@ def js_divergence(logp, logq):
     return 0.5 * jnp.sum(p * (logp - logm), -1) + 0.5 * jnp.sum(q * (logq - logm), -1)
 
 
-def fit_potential(thetas, log_post, point, *, steps: int = 3000, lr: float = 3e-3, width: int = 64,
-                  depth: int = 3, seed: int = 0, coords: str = "identity", convex: bool = False) -> tuple[Potential, dict]:
+def fit_potential(thetas, log_post, point, cfg: PotentialConfig = PotentialConfig()) -> tuple[Potential, dict]:
     """Fit F to tempered posteriors.
 
     thetas: (P, 2) grid points; log_post: (M, P) tempered log-posteriors of M bundles over the
-    grid (each row normalised); point: (M,) the grid index each bundle was drawn at; coords: the
-    fitting coordinates (module docstring); convex: F an input-convex network (:class:`FNet`).
-    Full-batch Adam with a cosine learning-rate decay. Returns the potential and {"loss": final mean JS, "loss_history": [...]}.
+    grid (each row normalised); point: (M,) the grid index each bundle was drawn at; cfg: the net,
+    the fitting coordinates and the optimiser (:class:`PotentialConfig`; its defaults are the
+    job's). Full-batch Adam with a cosine learning-rate decay. Returns the potential and
+    {"loss": final mean JS, "loss_history": [...]}.
     """
     thetas = np.asarray(thetas, np.float64)
-    u = to_coords(coords, thetas)
+    u = to_coords(cfg.coords, thetas)
     lo, hi = u.min(0), u.max(0)
     centre, half = (lo + hi) / 2, np.maximum((hi - lo) / 2, 1e-12)
-    pot = Potential(params={}, centre=centre.astype(np.float32), half_width=half.astype(np.float32), width=width, depth=depth,
-                    coords=coords, convex=convex)
+    pot = Potential(params={}, centre=centre.astype(np.float32), half_width=half.astype(np.float32), cfg=cfg)
     tj = jnp.asarray(u, jnp.float32)
     lp = jnp.asarray(log_post, jnp.float32)
     idx = jnp.asarray(point, jnp.int32)
-    params = FNet(width, depth, convex).init(jax.random.PRNGKey(seed), jnp.zeros((1, 2), jnp.float32))
-    opt = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.02))
+    params = cfg.net().init(jax.random.PRNGKey(cfg.seed), jnp.zeros((1, 2), jnp.float32))
+    opt = optax.adam(optax.cosine_decay_schedule(cfg.lr, cfg.steps, alpha=0.02))
     state = opt.init(params)
 
     def loss_fn(p):
@@ -219,9 +242,9 @@ def fit_potential(thetas, log_post, point, *, steps: int = 3000, lr: float = 3e-
         return optax.apply_updates(p, upd), s, loss
 
     hist = []
-    for i in range(steps):
+    for i in range(cfg.steps):
         params, state, loss = step(params, state)
-        if i % 100 == 0 or i == steps - 1:
+        if i % 100 == 0 or i == cfg.steps - 1:
             hist.append(float(loss))
     pot.params = params
     return pot, {"loss": hist[-1], "loss_history": hist}

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from geomjobs.fisher.chains import layout
+
 MAX_L = 256
 EXACT_MAX_L = 14  # 2^L configurations enumerated for the exact metric
 NULL_MAX_L = 10  # dense 2^L x 2^L generator
@@ -301,33 +303,22 @@ def _run_chains(keys, alpha, beta, burn_in, thin, *, L, n_keep):
 
 
 def _chains(L, thetas, n, seed, index, chains, burn_in, thin):
-    from geomjobs.fisher.ising import chain_keys, pad_chains, padded
-
-    th = np.atleast_2d(np.asarray(thetas, np.float64))
-    P = len(th)
-    index = np.arange(P) if index is None else np.asarray(index)
-    chains = max(1, min(chains, n))
-    n_keep = -(-n // chains)
-    keys = chain_keys(seed, index, chains)
-    a = jnp.asarray(np.repeat(th[:, 0], chains), jnp.float32)
-    b = jnp.asarray(np.repeat(th[:, 1], chains), jnp.float32)
-    C = keys.shape[0]
-    keys, a, b = pad_chains(keys, a, b, to=padded(C))
-    out, cnt = _run_chains(keys, a, b, jnp.int32(burn_in), jnp.int32(thin), L=L, n_keep=n_keep)
-    return np.asarray(out)[:, :C], np.asarray(cnt)[:C], P, chains, n_keep
+    """(layout, states (n_keep, padded batch, L), extractions per chain (P * chains,))."""
+    lay, keys, (a, b) = layout(thetas, n, seed, index, chains)
+    out, cnt = _run_chains(keys, a, b, jnp.int32(burn_in), jnp.int32(thin), L=L, n_keep=lay.n_keep)
+    return lay, out, np.asarray(cnt)[:lay.real]
 
 
 def sample(L: int, thetas, n: int, seed: int, index=None, *, chains: int, burn_in: int, thin: int) -> np.ndarray:
     """(P, n, L) int8 stationary configurations; layout and seeding as geomjobs.fisher.ising.sample."""
-    out, _, P, chains, n_keep = _chains(L, thetas, n, seed, index, chains, burn_in, thin)
-    out = out.reshape(n_keep, P, chains, L).transpose(1, 0, 2, 3).reshape(P, n_keep * chains, L)
-    return out[:, :n]
+    lay, out, _ = _chains(L, thetas, n, seed, index, chains, burn_in, thin)
+    return lay.gather(out)
 
 
 def measured_current(L: int, theta, sweeps: int, chains: int, seed: int, burn_in: int | None = None) -> tuple[float, float]:
     """(J, standard error) from counting extraction events per unit time over ``sweeps`` sweeps of
     ``chains`` chains after burn-in (the dynamics, not the stationary law's formula)."""
     burn = default_burn_in(L) if burn_in is None else burn_in
-    _, cnt, _, chains, _ = _chains(L, np.asarray(theta)[None], chains, seed, None, chains, burn, sweeps)
+    _, _, cnt = _chains(L, np.asarray(theta)[None], chains, seed, None, chains, burn, sweeps)
     per_chain = cnt / sweeps
     return float(per_chain.mean()), float(per_chain.std(ddof=1) / np.sqrt(len(per_chain)))

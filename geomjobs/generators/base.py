@@ -62,7 +62,7 @@ class Generator:
         return math.prod(self.output_shape)
 
     def flat_fn(self) -> Callable[[jax.Array], jax.Array]:
-        """G on flat vectors: R^d -> R^n (what the mathematics in SPEC section 2 talks about)."""
+        """G on flat vectors: R^d -> R^n (what the mathematics in docs/geometry.md is about)."""
         params, apply, shape = self.params, self.apply, self.latent_shape
 
         def g(z_flat: jax.Array) -> jax.Array:

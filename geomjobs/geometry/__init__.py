@@ -1,4 +1,4 @@
-"""The mathematics of geomjobs (SPEC section 2): pure JAX, no Ray, no pyarrow.
+"""The mathematics of geomjobs (docs/geometry.md): pure JAX, no Ray, no pyarrow.
 
 - :mod:`.projections` draws the fixed matrices W (k x n) and B (P x d) of a job.
 - :mod:`.spectrum` gives singular values of the Jacobian (exact, or of W A by batched VJPs).

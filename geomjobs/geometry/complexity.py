@@ -1,4 +1,4 @@
-"""Local complexity delta (SPEC section 2): sign flips of neuron inputs on a cross-polytope.
+"""Local complexity delta (docs/geometry.md): sign flips of neuron inputs on a cross-polytope.
 
 At a latent ``z`` the caller supplies ``B`` (P x d, orthonormal rows, d = z.size). The 2P
 vertices ``z +- radius * b_i`` span a small cross-polytope around ``z``; a *neuron* (one scalar

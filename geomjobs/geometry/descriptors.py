@@ -1,7 +1,7 @@
-"""Local scaling psi and local rank nu from singular values (SPEC section 2).
+"""Local scaling psi and local rank nu from singular values (docs/geometry.md).
 
 Both read the same singular values s_1 >= s_2 >= ... of M (M = A, W A, or a Krylov estimate).
-Only values above the rank tolerance count: s_i > s_1 * rtol. The SPEC's rtol is
+Only values above the rank tolerance count: s_i > s_1 * rtol. The documented rtol (docs/geometry.md) is
 numpy.linalg.matrix_rank's, max(rows, cols) * eps(dtype of the SVD) (:func:`matrix_rank_rtol`);
 an estimator whose roundoff is larger passes its own (``modes.lanczos``). Functions take one
 spectrum (1-D); vmap them for a batch. They stay finite-shaped under jit: dropped values are

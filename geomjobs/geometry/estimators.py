@@ -1,10 +1,10 @@
 """Matrix-free spectral estimators of the Jacobian A(z) = dG/dz (n x d), from JVPs and VJPs only.
 
-Two spec modes of ``descriptors.local_scaling`` (SPEC section 2 defines psi and nu):
+Two spec modes of ``descriptors.local_scaling`` (docs/geometry.md defines psi and nu):
 
 ``mode: lanczos`` -- the top-k singular values of A by Golub-Kahan-Lanczos bidiagonalisation
     (``steps`` >= k Krylov steps from one start vector, full reorthogonalisation). psi and nu
-    are then the SPEC's formulas on those k values, with the rank tolerance of an n x d matrix.
+    are then the documented formulas on those k values, with the rank tolerance of an n x d matrix.
     Ritz values interlace from below (s_i(B) <= s_i(A)), so an unconverged run under-estimates
     psi; with ``steps = min(n, d)`` the values are the exact top-k (up to roundoff).
 
@@ -15,7 +15,7 @@ Two spec modes of ``descriptors.local_scaling`` (SPEC section 2 defines psi and 
         v^T f(M^T M) v ~= ||v||^2 sum_j tau_j f(theta_j^2),
     where theta_j are the singular values of the steps x steps bidiagonal B of a Golub-Kahan run
     on M started at v and tau_j = (first component of B's j-th right singular vector)^2 are the
-    Gauss quadrature weights. f is the SPEC's masked log: values below the rank tolerance
+    Gauss quadrature weights. f is the documented masked log: values below the rank tolerance
     theta_max * max(n, d, 256) * eps (:func:`krylov_dim`) count zero, so psi is the pseudo-log-determinant the exact mode
     computes, not -inf, when A is rank deficient. The same runs give nu, by the ratio
         nu = exp(H),  H = log S - T / S,  S = tr (M^T M)^{1/2} = sum s_i,  T = sum s_i log s_i,
@@ -49,9 +49,9 @@ vectors): checked here, (1) an exact Krylov breakdown divides 0 by 0 -- ``svd_pa
 buffers take the default float dtype, so a float32 generator under ``jax_enable_x64`` (how the
 test-suite runs float32 jobs) fails inside the VJP with a dtype mismatch; (3) the log-det
 integrand has no rank tolerance: a rank-deficient A gives sum log(~1e-16) terms instead of the
-SPEC's psi; (4) no nu. The bidiagonalisation below restarts with a fresh vector orthogonal to
+the documented psi; (4) no nu. The bidiagonalisation below restarts with a fresh vector orthogonal to
 the basis on breakdown (setting that coefficient to 0, which keeps A V = U B exact and finds
-repeated singular values), keeps the generator's dtype, and masks by the SPEC's tolerance.
+repeated singular values), keeps the generator's dtype, and masks by the documented tolerance.
 """
 from __future__ import annotations
 
@@ -93,11 +93,11 @@ KRYLOV_TOL_FLOOR = 256
 def krylov_dim(n: int, d: int) -> int:
     """The size factor of the rank tolerance in the Krylov modes: max(n, d, 256).
 
-    The SPEC keeps s_i > s_1 * max(n, d) * eps (numpy's matrix_rank, right for a backward-stable
+    The definition keeps s_i > s_1 * max(n, d) * eps (numpy's matrix_rank, right for a backward-stable
     dense SVD). A singular value that is 0 in exact arithmetic comes out of a Krylov run at up
     to ~100 eps s_1 on small operators (measured: 32 eps s_1 on a 5 x 5 rank-3 map, 217 eps s_1
     on a 12 x 5 one with a repeated value), above 5 or 12 eps s_1, and log(1e-14) would count.
-    So these modes floor the factor at 256; for max(n, d) >= 256 the tolerance is the SPEC's.
+    So these modes floor the factor at 256; for max(n, d) >= 256 the tolerance is the documented.
     """
     return max(n, d, KRYLOV_TOL_FLOOR)
 
@@ -225,7 +225,7 @@ def lanczos_singular_values(g: Callable, z, v0, *, k: int, steps: int):
 
 
 def lanczos_descriptors(g: Callable, z, v0, *, k: int, steps: int):
-    """(top-k singular values, psi, nu): the SPEC's formulas on the k values, rank tolerance
+    """(top-k singular values, psi, nu): the documented formulas on the k values, rank tolerance
     s_1 * :func:`krylov_dim` (n, d) * eps."""
     n = jax.eval_shape(g, z).shape[0]
     s = lanczos_singular_values(g, z, v0, k=k, steps=steps)

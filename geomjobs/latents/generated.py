@@ -1,4 +1,4 @@
-"""Generated latents (SPEC section 6): ``latents: {kind: sampled}`` and ``{kind: trajectory}``.
+"""Generated latents (docs/generation.md): ``latents: {kind: sampled}`` and ``{kind: trajectory}``.
 
 Both draw samples from the diffusion model ``latents.model`` (any model section whose generator
 has a :class:`~geomjobs.generators.base.Denoiser`: zoo diffusion models, ``diffusers-unet``) with

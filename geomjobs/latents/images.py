@@ -1,6 +1,6 @@
 """``latents: {kind: images}``: latents made by encoding images, optionally forward-diffused.
 
-This is the paper's recipe for reward-model training data (SPEC section 3): encode images with a
+This is the paper's recipe for reward-model training data (docs/reward.md): encode images with a
 model's encoder (its posterior mean), then diffuse them to a fixed or random timestep.
 
 Spec keys::

@@ -1,4 +1,4 @@
-"""The latent sources of SPEC section 5: gaussian, grid2d, plane3, parquet (their builders are
+"""The latent sources of docs/jobs.md: gaussian, grid2d, plane3, parquet (their builders are
 registered by kind in :data:`geomjobs.latents.BUILDERS`).
 
 ``LatentSource.resolved`` is the spec's ``latents`` section with the defaults the builder applied

@@ -1,4 +1,4 @@
-"""Reward-model training data read from geomjobs datasets (SPEC section 7).
+"""Reward-model training data read from geomjobs datasets (docs/reward.md).
 
 For each dataset only the small columns of its ``ok`` rows are read, by Parquet column projection
 over the committed part files: ``sample_id``, ``diffusion_t``, ``timestep`` and the target (about

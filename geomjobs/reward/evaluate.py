@@ -1,4 +1,4 @@
-"""``geomjobs reward evaluate BASELINE GUIDED [GUIDED ...] --out DIR`` (SPEC section 7).
+"""``geomjobs reward evaluate BASELINE GUIDED [GUIDED ...] --out DIR`` (docs/reward.md).
 
 The baseline is an unguided ``sampled`` dataset; each guided dataset is the same job with
 ``latents.guidance`` (same model, sampler, seed and count), so record i of every dataset starts

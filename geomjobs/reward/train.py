@@ -1,4 +1,4 @@
-"""``geomjobs reward train``: fit r(z_t, t) -> target on the ok rows of geomjobs datasets (SPEC section 7).
+"""``geomjobs reward train``: fit r(z_t, t) -> target on the ok rows of geomjobs datasets (docs/reward.md).
 
 Data (:mod:`geomjobs.reward.data`): the index columns of every dataset in memory, each batch's z_t
 rebuilt from its dataset's spec (or read from its ``z`` column) on a background thread while the

@@ -1,4 +1,4 @@
-"""Reward guidance of a sampler (SPEC sections 3 and 6): ``latents.guidance: {reward: DIR, scale:
+"""Reward guidance of a sampler (docs/reward.md, docs/generation.md): ``latents.guidance: {reward: DIR, scale:
 s, window: [lo, hi]}`` in ``sampled`` and ``trajectory`` jobs.
 
 Classifier guidance on the noise-aware reward r(z_t, t) of a reward folder
@@ -50,7 +50,7 @@ T_RANGE_SLACK = 0.01          # guided timesteps may lie this fraction of T outs
 
 def reward_guidance(grad_r: Callable[..., jax.Array], scale: float, window: tuple[int, int] | None = None,
                     with_params: bool = False) -> samplers.Guidance:
-    """SPEC section 3's classifier guidance as a sampler hook (:mod:`geomjobs.sampling.samplers`):
+    """the docs/reward.md classifier guidance as a sampler hook (:mod:`geomjobs.sampling.samplers`):
     eps' = eps - sqrt(1 - abar_t) * scale * grad_r(x_t, t), applied where lo <= t <= hi for
     ``window = (lo, hi)`` (every step when None). ``grad_r(x_t, t)`` is the gradient of the reward
     in x_t (one latent); with ``with_params`` it is ``grad_r(params, x_t, t)`` with the sampler's

@@ -1,4 +1,4 @@
-"""The reward model r(z_t, t) and its folder format (SPEC sections 3 and 7).
+"""The reward model r(z_t, t) and its folder format (docs/reward.md).
 
 Network (:class:`RewardNet`, flax linen). The timestep t is in the diffusion model's own units
 (0..T-1, integer or float) and enters through a sinusoidal embedding

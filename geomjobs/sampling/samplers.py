@@ -39,8 +39,8 @@ sample i) and the eta > 0 noise ``default_rng([seed, i, 1]).standard_normal((ste
 sample i's path depends only on (seed, i), never on batching or sharding.
 
 Guidance hook (:class:`Guidance`): ``fn(eps, x_t, t, abar_t) -> eps'`` replaces the model's eps
-at every step before the update; :func:`geomjobs.sampling.guidance.reward_guidance` builds SPEC
-section 3's classifier guidance from the gradient of a reward r(x_t, t). None (the default) leaves
+at every step before the update; :func:`geomjobs.sampling.guidance.reward_guidance` builds docs/reward.md
+'s classifier guidance from the gradient of a reward r(x_t, t). None (the default) leaves
 eps as it is; a plain callable is taken as ``Guidance(fn)``. With ``with_params=True`` the hook is
 called as ``fn(eps, x_t, t, abar_t, params)`` with the sampler's ``params``, so that a reward's
 weights are arguments of the jitted sampler (one compile serves any weights) rather than constants

@@ -1,4 +1,4 @@
-"""diffusers (Flax) generators: ``diffusers-vae-decoder`` and ``diffusers-unet`` (SPEC section 1),
+"""diffusers (Flax) generators: ``diffusers-vae-decoder`` and ``diffusers-unet`` (docs/jobs.md),
 and the diffusers VAE's encoder (:func:`geomjobs.generators.encoders.diffusers_vae_encoder`).
 
 Weights load from a diffusers model folder on local disk or on gs:// (copied once into a local
