@@ -136,17 +136,20 @@ def validate_spec(raw: Any) -> dict:
     return spec
 
 
-def load_spec(path: str | Path) -> dict:
-    """Read a YAML spec file and validate it (see :func:`validate_spec`)."""
+def load_yaml(path: str | Path) -> Any:
+    """A spec file's YAML, unvalidated; SpecError when the file is missing or not YAML."""
     p = Path(path)
     if not p.is_file():
         raise SpecError("", f"spec file '{path}' does not exist")
     try:
-        raw = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise SpecError("", f"spec file '{path}' is not valid YAML: {e}") from None
-    spec = validate_spec(raw)
-    return resolve_paths(spec, p.parent)
+
+
+def load_spec(path: str | Path) -> dict:
+    """Read a YAML spec file and validate it (see :func:`validate_spec`)."""
+    return resolve_paths(validate_spec(load_yaml(path)), Path(path).parent)
 
 
 MODEL_PATH_KEYS = ("weights", "path", "prompt_embeddings")

@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from geomjobs.errors import SpecError
 from geomjobs.fisher.spec import grid_thetas
+from geomjobs.runner.job import ShardedJob
 from geomjobs.sink.fs import join
 from geomjobs.spec import spec_hash
 
@@ -54,7 +55,7 @@ def samples_spec(spec: dict) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplesPlan:
+class SamplesPlan(ShardedJob):
     """The sampling job as the drivers see it (:class:`geomjobs.runner.job.ShardPlan`)."""
     spec: dict
     family: object = dataclasses.field(compare=False)
@@ -64,36 +65,8 @@ class SamplesPlan:
         return math.prod(self.spec["grid"]["resolution"])
 
     @property
-    def shard_size(self) -> int:
-        return self.spec["execution"]["shard_size"]
-
-    @property
-    def num_shards(self) -> int:
-        return -(-self.count // self.shard_size)
-
-    @property
-    def hash(self) -> str:
-        return spec_hash(self.spec)
-
-    @property
-    def job_id(self) -> str:
-        return self.spec["job_id"]
-
-    @property
     def planner(self) -> Callable[[dict], SamplesPlan]:
         return plan_samples
-
-    def shard_points(self, shard: int) -> np.ndarray:
-        return np.arange(shard * self.shard_size, min(self.count, (shard + 1) * self.shard_size))
-
-    def shard_rows(self, shard: int) -> int:
-        return max(0, min(self.shard_size, self.count - shard * self.shard_size))
-
-    def with_output(self, uri: str, job_id: str | None = None) -> SamplesPlan:
-        spec = {**self.spec, "output": uri}
-        if job_id is not None:
-            spec["job_id"] = job_id
-        return dataclasses.replace(self, spec=spec)
 
     def artifacts(self) -> dict:
         return {}
@@ -124,7 +97,7 @@ class SamplesEngine:
 
     def compute_shard(self, shard: int) -> pa.Table:
         plan, fam = self.plan, self.plan.family
-        idx = plan.shard_points(shard)
+        idx = plan.shard_ids(shard)
         # every shard is sampled at shard_size points (the last one padded with copies of its last
         # point, dropped after) so the jitted samplers compile once; a point's samples depend only
         # on (seed, its index), so the copies change nothing

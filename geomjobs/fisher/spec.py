@@ -12,16 +12,15 @@ import copy
 import dataclasses
 import json
 from importlib import resources
-from pathlib import Path
 
 import jsonschema
 import numpy as np
-import yaml
 
 from geomjobs.errors import SpecError
 from geomjobs.fisher.geodesic import GeodesicConfig
 from geomjobs.fisher.posterior import KINDS, PosteriorConfig
 from geomjobs.fisher.potential import PotentialConfig
+from geomjobs.spec import explain_schema_error, load_yaml
 
 EXECUTION_DEFAULTS = {"shard_size": 16, "max_retries": 3}
 
@@ -61,8 +60,6 @@ def default_pairs(spec: dict) -> list:
 def validate_fisher_spec(raw) -> tuple[dict, object]:
     """(spec with every default filled, family). SpecError naming the key on any bad input."""
     from geomjobs.fisher.families import build_family
-    from geomjobs.spec import explain_schema_error
-
     if not isinstance(raw, dict):
         raise SpecError("", f"a fisher spec must be a mapping, got {type(raw).__name__}")
     errors = list(jsonschema.Draft202012Validator(fisher_schema()).iter_errors(raw))
@@ -132,11 +129,4 @@ def _check_posterior(spec: dict, family, post: PosteriorConfig) -> None:
 
 def load_fisher_spec(path) -> tuple[dict, object]:
     """Read a YAML fisher spec and validate it (:func:`validate_fisher_spec`)."""
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError("", f"spec file '{path}' does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SpecError("", f"spec file '{path}' is not valid YAML: {e}") from None
-    return validate_fisher_spec(raw)
+    return validate_fisher_spec(load_yaml(path))

@@ -27,7 +27,7 @@ from geomjobs.errors import DatasetError, SpecError
 from geomjobs.records import SCHEMA_VERSION
 from geomjobs.sink.dataset import Dataset
 from geomjobs.sink.fs import is_local, normalize_uri
-from geomjobs.spec import diff_keys, identity
+from geomjobs.spec import diff_keys, identity, spec_hash
 
 
 class ShardEngine(Protocol):
@@ -43,6 +43,47 @@ class ShardEngine(Protocol):
         """How this process computes (kept in each commit marker); ``display``, when present, is
         the one line ``geomjobs inspect`` prints for it."""
         ...
+
+
+class ShardedJob:
+    """What a plan derives from its ``spec`` and ``count``: shards, identity and a copy naming its
+    output. Mixed into frozen dataclasses with a ``spec`` field (``runner.plan.Plan``, the Fisher
+    sampling plan), so the shard arithmetic has one home."""
+    spec: dict
+
+    @property
+    def shard_size(self) -> int:
+        return self.spec["execution"]["shard_size"]
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.count // self.shard_size)
+
+    def shard_rows(self, shard: int) -> int:
+        """How many rows shard ``shard`` holds (without making its ids)."""
+        return max(0, min(self.shard_size, self.count - shard * self.shard_size))
+
+    def shard_ids(self, shard: int) -> np.ndarray:
+        """The row ids (sample ids, grid points) of shard ``shard``: a contiguous range."""
+        if not 0 <= shard < self.num_shards:
+            raise IndexError(f"shard {shard} out of range 0..{self.num_shards - 1}")
+        return np.arange(shard * self.shard_size, min((shard + 1) * self.shard_size, self.count), dtype=np.int64)
+
+    @property
+    def hash(self) -> str:
+        return spec_hash(self.spec)
+
+    @property
+    def job_id(self) -> str:
+        return self.spec["job_id"]
+
+    def with_output(self, uri: str, job_id: str | None = None):
+        """A copy whose spec names ``uri`` as its output (and ``job_id``, when given); this plan
+        and its spec are left as they are."""
+        spec = {**self.spec, "output": uri}
+        if job_id is not None:
+            spec["job_id"] = job_id
+        return dataclasses.replace(self, spec=spec)
 
 
 class ShardPlan(Protocol):

@@ -18,12 +18,13 @@ from geomjobs.errors import SpecError
 from geomjobs.generators import Generator, build_generator
 from geomjobs.latents import LatentSource, build_latents
 from geomjobs.runner.engine import Engine
+from geomjobs.runner.job import ShardedJob
 from geomjobs.runner.precision import precision
 from geomjobs.spec import resolve_paths, spec_hash, validate_spec
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class Plan(ShardedJob):
     spec: dict                 # fully resolved: stored with the output, compared on resume
     generator: Generator
     latents: LatentSource
@@ -36,34 +37,9 @@ class Plan:
         return self.latents.count
 
     @property
-    def shard_size(self) -> int:
-        return self.spec["execution"]["shard_size"]
-
-    @property
-    def num_shards(self) -> int:
-        return math.ceil(self.count / self.shard_size)
-
-    def shard_rows(self, shard: int) -> int:
-        """How many samples shard ``shard`` holds (without making its ids)."""
-        return max(0, min(self.shard_size, self.count - shard * self.shard_size))
-
-    def shard_ids(self, shard: int) -> np.ndarray:
-        if not 0 <= shard < self.num_shards:
-            raise IndexError(f"shard {shard} out of range 0..{self.num_shards - 1}")
-        return np.arange(shard * self.shard_size, min((shard + 1) * self.shard_size, self.count), dtype=np.int64)
-
-    @property
     def site_labels(self) -> list | None:
         """The counted nonlinearity sites, where a descriptor counts some (the job card's)."""
         return next((cfg["site_labels"] for _, cfg in self.descriptors if "site_labels" in cfg), None)
-
-    @property
-    def hash(self) -> str:
-        return spec_hash(self.spec)
-
-    @property
-    def job_id(self) -> str:
-        return self.spec["job_id"]
 
     def record_apply(self) -> Callable:
         """``apply(params, z, arrays, t)``: the generator as the job built it, or, where each
@@ -76,14 +52,6 @@ class Plan:
         if self.spec["model"].get("prediction", "eps") == "eps":
             return lambda params, z, arrays, t: eps_fn(params, z, t)
         return lambda params, z, arrays, t: diffusion.x0_from_eps(z, eps_fn(params, z, t), arrays["abar"][t])
-
-    def with_output(self, uri: str, job_id: str | None = None) -> Plan:
-        """A new plan whose spec names ``uri`` as its output (and ``job_id``, when given); this
-        plan and its spec are left as they are."""
-        spec = {**self.spec, "output": uri}
-        if job_id is not None:
-            spec["job_id"] = job_id
-        return dataclasses.replace(self, spec=spec)
 
     @property
     def planner(self) -> Callable[[dict], Plan]:
