@@ -18,7 +18,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 test-slow: setup
-	GEOMJOBS_SLOW=1 $(PY) -m pytest -q tests -m slow
+	$(PY) -m pytest -q tests -m slow
 
 lint: setup
 	$(PY) -m ruff check geomjobs tests benchmarks examples notebooks
