@@ -175,6 +175,7 @@ def test_verdicts_json_round_trip_and_the_findings_table(tmp_path):
     assert (tmp_path / "docs" / "findings.md").read_text() == text
     assert "Measured at the small defaults (1 notebooks)" in text
     rows = [r for r in text.splitlines() if r.startswith("| `06_corruptions`")]
-    assert len(rows) == 2 and all(r.count(" | ") == 5 for r in rows)          # the `|` in a statistic is escaped
+    assert "- `06_corruptions`: small defaults (n_images 3)" in text
+    assert len(rows) == 2 and all(r.count(" | ") == 4 for r in rows)          # the `|` in a statistic is escaped
     assert "| noise_raises_psi |" in rows[0] and rows[0].endswith("| **reproduced** |")
     assert "\\|(psi_B - psi_A)" in rows[1]
