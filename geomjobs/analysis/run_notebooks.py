@@ -116,6 +116,9 @@ def main(argv=None) -> int:
         out_dir = os.path.abspath(os.path.join(args.out, path.stem))
         t0 = time.perf_counter()
         print(f"== {path.name} -> {out_dir}", flush=True)
+        stale = os.path.join(out_dir, findings.FILE)
+        if os.path.exists(stale):
+            os.remove(stale)              # this run's verdicts, not an earlier one's (the data folders resume)
         if args.kernel:
             try:
                 run_kernel(path, out_dir, args.full, timeout=int(args.timeout or 3600))
