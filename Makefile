@@ -18,7 +18,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 test-slow: setup
-	GEOMJOBS_SLOW=1 $(PY) -m pytest -q tests -m slow
+	$(PY) -m pytest -q tests -m slow
 
 lint: setup
 	$(PY) -m ruff check geomjobs tests benchmarks examples notebooks
@@ -29,9 +29,10 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/bench.py --out BENCHMARKS.md
 
-# every notebook at full size; figures under out/notebooks/ (the suite runs each at its small defaults)
+# every notebook at full size; figures and verdicts.json under out/notebooks/ (the suite runs each at its
+# small defaults); the findings table docs/findings.md is generated from the verdicts
 notebooks: setup
-	$(PY) -m geomjobs.analysis.run_notebooks --full --out out/notebooks
+	$(PY) -m geomjobs.analysis.run_notebooks --full --out out/notebooks --findings docs/findings.md
 
 # reward data -> train -> guided sampling at scales 0, 1, 2, 4 -> descriptors -> evaluate -> PNG
 reward-demo: setup

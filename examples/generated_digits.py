@@ -49,7 +49,8 @@ def grid_png(df, png: Path, cols: int = 16) -> None:
     for ax, img, psi in zip(axes.flat, images, df.local_scaling):
         ax.imshow(img, cmap="gray_r", vmin=0, vmax=1)
         ax.set_title(f"{psi:.1f}", fontsize=5)
-    fig.suptitle("ldm-digits samples, ordered by psi of the vae-digits decoder", fontsize=8)
+    fig.suptitle("ldm-digits samples in increasing psi of the vae-digits decoder (row by row);\nthe number above each digit "
+                 "is its psi, the log volume change of the decoder at its latent (nats)", fontsize=8)
     fig.savefig(png, dpi=150, bbox_inches="tight")
     plt.close(fig)
 

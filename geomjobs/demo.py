@@ -54,14 +54,16 @@ def heatmap(df, path: str, title: str) -> None:
     df = df.sort_values("sample_id")
     extent = [df.v.min(), df.v.max(), df.u.min(), df.u.max()]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), constrained_layout=True)
-    for ax, col, label in zip(axes, ["local_scaling", "local_rank", "local_complexity"],
-                              ["local scaling psi", "local rank nu", "local complexity delta"]):
+    for ax, col, label, unit in zip(axes, ["local_scaling", "local_rank", "local_complexity"],
+                                    ["local scaling psi", "local rank nu", "local complexity delta"],
+                                    ["psi: log volume change (nats)", "nu: effective number of directions",
+                                     "delta: neurons changing sign (count)"]):
         img = np.asarray(df[col], float).reshape(res, res)   # rows: u (x_1), columns: v (x_2)
         im = ax.imshow(img.T, origin="lower", extent=[extent[2], extent[3], extent[0], extent[1]], cmap="viridis")
         ax.set_title(label)
         ax.set_xlabel("x_1")
         ax.set_ylabel("x_2")
-        fig.colorbar(im, ax=ax, shrink=0.85)
+        fig.colorbar(im, ax=ax, shrink=0.85, label=unit)
     fig.suptitle(title)
     save_png(fig, path, dpi=110)
 

@@ -11,6 +11,7 @@ import json
 import os
 import re
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,10 +23,8 @@ from geomjobs.geometry import exact_singular_values, local_rank, local_scaling, 
 from geomjobs.geometry.spectrum import projected_rows, projected_singular_values
 from geomjobs.spec import validate_spec
 
+from diffusers_tiny import SD_SCHEDULER, brute_force_silu_flips, dense_reference, png_folder, quiet, record_psi_nu, write_pipeline
 from references import psi_nu as ref_psi_nu
-
-diffusers = pytest.importorskip("diffusers")
-from diffusers_tiny import SD_SCHEDULER, brute_force_silu_flips, dense_reference, png_folder, quiet, record_psi_nu, write_pipeline  # noqa: E402
 
 VAE = "diffusers-vae-decoder"
 UNET = "diffusers-unet"
@@ -207,7 +206,8 @@ def test_bfloat16_decoder_runs_bf16_and_returns_float32_singular_values(pipe, va
 def test_local_complexity_of_the_decoder_equals_a_brute_force_count(pipe, monkeypatch):
     """delta is counted on the generator with remat: full (the counter must see through
     jax.checkpoint); the brute force taps the same decoder without it."""
-    cx = pytest.importorskip("geomjobs.geometry.complexity")
+    import geomjobs.geometry.complexity as cx
+
     gen = build_generator(vae_spec(pipe, dtype="float64"), "float64")
     z = jax.random.normal(jax.random.PRNGKey(7), gen.latent_shape, jnp.float64)
     P, r = 4, 0.05

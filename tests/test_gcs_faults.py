@@ -46,7 +46,7 @@ class DiskEmulator:
 
     def kill(self):
         _kill_tree(self.proc)     # SIGKILL, this test's own process only
-        self.proc.wait()
+        self.proc.wait(timeout=60)
         self.proc = None
 
     def stop(self):

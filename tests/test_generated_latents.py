@@ -3,7 +3,6 @@ on the tiny random-weight diffusers pipeline: samples land on the data, every sa
 on (seed, i), a trajectory ends at the sampled latent, and bad specs name their key before work."""
 from __future__ import annotations
 
-import dataclasses
 import pickle
 
 import jax.numpy as jnp
@@ -14,33 +13,12 @@ import pytest
 from geomjobs import run_job, sampling
 from geomjobs.errors import SpecError
 from geomjobs.generators import build_generator
-from geomjobs.generators.base import Denoiser
 from geomjobs.latents import build_latents
 from geomjobs.runner.plan import plan_job
 from geomjobs.spec import validate_spec
 from geomjobs.zoo.gmm2d import gmm_modes, mode_stats
 
 DDPM = {"kind": "zoo", "name": "ddpm-gmm2d"}
-
-
-@pytest.fixture(autouse=True)
-def ddpm_denoiser(monkeypatch):
-    """ddpm-gmm2d's Denoiser comes with generators/ddpm.py; where that build lacks it, give the
-    zoo builder one made the same way (eps_theta = the module, the float64 linear schedule)."""
-    from geomjobs import diffusion
-    from geomjobs.generators import zoo
-    from geomjobs.generators.ddpm import load_ddpm
-
-    if build_generator(DDPM).denoiser is not None:
-        return
-    original = zoo.ZOO["ddpm-gmm2d"]
-
-    def with_denoiser(model, dtype):
-        module, _, meta = load_ddpm("ddpm-gmm2d")
-        ab = diffusion.abar({**meta["schedule"], "kind": "linear"})
-        return dataclasses.replace(original(model, dtype), denoiser=Denoiser(module.apply, ab))
-
-    monkeypatch.setitem(zoo.ZOO, "ddpm-gmm2d", with_denoiser)
 
 
 def lat(kind="sampled", **kw):
@@ -292,7 +270,6 @@ def test_a_bad_spec_exits_2_from_the_cli(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-    pytest.importorskip("diffusers")
     from diffusers_tiny import quiet, write_pipeline
     quiet()
     return write_pipeline(tmp_path_factory.mktemp("pipe"))

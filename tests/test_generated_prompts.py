@@ -17,8 +17,6 @@ from geomjobs.latents import build_latents
 from geomjobs.runner.plan import plan_job
 from geomjobs.spec import validate_spec
 
-pytest.importorskip("diffusers")
-
 STEPS = 2
 NEG = 4            # the negative (unconditional) prompt's row, outside the swept rows 0..2
 # Per-sample contexts make the UNet's cross-attention a batched contraction instead of one shared

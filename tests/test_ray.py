@@ -115,7 +115,7 @@ print(json.dumps({{"devices": e.num_devices, "batch": e.batch_size, "compiled": 
 def test_cluster_and_embedded_give_the_records_of_local_mode(cluster, tmp_path, monkeypatch):
     w = write_mlp(tmp_path)
     spec = mlp_spec(w, count=60, shard_size=10, batch_size=8, local_scaling={"mode": "projection", "k": 5},
-                    local_rank={}, local_complexity={"directions": 3, "radius": 1e-3})
+                    local_rank={}, local_complexity={"directions": 3, "radius": 0.3})
     path = write_spec(tmp_path, spec)
     # local reference: the in-process driver, in a fresh process as a user runs it
     cli("run", path, "--out", str(tmp_path / "local"), "-q", env={"GEOMJOBS_LOCAL_MODE": "process"}, check=True)
@@ -133,6 +133,9 @@ def test_cluster_and_embedded_give_the_records_of_local_mode(cluster, tmp_path, 
     assert emb.ok and emb.computed_shards == 6
     assert drivers() == n_drivers
     local = read_sorted(tmp_path / "local")[RECORD_COLUMNS]
+    # delta is compared below only where it is not zero everywhere: at r = 0.3 on this MLP most
+    # records have neurons that change sign (at r = 1e-3, 1 record in 60 had one)
+    assert (local.local_complexity > 0).sum() >= 45, local.local_complexity.tolist()
     for other in ("cluster", "embedded"):
         df = read_sorted(tmp_path / other)
         pd.testing.assert_frame_equal(df[RECORD_COLUMNS], local, check_exact=True)
@@ -189,7 +192,7 @@ def test_driver_killed_mid_job_then_resume_finishes_every_sample_once(cluster, t
         assert time.time() - t0 < 120
         time.sleep(0.05)
     driver.send_signal(signal.SIGKILL)
-    driver.wait()
+    driver.wait(timeout=60)
     # Ray stops the dead driver's workers; a shard one of them was writing may still land
     stable, last, t0 = 0, None, time.time()
     while stable < 8:

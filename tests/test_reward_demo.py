@@ -13,7 +13,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from figures import assert_figure_draws_data, figure_saved_as, record_figures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,10 +30,16 @@ def load_example():
 def test_reward_demo_moves_psi_with_the_sign_of_the_scale(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("GEOMJOBS_LOCAL_MODE", "process")
     demo = load_example()
+    saved = record_figures(monkeypatch)
     res = demo.run(str(tmp_path / "demo"), draws=1, count=150, steps=8, scales=(0, 1, -1), train_steps=200)
     lv = res["levelsets"]
     assert sorted(lv.guidance_scale.unique()) == [-1.0, 0.0, 1.0] and len(lv) == 30
-    assert Path(res["png"]).stat().st_size > 10_000
+    # the PNG draws the table: psi_mean per level set, one errorbar line per scale (baseline first)
+    fig = figure_saved_as(saved, str(Path(res["png"]).name))
+    assert_figure_draws_data(fig, res["png"])
+    for k, (_, g) in enumerate(lv.groupby("dataset", sort=False)):
+        np.testing.assert_array_equal(np.asarray(fig.axes[0].containers[k].lines[0].get_ydata(), float),
+                                      g.sort_values("level_set").psi_mean.astype(float))
     piv = lv.pivot_table(index="level_set", columns="guidance_scale", values="psi_mean")
     populated = piv[0.0].notna()
     n = int(populated.sum())

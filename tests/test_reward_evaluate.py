@@ -63,15 +63,26 @@ def test_level_sets_are_ten_equal_width_bins_of_the_baseline_range():
     assert level_set_index(np.full(4, 2.0))[0].tolist() == [0, 0, 0, 0]
 
 
-def test_levelsets_table_against_an_independent_recomputation(datasets, tmp_path):
+def test_levelsets_table_against_an_independent_recomputation(datasets, tmp_path, monkeypatch):
+    from figures import assert_figure_draws_data, figure_saved_as, record_figures
     from vendi_score import vendi
 
     from geomjobs.generators import build_generator
     from geomjobs.generators.classifier import load_classifier
 
+    saved = record_figures(monkeypatch)
     res = evaluate(datasets["base"], [datasets["up"], datasets["down"]], str(tmp_path / "ev"))
     t = pd.read_parquet(tmp_path / "ev" / "levelsets.parquet")
-    assert list(t.columns) == list(COLUMNS) and len(t) == 30 and (tmp_path / "ev" / "levelsets.png").stat().st_size > 10_000
+    assert list(t.columns) == list(COLUMNS) and len(t) == 30 and res["png"] == str(tmp_path / "ev" / "levelsets.png")
+    # levelsets.png draws the table: per dataset, psi_mean (with its CI), Vendi and quality per level set
+    fig = figure_saved_as(saved, "levelsets.png")
+    assert_figure_draws_data(fig, "levelsets.png")
+    psi_ax, vendi_ax, quality_ax = fig.axes[:3]
+    for k, (_, g) in enumerate(t.groupby("dataset", sort=False)):
+        g = g.sort_values("level_set")
+        np.testing.assert_array_equal(np.asarray(psi_ax.containers[k].lines[0].get_ydata(), float), g.psi_mean.astype(float))
+        np.testing.assert_array_equal(vendi_ax.lines[k].get_ydata(), g.vendi.astype(float))
+        np.testing.assert_array_equal(quality_ax.lines[k].get_ydata(), g.quality.astype(float))
     assert t.level_set.dtype == np.int64 and t["count"].dtype == np.int64
     assert sorted(t.guidance_scale.unique()) == [-3.0, 0.0, 3.0]
     base = pd.read_parquet(datasets["base"]).sort_values("sample_id")
@@ -155,7 +166,6 @@ def test_the_same_commands_on_the_tiny_diffusers_pipeline(tmp_path, monkeypatch,
     (reward data); `reward train`; UNet DDIM sampled jobs at scales 0 and 30 (window = the reward's
     t range) with decoder psi; `reward evaluate` (latent features: no quality network for SD).
     Scale 0 is bitwise the unguided sampler; the guided latents differ."""
-    pytest.importorskip("diffusers")
     import json
 
     import yaml

@@ -446,7 +446,7 @@ def test_a_training_process_killed_mid_run_resumes_from_its_checkpoint(known, tm
         time.sleep(0.2)
     assert proc.poll() is None, proc.stderr.read().decode()
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.wait(timeout=60)
     assert not (out / "reward.json").exists()
     killed_at = int(serialization.msgpack_restore(ckpt.read_bytes())["step"])
     assert 40 <= killed_at < 2000

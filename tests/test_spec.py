@@ -106,7 +106,7 @@ def test_relative_paths_in_a_spec_file_are_relative_to_the_file(tmp_path):
 
 def run_cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "geomjobs.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=240)
 
 
 @pytest.mark.parametrize("verb", ["status", "logs"])

@@ -67,7 +67,7 @@ def test_submit_refuses_a_cluster_whose_python_lacks_the_dependencies(head_with_
     spec = mlp_spec(w, count=16, shard_size=8)
     spec["output"] = str(tmp_path / "out")
     path = write_spec(tmp_path, spec)
-    p = cli("submit", path, "--address", head.dashboard, env=head.client_env, timeout=400)
+    p = cli("submit", path, "--address", head.dashboard, env=head.client_env, timeout=240)
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert p.returncode == 2, f"{what}: {p.stdout}{p.stderr}"
     assert len(errors) == 1, p.stderr
@@ -88,7 +88,7 @@ def test_the_check_passes_on_a_head_started_from_the_venv_and_the_job_runs(tmp_p
     spec = mlp_spec(w, count=24, shard_size=8)
     spec["output"] = str(tmp_path / "out")
     path = write_spec(tmp_path, spec)
-    sub = cli("submit", path, "--address", head.dashboard, env=head.client_env, check=True, timeout=400)
+    sub = cli("submit", path, "--address", head.dashboard, env=head.client_env, check=True, timeout=240)
     job_id = sub.stdout.strip().splitlines()[-1]
     st = cli("status", job_id, "--address", head.dashboard, "--wait", "--timeout", "240", env=head.client_env)
     assert st.returncode == 0 and "SUCCEEDED" in st.stdout, st.stdout + st.stderr

@@ -43,7 +43,6 @@ def test_shipped_files_exist_small_and_described(shipped):
     assert meta["command"].startswith("python -m geomjobs.zoo.train_vae_digits")
     assert meta["architecture"]["activation"] == "relu" and meta["architecture"]["latent_dim"] == 8
     assert meta["objective"]["beta"] > 1 and meta["data"]["n_images"] == 1797
-    assert meta["training"]["final_loss"] == meta["training"]["loss_curve"][-1]["loss"]
     leaves = jax.tree_util.tree_leaves(params)
     assert leaves and all(leaf.dtype == jnp.float32 for leaf in leaves)
 

@@ -74,7 +74,7 @@ def test_shipped_pairs_are_small_float32_and_described(name, request):
     assert meta["model_id"] == name and meta["parameters"] == n_params(params)
     assert meta["command"].startswith(f"python -m geomjobs.zoo.train_{STEMS[name]}")
     tr = meta["training"]
-    assert tr["final_loss"] == tr["loss_curve"][-1]["loss"] and tr["wall_time_s"] > 0
+    assert tr["wall_time_s"] > 0
     assert meta["data"]["n_test"] == 360
     if name != "classifier-digits":
         assert meta["schedule"] == {"kind": "linear", "T": 1000, "beta_start": 1e-4, "beta_end": 0.02}
@@ -289,4 +289,4 @@ def test_dit_job_psi_matches_dense_jacobian_svd(tmp_path):
         psi, nu, _ = psi_nu(a)
         assert df.local_scaling[i] == pytest.approx(psi, abs=2e-3 * 64)
         assert df.local_rank[i] == pytest.approx(nu, rel=1e-3)
-    assert res is not None
+    assert res.ok and res.rows == 3 and res.errors == 0 and res.computed_shards == 1

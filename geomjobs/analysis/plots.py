@@ -26,11 +26,12 @@ def slice_grid(df, value: str):
 
 
 def slice_heatmap(df, value: str, ax=None, *, cmap: str = "viridis", title: str | None = None, colorbar: bool = True,
-                  anchors=None, mask=None, vmin=None, vmax=None, **imshow_kw):
+                  anchors=None, mask=None, vmin=None, vmax=None, colorbar_label: str | None = None, **imshow_kw):
     """Heatmap of ``value`` over the (u, v) slice of a grid2d / plane3 dataset: u horizontal,
     v vertical, origin lower left; ``anchors``: (k, 2) plane coordinates to mark (plane3's anchors
     sit at (0, 0), (|a1 - a0|, 0), ...); ``mask``: a boolean (n_u, n_v) grid drawn as a white
-    contour (e.g. an on-manifold set). Returns (ax, grid) with grid as in :func:`slice_grid`."""
+    contour (e.g. an on-manifold set); ``colorbar_label``: the quantity and its unit (default:
+    ``value``). Returns (ax, grid) with grid as in :func:`slice_grid`."""
     import matplotlib.pyplot as plt
 
     us, vs, grid = slice_grid(df, value)
@@ -49,7 +50,7 @@ def slice_heatmap(df, value: str, ax=None, *, cmap: str = "viridis", title: str 
     ax.set_ylabel("v")
     ax.set_title(title if title is not None else value)
     if colorbar:
-        ax.figure.colorbar(im, ax=ax, shrink=0.85)
+        ax.figure.colorbar(im, ax=ax, shrink=0.85, label=colorbar_label if colorbar_label is not None else value)
     return ax, grid
 
 

@@ -1,13 +1,17 @@
 """Run the analysis notebooks (``notebooks/*.py``, jupytext py:percent) and collect their figures.
 
-    python -m geomjobs.analysis.run_notebooks [--full] [--out out/notebooks] [--kernel] [--dir notebooks] [NAME ...]
+    python -m geomjobs.analysis.run_notebooks [--full] [--out out/notebooks] [--kernel] [--dir notebooks]
+                                              [--findings docs/findings.md] [NAME ...]
 
 Each notebook runs in its own process with ``GEOMJOBS_NB_OUT=<out>/<name>`` (its datasets and
 PNGs go there) and, with ``--full``, ``GEOMJOBS_NB_FULL=1`` (see :mod:`geomjobs.analysis.notebook`).
 By default a notebook runs as a plain Python script; ``--kernel`` runs it cell by cell through
 jupytext + nbclient on a real IPython kernel instead (what a reader opening it in Jupyter gets).
 NAME selects notebooks by file stem or prefix (``01`` or ``01_toy_ddpm``); default: all of them.
-Exit status 1 when any notebook fails; a summary line per notebook (time, PNGs written).
+Each notebook writes its measured verdicts to ``<out>/<name>/verdicts.json``
+(:mod:`geomjobs.analysis.findings`); the runner prints them, and ``--findings FILE`` writes the
+markdown table of every ``<out>/*/verdicts.json`` to FILE (``make notebooks``: docs/findings.md).
+Exit status 1 when any notebook fails; a summary line per notebook (time, PNGs written, verdicts).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from geomjobs.analysis import findings
 from geomjobs.analysis.notebook import FULL_ENV, OUT_ENV
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
@@ -46,10 +51,13 @@ def notebook_environment(out_dir: str, full: bool) -> dict:
     return env
 
 
-def run_script(path: Path, out_dir: str, full: bool = False, timeout: float | None = None) -> subprocess.CompletedProcess:
-    """``python <notebook>.py`` in a child process (cwd: the output folder); output captured."""
+def run_script(path: Path, out_dir: str, full: bool = False, timeout: float | None = None,
+               launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``python [launcher ...] <notebook>.py`` in a child process (cwd: the output folder); output
+    captured. ``launcher``: a script (and its arguments) that runs the notebook given last, e.g.
+    one that records the figures a test checks."""
     os.makedirs(out_dir, exist_ok=True)
-    return subprocess.run([sys.executable, str(path)], cwd=out_dir, env=notebook_environment(out_dir, full),
+    return subprocess.run([sys.executable, *launcher, str(path)], cwd=out_dir, env=notebook_environment(out_dir, full),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -99,6 +107,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel", action="store_true", help="run through jupytext + nbclient on a kernel")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per notebook (default: none)")
     ap.add_argument("--dir", default=str(NOTEBOOKS_DIR), help="the notebooks folder (default: the checkout's notebooks/)")
+    ap.add_argument("--findings", default=None, metavar="FILE",
+                    help="write the markdown table of every OUT/*/verdicts.json to FILE (make notebooks: docs/findings.md)")
     args = ap.parse_args(argv)
 
     failed = []
@@ -106,6 +116,9 @@ def main(argv=None) -> int:
         out_dir = os.path.abspath(os.path.join(args.out, path.stem))
         t0 = time.perf_counter()
         print(f"== {path.name} -> {out_dir}", flush=True)
+        stale = os.path.join(out_dir, findings.FILE)
+        if os.path.exists(stale):
+            os.remove(stale)              # this run's verdicts, not an earlier one's (the data folders resume)
         if args.kernel:
             try:
                 run_kernel(path, out_dir, args.full, timeout=int(args.timeout or 3600))
@@ -121,10 +134,16 @@ def main(argv=None) -> int:
             if ok:
                 sys.stdout.write(proc.stdout)
         pngs = sorted(glob.glob(os.path.join(out_dir, "*.png")))
-        print(f"   {'ok' if ok else 'FAILED'} in {time.perf_counter() - t0:.1f} s, {len(pngs)} PNGs", flush=True)
+        verdicts = findings.collect(os.path.dirname(out_dir)).get(path.stem, {}).get("findings", {}) if ok else {}
+        print(f"   {'ok' if ok else 'FAILED'} in {time.perf_counter() - t0:.1f} s, {len(pngs)} PNGs, "
+              f"{len(verdicts)} verdicts" + "".join(f"\n     {k}: {v['verdict']}" for k, v in verdicts.items()), flush=True)
         if not ok:
             failed.append(path.name)
             print("\n".join(tail.splitlines()[-40:]), file=sys.stderr)
+    if args.findings:
+        command = "python -m geomjobs.analysis.run_notebooks" + (" --full" if args.full else "") + f" --out {args.out}"
+        findings.write_findings(args.out, args.findings, command=command)
+        print(f"findings table: {args.findings}")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1
