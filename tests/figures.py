@@ -125,7 +125,9 @@ def record_figures(monkeypatch) -> list[tuple[str, object]]:
     original = Figure.savefig
 
     def savefig(self, fname, *args, **kwargs):
-        saved.append((os.fspath(fname) if isinstance(fname, (str, os.PathLike)) else repr(fname), self))
+        # save_png renders into a BytesIO named after its destination
+        path = os.fspath(fname) if isinstance(fname, (str, os.PathLike)) else getattr(fname, "name", repr(fname))
+        saved.append((path, self))
         return original(self, fname, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", savefig)

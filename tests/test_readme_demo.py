@@ -28,21 +28,26 @@ def check_png(path) -> None:
         assert im.format == "PNG" and min(im.size) > 50, im.size
 
 
-def readme_blocks(lang):
-    return re.findall(rf"```{lang}\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+def readme_blocks(lang, pages=("README.md",)):
+    """The ``lang`` code blocks of the README (or of other pages: ``docs/*.md``), in order."""
+    return [b for page in pages for b in re.findall(rf"```{lang}\n(.*?)```", (ROOT / page).read_text(), re.S)]
+
+
+DOC_PAGES = ("README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")))
 
 
 def test_readme_spec_is_the_shipped_example():
     assert readme_blocks("yaml")[0] == (ROOT / "examples" / "quickstart.yaml").read_text()
 
 
-# a README block that shows only a `latents` section is checked inside this job spec
-FRAGMENT_BASE = {"model": {"kind": "zoo", "name": "vae-digits"}, "descriptors": {"local_scaling": {}}, "output": "out/x"}
+# a block that shows only a `latents` or `model` section is checked inside this job spec
+FRAGMENT_BASE = {"model": {"kind": "zoo", "name": "vae-digits"}, "latents": {"kind": "gaussian", "count": 1, "shape": [8]},
+                 "descriptors": {"local_scaling": {}}, "output": "out/x"}
 
 
 def test_every_readme_spec_passes_the_schema():
-    """The README's other specs (the Stable Diffusion recipe, guidance and prompt sections, fisher
-    specs and families) name keys that exist: job specs through the job schema, `latents`-only
+    """The README's and docs' other specs (the Stable Diffusion recipe, guidance and prompt sections,
+    fisher specs and families, your own models) name keys that exist: job specs through the job schema, `latents`-only
     fragments inside a minimal job spec, fisher specs through the fisher validator and a bare
     `family` through the family builder."""
     import yaml
@@ -51,7 +56,7 @@ def test_every_readme_spec_passes_the_schema():
     from geomjobs.fisher.job import validate_fisher_spec
     from geomjobs.spec import validate_spec
 
-    docs = [d for block in readme_blocks("yaml") for d in yaml.safe_load_all(block)]
+    docs = [d for block in readme_blocks("yaml", DOC_PAGES) for d in yaml.safe_load_all(block)]
     kinds = []
     for doc in docs:
         if set(doc) == {"family"}:
@@ -60,7 +65,7 @@ def test_every_readme_spec_passes_the_schema():
         elif "family" in doc:
             validate_fisher_spec(doc)
             kinds.append("fisher")
-        elif set(doc) == {"latents"}:
+        elif set(doc) <= {"latents", "model"}:
             validate_spec({**FRAGMENT_BASE, **doc})
             kinds.append("fragment")
         else:

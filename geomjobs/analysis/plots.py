@@ -102,6 +102,7 @@ def save_png(fig, uri: str, dpi: int = 110) -> str:
     from geomjobs.sink.fs import filesystem, is_local
 
     buf = io.BytesIO()
+    buf.name = str(uri)          # what the figure is saved as, for anything that watches savefig
     try:
         fig.savefig(buf, format="png", dpi=dpi)
     finally:

@@ -39,9 +39,14 @@ from typing import Any
 
 import numpy as np
 
+from geomjobs.analysis.plots import save_png
 from geomjobs.analysis.stats import level_set_index
 from geomjobs.errors import SpecError
+from geomjobs.generators import build_generator
+from geomjobs.generators.classifier import from_signed, load_classifier
 from geomjobs.metrics import frechet_distance, vendi_score
+from geomjobs.sink.dataset import Dataset
+from geomjobs.zoo.digits import digits_images, digits_split
 
 N_LEVEL_SETS = 10
 Z95 = 1.959963984540054            # the normal 97.5 % quantile
@@ -58,7 +63,6 @@ PAIRED_KEYS = ("kind", "model", "sampler", "seed", "count")
 
 def _load(uri: str) -> dict[str, Any]:
     """{uri, spec, table (pandas, sorted by sample_id)} of a geomjobs dataset, or SpecError(uri)."""
-    from geomjobs.sink.dataset import Dataset
 
     ds = Dataset(uri)
     if not ds.exists():
@@ -112,14 +116,12 @@ class _Scorer:
     @property
     def clf(self):
         if self._clf is None:
-            from geomjobs.generators.classifier import load_classifier
 
             self._clf = load_classifier()
         return self._clf
 
     def heldout_features(self) -> np.ndarray:
         if self._held is None:
-            from geomjobs.zoo.digits import digits_images, digits_split
 
             _, held = digits_split()
             self._held = self.clf.features(digits_images()[held])
@@ -133,14 +135,12 @@ class _Scorer:
             import jax
 
             if self._vae is None:
-                from geomjobs.generators import build_generator
 
                 dec = build_generator({"kind": "zoo", "name": "vae-digits"})
                 self._vae = (jax.jit(jax.vmap(lambda v: dec.apply(dec.params, v))), dec.params)
             out = np.asarray(self._vae[0](z.reshape(len(z), 8).astype(np.float32)))
             return np.clip(out.reshape(len(z), 8, 8), 0.0, 1.0)
         if name == "dit-digits":
-            from geomjobs.generators.classifier import from_signed
 
             return from_signed(z.reshape(len(z), 8, 8))
         return None
@@ -220,7 +220,6 @@ def plot(levels, png: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from geomjobs.analysis.plots import save_png
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for (uri, scale), g in levels.groupby(["dataset", "guidance_scale"], sort=False):

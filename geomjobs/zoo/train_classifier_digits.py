@@ -22,6 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from geomjobs.generators.classifier import Classifier, DigitsMLP, init_params, module_config, save_classifier
+from geomjobs.zoo.digits import digits_images, digits_split
+from geomjobs.zoo.training import card_common, run_steps
+
 DEFAULT_STEPS = 4000
 DEFAULT_OUT = Path(__file__).resolve().parent / "classifier_digits"
 DATA = {"kind": "sklearn-digits", "loader": "sklearn.datasets.load_digits", "n_images": 1797,
@@ -47,9 +51,6 @@ def train(steps: int, seed: int, batch: int, lr: float, weight_decay: float, noi
     import optax
     from sklearn.datasets import load_digits
 
-    from geomjobs.generators.classifier import DigitsMLP, init_params
-    from geomjobs.zoo.digits import digits_images, digits_split
-    from geomjobs.zoo.training import run_steps
 
     images, labels = digits_images(), np.asarray(load_digits().target, np.int32)
     train_idx, test_idx = digits_split(DATA)
@@ -120,8 +121,6 @@ def main(argv=None) -> int:
 
     import sklearn
 
-    from geomjobs.generators.classifier import Classifier, module_config, save_classifier
-    from geomjobs.zoo.training import card_common
 
     module, params, curve, wall, data = train(args.steps, args.seed, args.batch, args.lr, args.weight_decay, args.noise,
                                               args.outlier_weight, max(args.log_every, 1))

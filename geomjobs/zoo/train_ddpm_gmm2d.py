@@ -29,6 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+from geomjobs import diffusion
+from geomjobs.generators.ddpm import EpsMLP, save_ddpm
+from geomjobs.zoo.gmm2d import gmm_data
+
 DEFAULT_STEPS = 12000
 DEFAULT_OUT = Path(__file__).resolve().parent / "ddpm_gmm2d"
 
@@ -52,9 +56,6 @@ def train(steps: int, seed: int, batch: int, lr: float, log_every: int, log=prin
     import jax.numpy as jnp
     import optax
 
-    from geomjobs import diffusion
-    from geomjobs.generators.ddpm import EpsMLP
-    from geomjobs.zoo.gmm2d import gmm_data
 
     data = jnp.asarray(gmm_data(DATA["n_points"], DATA["data_seed"], DATA["n_modes"], DATA["radius"], DATA["std"]))
     T = SCHEDULE["T"]
@@ -117,7 +118,6 @@ def main(argv=None) -> int:
     import jax
     import optax
 
-    from geomjobs.generators.ddpm import save_ddpm
 
     module, params, curve = train(args.steps, args.seed, args.batch, args.lr, max(args.log_every, 1))
     meta = {

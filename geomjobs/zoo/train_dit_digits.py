@@ -26,7 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+from geomjobs import diffusion
+from geomjobs.generators.base import Denoiser
+from geomjobs.generators.classifier import from_signed, load_classifier
+from geomjobs.generators.dit import DiT, init_params, load_dit, save_dit
+from geomjobs.zoo.digits import digits_images, digits_split
+from geomjobs.zoo.quality import data_reference, ddim_samples, sample_figures
 from geomjobs.zoo.train_classifier_digits import DATA, out_stem
+from geomjobs.zoo.training import card_common, diffusion_cli, diffusion_step, parse_cli, run_steps
 
 DEFAULT_STEPS = 3600
 DEFAULT_OUT = Path(__file__).resolve().parent / "dit_digits"
@@ -38,7 +45,6 @@ DATA_SCALE = "x / 16 * 2 - 1 (pixels in [-1, 1]); samples are mapped back by (x 
 
 def digits_pm1():
     """(train, held-out) digits in [-1, 1], (n, 8, 8) float32."""
-    from geomjobs.zoo.digits import digits_images, digits_split
 
     images = digits_images()
     tr, te = digits_split(DATA)
@@ -50,9 +56,6 @@ def train(steps: int, seed: int, batch: int, lr: float, warmup: int, ema: float,
     import jax.numpy as jnp
     import optax
 
-    from geomjobs import diffusion
-    from geomjobs.generators.dit import DiT, init_params
-    from geomjobs.zoo.training import diffusion_step, run_steps
 
     data = jnp.asarray(digits_pm1()[0])
     abar = diffusion.abar(SCHEDULE)
@@ -77,10 +80,6 @@ def train(steps: int, seed: int, batch: int, lr: float, warmup: int, ema: float,
 
 def measure_quality(module, params, meta: dict, counts, seed: int, steps: int) -> dict:
     """The card's ``quality`` section: DDIM samples of the DiT scored against the held-out digits."""
-    from geomjobs import diffusion
-    from geomjobs.generators.base import Denoiser
-    from geomjobs.generators.classifier import from_signed, load_classifier
-    from geomjobs.zoo.quality import data_reference, ddim_samples, sample_figures
 
     clf = load_classifier()
     train_x, held_x = (from_signed(a) for a in digits_pm1())
@@ -95,7 +94,6 @@ def measure_quality(module, params, meta: dict, counts, seed: int, steps: int) -
 
 
 def main(argv=None) -> int:
-    from geomjobs.zoo.training import diffusion_cli, parse_cli
 
     ap = diffusion_cli("geomjobs.zoo.train_dit_digits", __doc__, {
         "steps": DEFAULT_STEPS, "out": "geomjobs/zoo/dit_digits", "batch": 128, "log_every": 250,
@@ -103,8 +101,6 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=200, help="linear warm-up steps (default 200)")
     args, args_list = parse_cli(ap, argv)
 
-    from geomjobs.generators.dit import load_dit, save_dit
-    from geomjobs.zoo.training import card_common
 
     stem = out_stem(args.out, DEFAULT_OUT)
     if args.rescore:

@@ -28,8 +28,18 @@ from pathlib import Path
 
 import numpy as np
 
+from geomjobs import diffusion
+from geomjobs.generators.base import Denoiser
+from geomjobs.generators.checkpoint import save_pair
+from geomjobs.generators.classifier import load_classifier
+from geomjobs.generators.ddpm import EpsMLP, module_config
+from geomjobs.generators.ldm import init_params, load_ldm
+from geomjobs.generators.vae import BetaVAE, load_vae
+from geomjobs.zoo.digits import digits_images, digits_split
+from geomjobs.zoo.quality import data_reference, ddim_samples, image_quality, sample_figures
 from geomjobs.zoo.train_classifier_digits import DATA, out_stem
 from geomjobs.zoo.train_dit_digits import SAMPLER
+from geomjobs.zoo.training import card_common, diffusion_cli, diffusion_step, parse_cli, run_steps
 
 DEFAULT_STEPS = 20000
 DEFAULT_OUT = Path(__file__).resolve().parent / "ldm_digits"
@@ -41,8 +51,6 @@ def digit_latents():
     """(train latents (1437, 8), the VAE module and params, train images, held-out images) in [0, 1]."""
     import jax.numpy as jnp
 
-    from geomjobs.generators.vae import BetaVAE, load_vae
-    from geomjobs.zoo.digits import digits_images, digits_split
 
     vae, vparams, _ = load_vae("vae-digits")
     images = digits_images()
@@ -56,10 +64,6 @@ def train(steps: int, seed: int, batch: int, lr: float, ema: float, log_every: i
     import jax.numpy as jnp
     import optax
 
-    from geomjobs import diffusion
-    from geomjobs.generators.ddpm import EpsMLP
-    from geomjobs.generators.ldm import init_params
-    from geomjobs.zoo.training import diffusion_step, run_steps
 
     z, *_ = digit_latents()
     data = jnp.asarray(z)
@@ -86,11 +90,6 @@ def measure_quality(module, params, meta: dict, counts, seed: int, steps: int) -
     import jax
     import jax.numpy as jnp
 
-    from geomjobs import diffusion
-    from geomjobs.generators.base import Denoiser
-    from geomjobs.generators.classifier import load_classifier
-    from geomjobs.generators.vae import BetaVAE
-    from geomjobs.zoo.quality import data_reference, ddim_samples, image_quality, sample_figures
 
     clf = load_classifier()
     _, (vae, vparams), train_x, held_x = digit_latents()
@@ -113,17 +112,12 @@ def measure_quality(module, params, meta: dict, counts, seed: int, steps: int) -
 
 
 def main(argv=None) -> int:
-    from geomjobs.zoo.training import diffusion_cli, parse_cli
 
     ap = diffusion_cli("geomjobs.zoo.train_ldm_digits", __doc__, {
         "steps": DEFAULT_STEPS, "out": "geomjobs/zoo/ldm_digits", "batch": 256, "log_every": 1000,
         "lr_help": "peak Adam learning rate, cosine-decayed to 2%% (default 1e-3)"})
     args, args_list = parse_cli(ap, argv)
 
-    from geomjobs.generators.checkpoint import save_pair
-    from geomjobs.generators.ddpm import module_config
-    from geomjobs.generators.ldm import load_ldm
-    from geomjobs.zoo.training import card_common
 
     stem = out_stem(args.out, DEFAULT_OUT)
     if args.rescore:

@@ -29,10 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
+from geomjobs import diffusion
+from geomjobs.generators.base import Denoiser
+from geomjobs.generators.checkpoint import save_pair
+from geomjobs.generators.ddpm import EpsMLP, module_config
+from geomjobs.generators.ldm import init_params, load_ldm
 from geomjobs.zoo.digits import digits_split
+from geomjobs.zoo.quality import ddim_samples
 from geomjobs.zoo.train_classifier_digits import DATA, out_stem
 from geomjobs.zoo.train_dit_digits import SAMPLER
 from geomjobs.zoo.train_ldm_digits import ARCH, SCHEDULE, digit_latents
+from geomjobs.zoo.training import card_common, diffusion_cli, diffusion_step, parse_cli, run_steps
 
 DEFAULT_STEPS = 12000
 DEFAULT_OUT = Path(__file__).resolve().parent / "memo_digits"
@@ -72,10 +79,6 @@ def train(steps: int, seed: int, batch: int, lr: float, ema: float, log_every: i
     import jax.numpy as jnp
     import optax
 
-    from geomjobs import diffusion
-    from geomjobs.generators.ddpm import EpsMLP
-    from geomjobs.generators.ldm import init_params
-    from geomjobs.zoo.training import diffusion_step, run_steps
 
     z, *_ = digit_latents()
     dup = duplicated_indices(len(z), duplicated, seed)
@@ -100,9 +103,6 @@ def train(steps: int, seed: int, batch: int, lr: float, ema: float, log_every: i
 
 def sample_latents(module, params, meta: dict, n: int, seed: int, steps: int) -> np.ndarray:
     """Samples 0..n-1 of a card's model by deterministic DDIM (:func:`geomjobs.zoo.quality.ddim_samples`)."""
-    from geomjobs import diffusion
-    from geomjobs.generators.base import Denoiser
-    from geomjobs.zoo.quality import ddim_samples
 
     den = Denoiser(eps=lambda p, z, t: module.apply(p, z, t), abar=diffusion.abar(meta["schedule"]))
     return ddim_samples(den, params, seed, n, (module.data_dim,), steps)
@@ -123,7 +123,6 @@ def memo_figures(samples: np.ndarray, train_z: np.ndarray, dup: np.ndarray) -> d
 
 def measure_memorization(module, params, meta: dict, counts, seed: int, steps: int) -> dict:
     """The card's ``memorization`` section (see the module docstring), control included."""
-    from geomjobs.generators.ldm import load_ldm
 
     train_z, *_ = digit_latents()
     dup = np.asarray(meta["duplication"]["indices"], np.int64)
@@ -139,7 +138,6 @@ def measure_memorization(module, params, meta: dict, counts, seed: int, steps: i
 
 
 def main(argv=None) -> int:
-    from geomjobs.zoo.training import diffusion_cli, parse_cli
 
     ap = diffusion_cli("geomjobs.zoo.train_memo_digits", __doc__, {
         "steps": DEFAULT_STEPS, "out": "geomjobs/zoo/memo_digits", "batch": 256, "log_every": 1000,
@@ -150,10 +148,6 @@ def main(argv=None) -> int:
     if not 1 <= args.duplicated <= 1437 or args.copies < 0:
         ap.error("--duplicated must be in 1..1437 and --copies >= 0")
 
-    from geomjobs.generators.checkpoint import save_pair
-    from geomjobs.generators.ddpm import module_config
-    from geomjobs.generators.ldm import load_ldm
-    from geomjobs.zoo.training import card_common
 
     stem = out_stem(args.out, DEFAULT_OUT)
     if args.rescore:

@@ -30,6 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from geomjobs.generators.vae import BetaVAE, init_params, save_vae
+from geomjobs.zoo.digits import digits_images, digits_split, loss_terms, reconstruct
+
 DEFAULT_STEPS = 6000
 DEFAULT_OUT = Path(__file__).resolve().parent / "vae_digits"
 
@@ -53,7 +56,6 @@ def _out_stem(out: str | None) -> Path:
 
 
 def evaluate(module, params, init_params, train_x, test_x) -> dict:
-    from geomjobs.zoo.digits import reconstruct
 
     mse = lambda p, x: float(np.mean((reconstruct(module, p, x) - x) ** 2))  # noqa: E731
     mean_img = train_x.mean(axis=0)
@@ -69,8 +71,6 @@ def train(steps: int, seed: int, batch: int, lr: float, log_every: int, log=prin
     import jax.numpy as jnp
     import optax
 
-    from geomjobs.generators.vae import BetaVAE, init_params
-    from geomjobs.zoo.digits import digits_images, digits_split, loss_terms
 
     images = digits_images()
     train_idx, test_idx = digits_split(DATA)
@@ -132,7 +132,6 @@ def main(argv=None) -> int:
     import optax
     import sklearn
 
-    from geomjobs.generators.vae import save_vae
 
     module, params, params0, curve, train_x, test_x = train(args.steps, args.seed, args.batch, args.lr,
                                                             max(args.log_every, 1))
