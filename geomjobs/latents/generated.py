@@ -65,7 +65,6 @@ from geomjobs.generators.diffusers.prompts import load_prompt_embeddings
 from geomjobs.latents.sources import LatentSource
 from geomjobs.spec import current_model_keys, explain_schema_error, job_schema
 
-SAMPLER_DEFAULTS = {"kind": "ddim", "steps": 50, "eta": 0.0}
 DEFAULT_BATCH = 16
 # the placeholder timestep a diffusers-unet section needs to build; samplers evaluate the model's
 # eps at their own timesteps, so its value does not enter
@@ -238,7 +237,7 @@ def _config(lat: dict) -> tuple[dict, sampling.Sampler, Any, Any]:
     g = lat.get("guidance")
     if g is not None and "window" in g and g["window"][0] > g["window"][1]:
         raise SpecError("latents.guidance.window", f"expected [lo, hi] with lo <= hi, got {g['window']}")
-    cfg = {**SAMPLER_DEFAULTS, **lat.get("sampler", {})}
+    cfg = {**{f.name: f.default for f in dataclasses.fields(sampling.Sampler)}, **lat.get("sampler", {})}   # its defaults
     try:
         sampler = sampling.Sampler(cfg["kind"], cfg["steps"], float(cfg["eta"]))
     except ValueError as e:
