@@ -52,6 +52,7 @@ safetensors = pytest.importorskip("safetensors")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from geomjobs.generators.diffusers import pytorch_weights as ptw  # noqa: E402
+from geomjobs.generators.diffusers import pytorch_write as ptw_write  # noqa: E402
 from geomjobs.generators.diffusers import write_pytorch_folder  # noqa: E402
 from geomjobs.generators.diffusers.folders import load_pretrained, model_folder  # noqa: E402
 
@@ -229,7 +230,7 @@ def test_write_read_round_trips_to_the_dtypes_rounding(pipes, tmp_path, dtype, m
     _, q64 = load(tmp_path / "vae", jnp.float64)
     assert all(np.array_equal(a, got[k]) and a.dtype == np.float64 for k, a in flat(q64).items())
     tensors = load_file(tmp_path / "vae" / ptw.PT_WEIGHTS)
-    ptw.write_safetensors_raw(tensors, str(tmp_path / "raw.safetensors"), {"format": "pt"})
+    ptw_write.write_safetensors_raw(tensors, str(tmp_path / "raw.safetensors"), {"format": "pt"})
     back = load_file(tmp_path / "raw.safetensors")
     assert back.keys() == tensors.keys() and all(np.array_equal(back[k].view(np.uint16), tensors[k].view(np.uint16)) for k in back)
 

@@ -11,7 +11,7 @@ the Flax ones. Nothing is downloaded from a hub. Latents are channels-first ``(C
 diffusers takes them.
 
 - :mod:`.folders`  the diffusers import, model folders, loading, dtypes (:class:`Numerics`), remat
-- :mod:`.pytorch_weights`  PyTorch safetensors folders: the key map, the reader, :func:`write_pytorch_folder`
+- :mod:`.pytorch_weights`  PyTorch safetensors folders: the key map and the reader; :mod:`.pytorch_write`: :func:`write_pytorch_folder`
 - :mod:`.vae`      ``diffusers-vae-decoder``
 - :mod:`.unet`     ``diffusers-unet`` (:func:`unet_output`, :func:`as_prediction`)
 - :mod:`.prompts`  prompt embeddings and classifier-free guidance (:class:`Conditioning`)
@@ -23,7 +23,7 @@ saying so. Importing this package does not import diffusers.
 """
 from geomjobs.generators.diffusers.folders import Numerics, cast_params, local_model_folder, with_remat
 from geomjobs.generators.diffusers.prompts import Conditioning, load_prompt_embeddings
-from geomjobs.generators.diffusers.pytorch_weights import write_pytorch_folder
+from geomjobs.generators.diffusers.pytorch_write import write_pytorch_folder
 from geomjobs.generators.diffusers.random_weights import module_random_params, random_params
 from geomjobs.generators.diffusers.unet import Target, as_prediction, unet_from_module, unet_generator, unet_output
 from geomjobs.generators.diffusers.vae import vae_decoder_from_module, vae_decoder_generator
