@@ -1,5 +1,8 @@
 """The figures of a fisher run: ``fisher.png`` (every family) and ``slice.png`` (diffusion-slice),
-written through :func:`geomjobs.analysis.plots.save_png` (local or gs://)."""
+written through :func:`geomjobs.analysis.plots.save_png` (local or gs://). Each is built by a
+function returning the matplotlib figure (:func:`fisher_plot`, :func:`slice_plot`) so that what it
+draws can be read back from its artists (:func:`drawn`): every colour bar is labelled with its
+quantity and units, every line and marker style has a legend entry."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,10 +19,17 @@ def _pyplot():
     return plt
 
 
-def fisher_figure(uri: str, spec: dict, family, thetas, F, g, exact, geo) -> None:
+def _units(names) -> tuple[str, str]:
+    """Units of F and of the metric's trace for parameters ``names``: F = log Z (or a log-likelihood
+    potential) is in nats; g_ij = E[d_i log p d_j log p] is in 1 / (theta_i theta_j)."""
+    return "nats", f"1/{names[0]}^2, 1/{names[1]}^2"
+
+
+def fisher_plot(spec: dict, family, thetas, F, g, exact, geo):
     """F and the trace of g over the grid, estimate beside the exact reference where one exists
-    (the estimate's F shifted by the affine term that best matches the exact F), geodesics drawn
-    on the trace panels (estimated: white; exact metric: red dashes)."""
+    (the estimate's F shifted by the affine term that best matches the exact F; both trace panels on
+    one colour scale), geodesics on the trace panels (the fitted metric's: white; the exact metric's:
+    red dashes). Returns the figure."""
     from geomjobs.fisher.potential import remove_affine
 
     plt = _pyplot()
@@ -27,38 +37,50 @@ def fisher_figure(uri: str, spec: dict, family, thetas, F, g, exact, geo) -> Non
     lo, hi = spec["grid"]["low"], spec["grid"]["high"]
     ext = [lo[0], hi[0], lo[1], hi[1]]
     names = family.theta_names
+    f_unit, g_unit = _units(names)
     tr = np.trace(g, axis1=1, axis2=2)
-    panels = []
+    tr_label = f"tr g = g_11 + g_22, Fisher information [{g_unit}]"
+    panels = []   # (title, values, colour-bar label, is a trace panel)
     if exact is not None:
         Fa = remove_affine(F, exact["F"], thetas, spec["potential"]["coords"])
-        panels += [("F (fitted, affine-aligned)", Fa, None), ("F exact", exact["F"], None),
-                   ("tr g (fitted)", tr, "est"), ("tr g exact", np.trace(exact["g"], axis1=1, axis2=2), "exact")]
+        panels += [("F (fitted, affine-aligned)", Fa, f"F, log-partition per sample [{f_unit}]", False),
+                   ("F exact", exact["F"], f"exact F [{f_unit}]", False),
+                   ("tr g (fitted)", tr, tr_label, True),
+                   ("tr g exact", np.trace(exact["g"], axis1=1, axis2=2), f"exact {tr_label}", True)]
     else:
-        panels += [("F (fitted)", F, None), ("tr g (fitted)", tr, "est"),
-                   ("det g (fitted)", np.linalg.det(g), "est")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
-    tr_max = np.percentile(np.concatenate([p[1] for p in panels if p[2]]), 99)
-    for ax, (title, v, kind) in zip(axes, panels):
-        kw = {"vmin": 0, "vmax": tr_max} if kind and title.startswith("tr") else {}
+        panels += [("F (fitted)", F, f"F, log-partition per sample [{f_unit}]", False), ("tr g (fitted)", tr, tr_label, True),
+                   ("det g (fitted)", np.linalg.det(g), f"det g [1/({names[0]} {names[1]})^2]", False)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.9))
+    tr_max = np.percentile(np.concatenate([p[1] for p in panels if p[3]]), 99)
+    for ax, (title, v, label, is_trace) in zip(axes, panels):
+        kw = {"vmin": 0, "vmax": tr_max} if is_trace else {}
         im = ax.imshow(np.asarray(v).reshape(R1, R2).T, origin="lower", extent=ext, aspect="auto", cmap="viridis", **kw)
-        fig.colorbar(im, ax=ax, shrink=0.8)
+        fig.colorbar(im, ax=ax, shrink=0.8, label=label)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(names[0])
         ax.set_ylabel(names[1])
-        if kind:
-            for gd in geo:
-                ax.plot(*np.asarray(gd["path"]).T, "w-", lw=1.5)
+        if is_trace and geo:
+            for k, gd in enumerate(geo):
+                ax.plot(*np.asarray(gd["path"]).T, "w-", lw=1.5, label="geodesic of the fitted metric" if k == 0 else "_nolegend_")
                 if gd.get("exact_path") is not None:
-                    ax.plot(*np.asarray(gd["exact_path"]).T, "r--", lw=1.2)
+                    ax.plot(*np.asarray(gd["exact_path"]).T, "r--", lw=1.2,
+                            label="geodesic of the exact metric" if k == 0 else "_nolegend_")
+            ax.legend(loc="upper left", fontsize=7, facecolor="0.55", framealpha=0.9)
     fig.suptitle(f"Fisher metric: {family.kind} ({spec['posterior']['kind']} posterior)", fontsize=11)
     fig.tight_layout()
-    save_png(fig, uri)
+    return fig
 
 
-def slice_figure(uri, spec, thetas, tr, psi, cls, ridge, family) -> None:
-    """log10 tr g and psi side by side; class boundaries of the eta = 0 samples (black) and the metric's
-    ridge points (red) on both; the anchors (white stars)."""
+def fisher_figure(uri: str, spec: dict, family, thetas, F, g, exact, geo) -> None:
+    """``fisher.png``: :func:`fisher_plot` written to ``uri``."""
+    save_png(fisher_plot(spec, family, thetas, F, g, exact, geo), uri)
+
+
+def slice_plot(spec, thetas, tr, psi, cls, ridge, family):
+    """log10 tr g and psi side by side; class boundaries of the eta = 0 samples (black), the metric's
+    ridge points (red) and the anchors (white stars) on both, with a legend. Returns the figure."""
     import matplotlib
+    from matplotlib.collections import LineCollection
 
     plt = _pyplot()
     R1, R2 = spec["grid"]["resolution"]
@@ -72,36 +94,106 @@ def slice_figure(uri, spec, thetas, tr, psi, cls, ridge, family) -> None:
         for j in range(R2):
             if c[i, j] != c[i + 1, j]:
                 x = u[i] + du
-                segs.append(([x, x], [v[j] - dv, v[j] + dv]))
+                segs.append([(x, v[j] - dv), (x, v[j] + dv)])
     for i in range(R1):
         for j in range(R2 - 1):
             if c[i, j] != c[i, j + 1]:
                 y = v[j] + dv
-                segs.append(([u[i] - du, u[i] + du], [y, y]))
+                segs.append([(u[i] - du, y), (u[i] + du, y)])
     anchors_uv = (family.anchors - family.plane.origin) @ family.plane.basis.T
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     ltr = np.where(tr > 0, np.log10(np.where(tr > 0, tr, 1.0)), np.nan)   # tr g <= 0 (a non-convex fit): grey
-    panels = [("log10 tr g (Fisher metric; grey: tr g <= 0)", ltr),
-              ("psi (vae-digits decoder at the eta=0 z_0)", psi)]
+    panels = [("log10 tr g (Fisher metric; grey: tr g <= 0)", ltr, "log10 tr g [tr g in 1/u^2, 1/v^2]"),
+              ("psi (vae-digits decoder at the eta=0 z_0)", psi, "psi = sum_i log s_i of the decoder Jacobian [nats]")]
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.6")
-    for ax, (title, val) in zip(axes, panels):
+    for ax, (title, val, label) in zip(axes, panels):
         val = np.asarray(val, float).reshape(R1, R2)
         if np.isfinite(val).any():
             box = [ext[0] - du, ext[1] + du, ext[2] - dv, ext[3] + dv]
             fin = val[np.isfinite(val)]
             lo_c, hi_c = np.percentile(fin, [2, 98])
             im = ax.imshow(np.ma.masked_invalid(val.T), origin="lower", extent=box, aspect="auto", cmap=cmap, vmin=lo_c, vmax=hi_c)
-            fig.colorbar(im, ax=ax, shrink=0.8)
+            fig.colorbar(im, ax=ax, shrink=0.8, label=label)
         else:
             ax.text(0.5, 0.5, "psi not computed (family.psi: false)", transform=ax.transAxes, ha="center")
-        for xs, ys in segs:
-            ax.plot(xs, ys, "k-", lw=1.2)
+        if segs:
+            ax.add_collection(LineCollection(segs, colors="k", linewidths=1.2, label="class boundary of the eta=0 samples"))
         rp = thetas[ridge]
-        ax.plot(rp[:, 0], rp[:, 1], "r.", ms=4)
-        ax.plot(anchors_uv[:, 0], anchors_uv[:, 1], "w*", ms=9, mec="k")
+        ax.plot(rp[:, 0], rp[:, 1], "r.", ms=4, label="ridge of tr g (local max along u or v)")
+        ax.plot(anchors_uv[:, 0], anchors_uv[:, 1], "w*", ms=9, mec="k", label="anchor noises of the slice")
+        ax.legend(loc="upper left", fontsize=7, framealpha=0.8)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("u")
         ax.set_ylabel("v")
     fig.suptitle(f"{family.model} slice: class boundaries of the eta=0 samples (black), metric ridges (red)", fontsize=10)
     fig.tight_layout()
-    save_png(fig, uri)
+    return fig
+
+
+def slice_figure(uri, spec, thetas, tr, psi, cls, ridge, family) -> None:
+    """``slice.png``: :func:`slice_plot` written to ``uri``."""
+    save_png(slice_plot(spec, thetas, tr, psi, cls, ridge, family), uri)
+
+
+def drawn(fig) -> list[dict]:
+    """What a figure draws, read back from its artists, per axes with data (colour-bar axes are
+    folded into the image they belong to): {"title", "images": [(masked array, colour-bar label)],
+    "lines": [(label, style, x, y)], "collections": [(label, segments)], "legend": [(label, style)]};
+    a style is (colour, line style, marker) as matplotlib resolves them."""
+    from matplotlib.colors import to_hex
+
+    def style(a):
+        return (to_hex(a.get_color()), str(a.get_linestyle()), str(a.get_marker()))
+
+    cbar_axes = {id(im.colorbar.ax) for ax in fig.axes for im in ax.images if im.colorbar is not None}
+    out = []
+    for ax in fig.axes:
+        if id(ax) in cbar_axes:
+            continue
+        leg = ax.get_legend()
+        entries = [] if leg is None else [(t.get_text(), style(h)) for h, t in zip(leg.legend_handles, leg.get_texts())]
+        out.append({"title": ax.get_title(),
+                    "images": [(np.ma.asarray(im.get_array(), float), None if im.colorbar is None else im.colorbar.ax.get_ylabel())
+                               for im in ax.images],
+                    "lines": [(ln.get_label(), style(ln), np.asarray(ln.get_xdata(), float), np.asarray(ln.get_ydata(), float))
+                              for ln in ax.lines],
+                    "collections": [(c.get_label(), [np.asarray(s, float) for s in c.get_segments()])
+                                    for c in ax.collections if hasattr(c, "get_segments")],
+                    "legend": entries})
+    return out
+
+
+def readability_problems(fig) -> list[str]:
+    """What keeps a person from reading ``fig`` without the code, read from its artists (empty when
+    none): an image without a colour bar, or whose colour-bar label names no units ("[...]"); an
+    image whose shown (unmasked) values are not all finite, or are constant; a line whose points are
+    not finite, or a drawn line (not markers alone) whose points are all equal; a line or marker
+    style, or a line collection, with no legend entry."""
+    probs = []
+    for ax in drawn(fig):
+        t = ax["title"] or "untitled axes"
+        for arr, label in ax["images"]:
+            if not label:
+                probs.append(f"{t}: image without a labelled colour bar")
+            elif "[" not in label or "]" not in label:
+                probs.append(f"{t}: colour-bar label {label!r} names no units [...]")
+            shown = arr.compressed()
+            if shown.size == 0 or not np.isfinite(shown).all():
+                probs.append(f"{t}: image values not finite")
+            elif np.ptp(shown) == 0:
+                probs.append(f"{t}: image constant ({shown[0]})")
+        styles = {s for _, s in ax["legend"]}
+        labels = {lab for lab, _ in ax["legend"]}
+        for label, st, x, y in ax["lines"]:
+            if not (np.isfinite(x).all() and np.isfinite(y).all()):
+                probs.append(f"{t}: line {label!r} has non-finite points")
+            elif st[1] != "None" and len(x) > 1 and np.ptp(x) == 0 and np.ptp(y) == 0:
+                probs.append(f"{t}: line {label!r} is a single point")
+            if st not in styles:
+                probs.append(f"{t}: line style {st} ({label!r}) has no legend entry")
+        for label, segs in ax["collections"]:
+            if label.startswith("_") or label not in labels:
+                probs.append(f"{t}: line collection {label!r} has no legend entry")
+            if not all(np.isfinite(s).all() for s in segs):
+                probs.append(f"{t}: line collection {label!r} has non-finite points")
+    return probs
