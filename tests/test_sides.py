@@ -76,7 +76,12 @@ def test_in_float32_the_sides_agree_to_rounding(name):
 def test_the_cheaper_side_follows_the_shapes():
     g, d, n = models(jnp.float32)["mlp"]                   # d = 6 inputs, 50 outputs
     z = jnp.zeros(d, jnp.float32)
-    assert cheaper_side(g, z, 40) == "jvp"                 # 6 JVPs + a 40 x 50 x 6 product < 40 VJPs
+    squashed = lambda z: jnp.tanh(g(z))                    # noqa: E731 - nothing of the sweep is shared across a batch
+    assert cheaper_side(squashed, z, 40) == "jvp"          # 6 JVPs + a 40 x 50 x 6 product < 40 VJPs
+    assert cheaper_side(g, z, 40, batch=1) == "jvp"        # one sample: the same counts
+    # a batch of 16: the last layer is linear, so W w2^T (40 x 50 x 40) is traced once per batch and
+    # each sample's 40 VJPs cost 40 x 40 x 6 products, below 6 JVPs + the product with W
+    assert cheaper_side(g, z, 40) == "vjp"
     assert cheaper_side(g, z, 6) == "vjp"                  # d >= k: never counted
     assert cheaper_side(lambda z: jnp.tanh(z[:50] * 2.0), jnp.zeros(200, jnp.float32), 30) == "vjp"   # d = 200 > k
 

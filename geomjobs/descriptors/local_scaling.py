@@ -26,7 +26,9 @@ def arrays(cfg, dims):
 
 def bind(cfg, g, z):
     """``mode: projection`` forms W A from the side XLA counts as cheaper for this model (k VJPs,
-    or d JVPs and a product with W): a choice of how, fixed per job, never part of the spec."""
+    or d JVPs and a product with W), both sweeps counted vmapped over a batch of 16 latents (the
+    default execution.batch_size; what does not depend on the latent is counted once per batch):
+    a choice of how, fixed per job, never part of the spec."""
     if cfg["mode"] != "projection":
         return {}
     shape = z.shape

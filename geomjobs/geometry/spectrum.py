@@ -9,7 +9,8 @@
 - ``side="jvp"``: column j of A is the Jacobian-vector product A e_j, so d JVPs through one
   linearization (``jax.linearize``) give A, and W A is one (k x n)(n x d) product. Cheaper
   when d is below k (a JVP costs about what a VJP does): the digits models (d = 8, 64), a 2-D
-  DDPM, SD's decoder at small latents. :func:`cheaper_side` picks it from XLA's cost counts.
+  DDPM, SD's decoder at small latents. :func:`cheaper_side` picks it from XLA's cost counts
+  of both sweeps over a batch.
 Both functions take ONE flat latent; vmap them over a batch.
 
 Chunking has a price on XLA:CPU: a convolution inside a while loop (which ``lax.map`` is)
@@ -76,30 +77,39 @@ def projected_columns(g: Callable, z, w, *, chunk: int | None = None):
 SIDES = {"vjp": projected_rows, "jvp": projected_columns}
 
 
-def cheaper_side(g: Callable, z, k: int) -> str:
-    """``"jvp"`` when d JVPs and the product with W cost fewer flops than k VJPs, by XLA's count
-    of one tangent-only JVP and one VJP of g at z (each also counts the part of the forward pass
-    it needs, which the linearized sweeps compute once: both sides are overcounted alike);
-    ``"vjp"`` when d >= k without counting (a JVP is never much cheaper than a VJP), or when
-    the backend gives no count."""
+COUNT_BATCH = 16   # the engine's default execution.batch_size: the batch cheaper_side counts at
+
+
+def cheaper_side(g: Callable, z, k: int, batch: int = COUNT_BATCH) -> str:
+    """``"jvp"`` when XLA counts fewer flops for W A from d JVPs and the product with W than from
+    k VJPs, each counted as the job runs it: the whole sweep (one linearization, then all rows or
+    columns) vmapped over ``batch`` latents. Counting the batched program matters: work that does
+    not depend on the latent is traced once per batch, not once per sample (the k cotangents
+    pushed through a last linear layer, W w_L^T, are the same for every sample; so are the d unit
+    tangents through a first one), and that can swing the choice: an MLP whose wide last layer
+    is linear is 5x cheaper by VJPs at batch 16 though d JVPs are cheaper for one sample.
+    ``"vjp"`` when d >= k without counting (a JVP is never much cheaper than a VJP), or when the
+    backend gives no count."""
     d = z.shape[0]
     if d >= k:
         return "vjp"
     out = jax.eval_shape(g, z)
+    zs = jax.ShapeDtypeStruct((batch, d), z.dtype)
+    w = jax.ShapeDtypeStruct((k, out.shape[0]), out.dtype)
 
-    def flops(f, *args):
+    def flops(side):
+        sweep = jax.vmap(lambda x, w: SIDES[side](g, x, w), in_axes=(0, None))
         try:
-            cost = jax.jit(f).lower(*args).cost_analysis()
+            cost = jax.jit(sweep).lower(zs, w).cost_analysis()
         except Exception:  # noqa: BLE001 - a backend without cost analysis
             return None
         cost = cost[0] if isinstance(cost, list | tuple) else cost
         return (cost or {}).get("flops")
 
-    jvp = flops(lambda z, t: jax.jvp(g, (z,), (t,))[1], z, z)
-    vjp = flops(lambda z, c: jax.vjp(g, z)[1](c)[0], z, jnp.zeros(out.shape, out.dtype))
+    jvp, vjp = flops("jvp"), flops("vjp")
     if jvp is None or vjp is None:
         return "vjp"
-    return "jvp" if d * jvp + 2.0 * k * out.shape[0] * d < k * vjp else "vjp"
+    return "jvp" if jvp < vjp else "vjp"
 
 
 def projected_singular_values(g: Callable, z, w, *, chunk: int | None = None, side: str = "vjp"):
