@@ -576,6 +576,24 @@ def test_trajectory_job_evaluates_the_dit_at_each_state(pipe, tmp_path):
     np.testing.assert_allclose(np.asarray(df.z[4]).reshape(4, 8, 8), final, rtol=1e-4, atol=1e-4 * np.abs(final).max())
 
 
+def test_the_cluster_spec_plans_on_the_tiny_pipeline(pipe, tmp_path):
+    # cluster/jobs/dit-xl2-psi.yaml with its folder swapped for the tiny pipeline (and k, count
+    # shrunk to its sizes): every key is read by the planner, delta's `layers: [ff]` names the GELUs
+    from geomjobs.runner.plan import plan_job
+
+    root, _ = pipe
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "cluster" / "jobs" / "dit-xl2-psi.yaml").read_text())
+    for section in (spec["model"], spec["latents"]["model"]):
+        assert section["path"].endswith("DiT-XL-2-256") and section["class_label"] == 207
+        section.update(path=str(root), class_label=7)
+    spec["latents"].update(count=2, batch_size=2)
+    spec["descriptors"]["local_scaling"]["k"] = 8
+    spec["output"] = str(tmp_path / "out")
+    plan = plan_job(spec)
+    assert plan.generator.cfg_scale == 4.0 and plan.generator.latent_shape == (4, 8, 8)
+    assert [lbl.split("/")[-2:] for lbl in plan.site_labels] == [["net_0", "tanh#2"], ["net_0", "tanh#5"]]
+
+
 # ------------------------------------------------------------------------------------------------
 # (e) dit-digits is the same architecture
 # ------------------------------------------------------------------------------------------------
