@@ -50,6 +50,7 @@ import importlib.util
 import inspect
 import json
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -450,6 +451,22 @@ def test_config_keys_and_defaults_are_the_init_signature():
     assert (DiTConfig().inner_dim, DiTConfig().num_layers, DiTConfig().learned_sigma) == (1152, 28, True)
 
 
+def test_write_dit_folder_writes_diffusers_keys_and_reads_back_exactly(tmp_path):
+    # the writer (benchmarks, users' conversions) against diffusers' own state dict; read back bit for bit
+    from safetensors.numpy import load_file
+
+    from geomjobs.generators.dit_layout import random_dit_params, write_dit_folder
+
+    cfg = DiTConfig.from_json(TINY)
+    params = random_dit_params(cfg, seed=3)
+    write_dit_folder(params, cfg, tmp_path / "m")
+    written = load_file(str(tmp_path / "m" / "diffusion_pytorch_model.safetensors"))
+    assert {k: v.shape for k, v in written.items()} == diffusers_model(TINY).state_shapes()
+    assert set(json.loads((tmp_path / "m" / "config.json").read_text())) == set(init_signature()) | {"_class_name", "_diffusers_version"}
+    _, _, back = load_dit_folder(str(tmp_path / "m"))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
+
+
 # ------------------------------------------------------------------------------------------------
 # (b) the forward pass against the paper's equations
 # ------------------------------------------------------------------------------------------------
@@ -574,6 +591,31 @@ def test_trajectory_job_evaluates_the_dit_at_each_state(pipe, tmp_path):
     abar = diffusion.abar(betas=diffusion.diffusers_betas(SCHEDULER))
     final = ddim_reference(state, sampling.initial_noise(7, 0, (4, 8, 8)), 4, 3, 4.0, abar)
     np.testing.assert_allclose(np.asarray(df.z[4]).reshape(4, 8, 8), final, rtol=1e-4, atol=1e-4 * np.abs(final).max())
+
+
+def test_a_remote_pipeline_copies_the_transformer_weights_and_the_scheduler_only(pipe, tmp_path, monkeypatch):
+    """gs:// goes through fsspec like any remote URI (as for the diffusers kinds); memory:// takes
+    the same copy path: transformer/'s config and safetensors and scheduler/ are copied, not vae/,
+    a .bin pickle or Flax weights beside them."""
+    import fsspec
+
+    root, _ = pipe
+    monkeypatch.setenv("GEOMJOBS_CACHE_DIR", str(tmp_path / "cache"))
+    fs = fsspec.filesystem("memory")
+    base = f"/geomjobs-dit-{tmp_path.name}"
+    for sub in ("transformer", "scheduler", "vae"):
+        fs.put(str(root / sub), f"{base}/{sub}", recursive=True)
+    fs.pipe({f"{base}/transformer/diffusion_pytorch_model.bin": b"pickle", f"{base}/transformer/diffusion_flax_model.msgpack": b"x"})
+    try:
+        gen = build_generator(dit_spec(f"memory://{base}"))
+        (entry,) = os.listdir(tmp_path / "cache")
+        assert sorted(os.listdir(tmp_path / "cache" / entry)) == [".complete", "scheduler", "transformer"]
+        assert sorted(os.listdir(tmp_path / "cache" / entry / "transformer")) == ["config.json", "diffusion_pytorch_model.safetensors"]
+        ref = build_generator(dit_spec(root))
+        jax.tree_util.tree_map(np.testing.assert_array_equal, gen.params, ref.params)
+        np.testing.assert_array_equal(gen.denoiser.abar, ref.denoiser.abar)            # the copied scheduler's
+    finally:
+        fs.rm(base, recursive=True)
 
 
 def test_the_cluster_spec_plans_on_the_tiny_pipeline(pipe, tmp_path):

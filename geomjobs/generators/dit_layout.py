@@ -446,7 +446,9 @@ def write_dit_folder(params, cfg: DiTConfig, path, dtype="float32") -> str:
     """Write Flax ``params`` of ``cfg`` as the diffusers PyTorch folder ``save_pretrained`` writes
     (config.json, diffusion_pytorch_model.safetensors in PyTorch names and layouts, in ``dtype``).
     Returns the weights file's path."""
-    return ptw.write_pytorch_folder(params, cfg.to_json(), path, dtype)
+    from geomjobs.generators.diffusers import write_pytorch_folder
+
+    return write_pytorch_folder(params, cfg.to_json(), path, dtype)
 
 
 __all__ = ["CONFIG_DEFAULTS", "DiTConfig", "DiTTransformer2D", "load_dit_folder", "param_shapes", "pytorch_shapes",
