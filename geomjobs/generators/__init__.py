@@ -12,13 +12,15 @@ import jax.numpy as jnp
 from geomjobs.errors import SpecError
 from geomjobs.generators.base import Generator, ImageEncoder
 from geomjobs.generators.diffusers import unet_generator, vae_decoder_generator
+from geomjobs.generators.dit_folder import dit_folder_generator
 from geomjobs.generators.mlp import mlp_generator
 from geomjobs.generators.python_entry import python_generator
 from geomjobs.generators.zoo import zoo_generator
 from geomjobs.spec import current_model_keys
 
 BUILDERS = {"mlp": mlp_generator, "python": python_generator, "zoo": zoo_generator,
-            "diffusers-vae-decoder": vae_decoder_generator, "diffusers-unet": unet_generator}
+            "diffusers-vae-decoder": vae_decoder_generator, "diffusers-unet": unet_generator,
+            "dit": dit_folder_generator}
 
 
 def build_generator(model: dict, dtype: str = "float32") -> Generator:

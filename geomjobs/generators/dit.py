@@ -25,6 +25,15 @@ Public API:
     dit_generator(name, timestep=0, prediction="x0") -> Generator (x_t (8, 8) -> x0_hat or eps (8, 8)),
         with ``denoiser`` = eps_theta(params, x_t, t) for samplers and per-record timesteps.
 Training: ``python -m geomjobs.zoo.train_dit_digits``.
+
+DiT-XL/2 and the other DiTs published in diffusers' layout are ``kind: dit``
+(:mod:`geomjobs.generators.dit_layout`, :mod:`geomjobs.generators.dit_folder`). dit-digits keeps this
+module and its weights: its conventions are the original DiT code's, not diffusers' (timestep
+frequencies 10000^(-k/128), positions with the row half first, one timestep MLP shared by the
+blocks, no class embedding, fused q/k/v, a Dense patch embedding, no channel axis), and its
+records, delta site labels (``DiT/block_0/tanh#2``, which specs select with ``layers``) and card
+stay as they are. tests/test_dit_diffusers.py maps these weights into the diffusers layout and gets
+the same x0 at t = 0 through the ``dit`` module.
 """
 from __future__ import annotations
 
