@@ -96,7 +96,7 @@ def run(args) -> str:
     target = args.target_depth or base.num_layers
     k, P = args.k, args.directions
     progs = [("psi+nu", c) for c in args.chunks] + [("delta", None)]
-    rows, notes = [], []
+    rows, notes, worst, fits32 = [], [], None, True
     for dt in args.dtypes:
         for s in args.cfg:
             scale = None if s == 1 else s
@@ -130,6 +130,9 @@ def run(args) -> str:
                     est = fit(depths, needs, target)[0] if len(depths) > 1 else None
                     fits = "n/a" if est is None else ("yes" if est / 2**30 <= args.capacity_gib else "no")
                 branches = "1" if scale is None else "2 (cfg)"
+                if isinstance(est, (int, float)) and (worst is None or est > worst[0]):
+                    worst = (est, f"{name}, {dt}, {'1 branch' if scale is None else 'CFG (2 branches)'}")
+                fits32 = fits32 and (kind != "psi+nu" or min(chunk, k) != 32 or fits == "yes")
                 rows.append([dt, branches, name, measured, gib(None if est in (None, "n/a") else int(est)), fits,
                              " / ".join(f"{x:.0f}" for x in secs)])
                 if len(depths) > 2 and None not in needs:
@@ -138,6 +141,12 @@ def run(args) -> str:
                                  f"{gib(int(pred))} at depth {depths[-1]}, measured {gib(needs[-1])}")
     dev = jax.devices()[0]
     n_params = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(param_shapes(dataclasses.replace(base, num_layers=target))))
+    if worst is not None:
+        sizes = ", ".join(f"{dt} {gib(n_params * jnp.dtype(dt).itemsize)}" for dt in args.dtypes)
+        notes.append(f"Largest plan at depth {target}: {worst[1]}, {gib(int(worst[0]))}; the parameters alone: {sizes}. "
+                     + ("`chunk: auto` (first try 32 on an accelerator) keeps 32: its plan fits." if fits32 else
+                        "The chunk-32 plan does not fit everywhere: `chunk: auto` halves it until it does."))
+    notes.append("Command: `python benchmarks/bench_dit.py" + "".join(f" {a}" for a in args.argv) + "`.")
     what = ("DiT-XL/2 at 256 x 256 (diffusers DiTTransformer2DModel: hidden 1152, 16 heads, patch 2 -> 256 tokens, learned "
             "sigma, 1000 classes" if args.config == "xl" else f"a tiny DiT ({base}")
     return "\n".join([
@@ -172,7 +181,9 @@ def parse(argv=None):
     ap.add_argument("--chunks", type=int, nargs="+", default=[8, 16, 32, 60, 120])
     ap.add_argument("--directions", type=int, default=4)
     ap.add_argument("--capacity-gib", type=float, default=78.0)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
 
 
 if __name__ == "__main__":
