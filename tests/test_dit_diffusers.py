@@ -18,6 +18,8 @@ What each check rests on:
 - **the folders** the tests load are written from that state dict (keys and shapes from diffusers'
   ``__init__``, random values, ``safetensors.numpy.save_file`` with ``{"format": "pt"}``), never from
   our loader's key map, and read through the real loader (``build_generator``, ``plan_job``, ``main``).
+  Our own writer (``write_dit_folder``) is checked against the same state dict and read back bit for
+  bit; a memory:// pipeline (the gs:// path of fsspec) copies transformer/ and scheduler/ only.
 - **the forward pass** against :func:`reference_dit`, plain NumPy in float64 written from the DiT
   paper's equations (Peebles & Xie 2023, section 3: patchify, 2-D sin-cos positions, timestep and
   class embeddings summed into c, adaLN-Zero blocks, final layer, unpatchify) reading the PyTorch
@@ -33,7 +35,8 @@ What each check rests on:
   eps_null) with the null class = num_classes, x0 from abar_t of the pipeline's scheduler config,
   the Denoiser at traced t: all against the reference. Jobs: ``sampled`` (CFG) latents equal a
   DDIM-4 loop written here on the reference's eps (float32 job, 1e-4); the tiny SD-style VAE of the
-  same pipeline decodes them (``diffusers-vae-decoder``); a trajectory job runs.
+  same pipeline decodes them (``diffusers-vae-decoder``); a guided trajectory job's final state is the
+  same loop's (``-m slow``); cluster/jobs/dit-xl2-psi.yaml plans on the tiny pipeline.
 - **dit-digits** (the shipped zoo model) is the same architecture: its trained weights mapped into
   the diffusers layout (hidden channels permuted to diffusers' position-table order, q/k/v split,
   the one timestep MLP copied into each block, a one-class zero table) give its x0 at t = 0 through
