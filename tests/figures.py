@@ -148,8 +148,10 @@ def _dump_on_save(dump_dir: str) -> None:
 
     def savefig(self, fname, *args, **kwargs):
         out = original(self, fname, *args, **kwargs)
-        if isinstance(fname, (str, os.PathLike)):
-            stem = os.path.splitext(os.path.basename(os.fspath(fname)))[0]
+        # save_png renders into a BytesIO named after its destination
+        path = os.fspath(fname) if isinstance(fname, (str, os.PathLike)) else getattr(fname, "name", None)
+        if isinstance(path, str):
+            stem = os.path.splitext(os.path.basename(path))[0]
             with open(os.path.join(dump_dir, f"{stem}.panels.json"), "w") as f:
                 json.dump(panel_summary(self), f)
         return out
