@@ -76,7 +76,7 @@ def error_table(thetas, F, dF, g, exact: dict, sites: int, interior, coords: str
     e = table(thetas, F, dF, g, exact, sites, interior, coords=coords)
     e["normalisation"] = (f"F and dF per site ({sites} sites), best affine term in the fitting coordinates ({coords}) "
                           "removed over the grid interior (F) / its gradient (dF); metric: relative Frobenius error over "
-                          "the interior")
+                          "the interior, and its median per point")
     return e
 
 
@@ -84,8 +84,10 @@ def summary_lines(s: dict) -> list[str]:
     """What ``geomjobs fisher`` prints of a run's summary."""
     points = s["grid"]["resolution"][0] * s["grid"]["resolution"][1]
     sh = s["sampled_shards"]
+    fit = s["potential"].get("fit", "js")
+    loss = "JS" if fit == "js" else "weighted RMS log-posterior residual"
     lines = [f"fisher: {points} grid points, {sh['computed']}/{sh['shards']} sample shards computed, F fitted "
-             f"(JS {s['potential_loss']:.4f}); {s['seconds']:.0f} s -> {s['uri']}"]
+             f"({fit}; {loss} {s['potential_loss']:.4f}); {s['seconds']:.0f} s -> {s['uri']}"]
     if sh.get("worker_deaths"):
         lines.append(f"  {sh['worker_deaths']} sampling workers died and were replaced")
     if "slice" in s:
@@ -98,5 +100,6 @@ def summary_lines(s: dict) -> list[str]:
     if "errors" in s:
         e = s["errors"]
         lines.append(f"  vs exact: RMSE F/site {e['rmse_F']:.4g}, dF/site {e['rmse_dF_1']:.4g} / {e['rmse_dF_2']:.4g}, "
-                     f"metric relative error {e['metric_rel_error']:.3g} (interior)")
+                     f"metric relative error {e['metric_rel_error']:.3g} (interior; median per point "
+                     f"{e['metric_median_rel_error']:.3g})")
     return lines

@@ -4,6 +4,7 @@ bundle posteriors, the fit of F, and geodesics of the fitted metric beside those
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -16,7 +17,8 @@ from geomjobs.fisher.spec import default_pairs, grid_axes
 
 def posterior_loglik(cfg: PosteriorConfig, family, x: np.ndarray, thetas: np.ndarray, coords: str) -> tuple[np.ndarray, dict]:
     """Per-sample log-likelihoods over the grid (P, m, P) of the samples F is fitted on, and
-    {"posterior_net", "posterior_params" (None but for a learned posterior), losses}."""
+    {"posterior_net", "posterior_params" (None but for a learned posterior; a list of the folds'
+    with ``folds`` >= 2), losses}."""
     from geomjobs.fisher import posterior as post_mod
     from geomjobs.fisher.potential import to_coords
 
@@ -25,8 +27,23 @@ def posterior_loglik(cfg: PosteriorConfig, family, x: np.ndarray, thetas: np.nda
         return post_mod.oracle_loglik(family, x, thetas), info
     if cfg.kind == "features":
         return post_mod.feature_loglik(family.features, x), info
+    grid = to_coords(coords, thetas)
+    if cfg.folds > 1:
+        # cross-fitting: fold k's log-likelihoods from the network trained without it
+        fold = cfg.fold_of(x.shape[1])
+        out, nets = None, []
+        for k in range(cfg.folds):
+            net, params, tinfo = post_mod.train_posterior(x[:, fold != k], dataclasses.replace(cfg, seed=cfg.seed + k), grid=grid)
+            ll = post_mod.learned_loglik(net, params, x[:, fold == k])
+            out = np.zeros(x.shape[:2] + ll.shape[2:]) if out is None else out
+            out[:, fold == k] = ll
+            nets.append((params, tinfo))
+        info.update(posterior_net=net, posterior_params=[p for p, _ in nets],
+                    posterior_loss=float(np.mean([t["loss"] for _, t in nets])),
+                    posterior_loss_history=[t["loss_history"] for _, t in nets])
+        return out, info
     n_train = cfg.split(x.shape[1])
-    net, params, tinfo = post_mod.train_posterior(x[:, :n_train], cfg, grid=to_coords(coords, thetas))
+    net, params, tinfo = post_mod.train_posterior(x[:, :n_train], cfg, grid=grid)
     info.update(posterior_net=net, posterior_params=params, posterior_loss=tinfo["loss"],
                 posterior_loss_history=tinfo["loss_history"])
     return post_mod.learned_loglik(net, params, x[:, n_train:]), info

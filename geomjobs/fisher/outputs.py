@@ -61,16 +61,27 @@ def write_networks(out: str, fit: dict) -> None:
 
     pot = fit["potential"]
     c = pot.cfg
-    cfg = {"potential": {"width": c.width, "depth": c.depth, "centre": np.asarray(pot.centre).tolist(),
-                         "half_width": np.asarray(pot.half_width).tolist(), "coords": c.coords, "convex": c.convex,
-                         "note": "F(t) = FNet(width, depth, convex).apply(params, (u(t) - centre) / half_width), per sample; "
-                                 "u = the fitting coordinates (identity: u = t; log: u = log t)"}}
+    if c.fit in ("shape", "curvature"):
+        cfg = {"potential": {"fit": c.fit, "degree": list(pot.degree), "coords": c.coords,
+                             "note": "F(t) = the piecewise polynomial F (per cell [bx_i, bx_i+1] x [by_j, by_j+1]: "
+                                     "sum_ab C[i, j, a, b] (u_1 - mid_i)^a (u_2 - mid_j)^b) + <lin, u>, per sample "
+                                     "(geomjobs.fisher.shapefit.spline_f); u = the fitting coordinates (identity: u = t; "
+                                     "log: u = log t); with fit curvature the metric's components are the piecewise "
+                                     "polynomials g11, g12, g22 in theta"}}
+    else:
+        cfg = {"potential": {"fit": c.fit, "width": c.width, "depth": c.depth, "centre": np.asarray(pot.centre).tolist(),
+                             "half_width": np.asarray(pot.half_width).tolist(), "coords": c.coords, "convex": c.convex,
+                             "note": "F(t) = FNet(width, depth, convex).apply(params, (u(t) - centre) / half_width), per sample; "
+                                     "u = the fitting coordinates (identity: u = t; log: u = log t)"}}
     files = {"potential.msgpack": serialization.to_bytes(pot.params)}
     if fit["posterior_params"] is not None:
         net = fit["posterior_net"]
-        files["posterior.msgpack"] = serialization.to_bytes(fit["posterior_params"])
+        pp = fit["posterior_params"]
+        # cross-fitted folds: {"fold_0": params, ...}, one network per fold
+        files["posterior.msgpack"] = serialization.to_bytes({f"fold_{k}": p for k, p in enumerate(pp)} if isinstance(pp, list) else pp)
         cfg["posterior"] = {"n_points": net.n_points, "lattice": net.lattice, "hidden": net.hidden,
                             "grid": None if net.grid is None else [list(r) for r in net.grid], "rank": net.rank,
+                            "folds": len(pp) if isinstance(pp, list) else 1,
                             "note": "per-sample grid logits; a bundle's log-posterior is the sum over its samples"}
     files["networks.json"] = json.dumps(cfg, indent=1).encode()
     for name, blob in files.items():
@@ -78,7 +89,8 @@ def write_networks(out: str, fit: dict) -> None:
 
 
 def load_potential(out: str):
-    """The fitted F of a finished fisher output folder (a :class:`~geomjobs.fisher.potential.Potential`)."""
+    """The fitted F of a finished fisher output folder (a :class:`~geomjobs.fisher.potential.Potential`,
+    or a :class:`~geomjobs.fisher.shapefit.SplinePotential` for ``fit: shape``)."""
     import jax
     import jax.numpy as jnp
     from flax import serialization
@@ -89,6 +101,12 @@ def load_potential(out: str):
     saved = json.loads(fs.cat_file(path))["potential"]
     fields = {f.name for f in dataclasses.fields(PotentialConfig)}
     cfg = PotentialConfig(**{k: v for k, v in saved.items() if k in fields})
+    if cfg.fit in ("shape", "curvature"):
+        from geomjobs.fisher.shapefit import SplinePotential
+
+        fs, path = filesystem(join(normalize_uri(out), "potential.msgpack"))
+        raw = serialization.msgpack_restore(fs.cat_file(path))
+        return SplinePotential(jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float32), raw), tuple(saved["degree"]), cfg)
     template = cfg.net().init(jax.random.PRNGKey(0), jnp.zeros((1, 2)))
     fs, path = filesystem(join(normalize_uri(out), "potential.msgpack"))
     params = serialization.from_bytes(template, fs.cat_file(path))

@@ -119,11 +119,14 @@ def _check_posterior(spec: dict, family, post: PosteriorConfig) -> None:
     if n < post.bundle:
         raise SpecError("samples_per_point", f"expected at least posterior.bundle = {post.bundle} samples per point "
                                              f"(one bundle), got {n}")
+    if post.kind == "learned" and post.folds > n:
+        raise SpecError("posterior.folds", f"{post.folds} folds need at least as many samples per point, got {n}")
     if post.kind == "learned":
         n_train = post.split(n)
         if n_train < post.bundle or n - n_train < 1:
             raise SpecError("samples_per_point", f"{n} samples per point leave {n_train} for training bundles of "
-                                                 f"{post.bundle} and {n - n_train} held out (posterior.holdout = {post.holdout}); "
+                                                 f"{post.bundle} and {n - n_train} held out (posterior.holdout = {post.holdout}, "
+                                                 f"folds = {post.folds}); "
                                                  "more samples are needed")
 
 
