@@ -7,7 +7,7 @@ neither operation reads them). Three states of the same dataset, measured one af
 one emulator:
 
 * before: the manifest read one marker after another (``Dataset.committed_one_by_one``, the
-  path before the cache), in resume (``open_job(..., resume=True)``) and ``geomjobs inspect``;
+  path before the cache), in resume (``open_job(...)``) and ``geomjobs inspect``;
 * after, cache fresh (a job that finished, or whose writers compacted last);
 * after, with ``TAIL`` markers newer than the cache (a driver that crashed: each writer
   compacts every ``COMPACT_EVERY`` of its commits, so the tail is at most that per writer).
@@ -82,7 +82,7 @@ def _ops(spec, uri):
     from geomjobs.runner.plan import plan_job
 
     def resume():
-        job = open_job(plan_job(spec), uri, resume=True)
+        job = open_job(plan_job(spec), uri)
         assert not job.todo[:0]
 
     def inspect():
@@ -135,7 +135,7 @@ def measure(sizes=SIZES, tail: int = TAIL) -> list[dict]:
                         "descriptors": {"local_scaling": {"mode": "projection", "k": 5}, "local_rank": {}},
                         "execution": {"shard_size": 1, "batch_size": 1}}
                 uri = f"gs://{em.bucket}/manifest-{n}"
-                open_job(plan_job(spec), uri, resume=False)
+                open_job(plan_job(spec), uri)
                 ms = _markers(0, n, engine)
                 t0 = time.perf_counter()
                 Dataset(uri).write_markers(ms[:n - tail])     # one writer; its last compaction covers these
@@ -167,7 +167,7 @@ def run(args) -> str:
         raise ValueError(f"--tail must be in 1..{min(args.sizes) - 1} (fewer than the smallest size), got {args.tail}")
     rows = measure(args.sizes, args.tail)
     return "\n".join([
-        "Resume (`open_job(..., resume=True)`) and `geomjobs inspect --json` of a gs:// dataset on the GCS emulator",
+        "Resume (`open_job(...)`) and `geomjobs inspect --json` of a gs:// dataset on the GCS emulator",
         "(`benchmarks/bench_manifest.py`). Requests counted on the wire by a proxy that pages listings as GCS does",
         "(1,000 objects a page); one emulator process serving one request at a time on the shared 2-core machine,",
         "so wall times are loopback-and-Python figures and only the ratios between rows count; request counts",

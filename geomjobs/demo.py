@@ -83,7 +83,7 @@ def main(argv=None) -> int:
 
     spec = demo_spec(args.resolution, args.timestep)
     print("job spec:\n  " + yaml.safe_dump(spec, sort_keys=False).replace("\n", "\n  ").rstrip())
-    res = run_job(spec, args.out, resume=True, progress=not args.quiet)
+    res = run_job(spec, args.out, progress=not args.quiet)
     print(f"\n{res.job_id}: {res.rows}/{res.count} rows, {res.errors} errors, {res.committed_shards}/{res.num_shards} "
           f"shards at {res.uri} ({res.computed_shards} computed in {res.seconds:.1f} s)")
 

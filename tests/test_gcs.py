@@ -62,8 +62,8 @@ def test_a_cluster_job_to_gcs_reads_back_and_resumes_after_a_crash(gcs, cluster,
     changed = mlp_spec(w, count=48, shard_size=8)
     changed["latents"]["seed"] = 9
     with pytest.raises(DatasetError, match="latents.seed"):
-        run_job(changed, uri, resume=True, address=cluster.address)
-    res = run_job(spec, uri, resume=True, address=cluster.address)
+        run_job(changed, uri, address=cluster.address)
+    res = run_job(spec, uri, address=cluster.address)
     assert res.ok and res.computed_shards == 2
     after = Dataset(uri).committed()
     assert all(after[s] == m for s, m in before.items())   # committed shards untouched
@@ -78,4 +78,4 @@ def test_local_mode_writes_to_gcs_too(gcs, tmp_path):
     res = run_job(mlp_spec(w, count=40, shard_size=16), uri)
     assert res.ok and res.committed_shards == 3
     assert_each_sample_once(read_gs(uri, gcs), 40)
-    assert run_job(mlp_spec(w, count=40, shard_size=16), uri, resume=True).computed_shards == 0
+    assert run_job(mlp_spec(w, count=40, shard_size=16), uri).computed_shards == 0

@@ -178,7 +178,7 @@ def test_a_cluster_job_survives_the_storage_service_stopping_and_restarting(emul
     spec["execution"]["workers"] = 2
 
     def on_cluster(out):
-        return ray_driver.drive_ray(open_job(plan_job(spec), out, False), cluster.address, progress=False)
+        return ray_driver.drive_ray(open_job(plan_job(spec), out), cluster.address, progress=False)
 
     ref = on_cluster(str(tmp_path / "ref"))               # the uninterrupted run, same workers' code
     assert ref.ok and not failures

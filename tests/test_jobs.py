@@ -118,7 +118,7 @@ def test_resume_with_a_different_spec_is_refused(tmp_path):
     with pytest.raises(DatasetError, match="holds a different job.*latents.seed"):
         run_job(changed, out)
     faster = mlp_spec(w, batch_size=4)  # how a job runs may change on resume
-    assert run_job(faster, out, resume=True).ok
+    assert run_job(faster, out).ok
 
 
 def test_a_failing_sample_is_data_and_the_rest_go_on(tmp_path):

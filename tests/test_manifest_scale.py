@@ -77,7 +77,7 @@ def counted(gcs, fn):
 def test_resume_and_inspect_cost_a_bounded_number_of_requests(gcs, tmp_path, total):
     spec = mlp_spec(write_mlp(tmp_path), count=total, shard_size=1)
     uri = f"gs://{gcs.bucket}/scale-{total}"
-    open_job(plan_job(spec), uri, resume=False)           # job card, spec, artifacts
+    open_job(plan_job(spec), uri)           # job card, spec, artifacts
     expected = {m["shard"]: m for m in markers(0, total)}
     bulk = Dataset(uri)                                    # one long-lived writer, as a worker is
     cost, done = {}, 0
@@ -89,7 +89,7 @@ def test_resume_and_inspect_cost_a_bounded_number_of_requests(gcs, tmp_path, tot
         commit_uncompacted(uri, [expected[s] for s in range(n - TAIL, n)])
         done = n
 
-        job, resume = counted(gcs, lambda: open_job(plan_job(spec), uri, resume=True))
+        job, resume = counted(gcs, lambda: open_job(plan_job(spec), uri))
         assert job.done == frozenset(range(n)) and job.todo == list(range(n, total))
         p, inspect = counted(gcs, lambda: cli("inspect", uri, "--json", env={"STORAGE_EMULATOR_HOST": gcs.host}))
         assert p.returncode == 0, p.stderr
@@ -179,7 +179,7 @@ def test_a_job_resumes_from_the_cache_and_recomputes_only_shards_without_a_marke
         # shard 3's marker lost (a crash between its file and its marker): resume recomputes it alone
         ds.fs.rm_file(f"{ds.root}/_geomjobs/shards/000003.json")
         assert sorted(Dataset(uri).committed()) == [0, 1, 2, 4, 5, 6, 7]
-        again = run_local(spec, uri, resume=True, progress=False)
+        again = run_local(spec, uri, progress=False)
         assert again.ok and again.computed_shards == 1 and again.committed_shards == 8
         assert_each_sample_once(read_sorted(uri, gcs), 40)
         assert Dataset(uri).committed() == Dataset(uri).committed_one_by_one()

@@ -205,8 +205,8 @@ def test_driver_killed_mid_job_then_resume_finishes_every_sample_once(cluster, t
     assert 3 <= len(before) < 20
     other = {**spec, "latents": {**spec["latents"], "seed": 6}}
     with pytest.raises(DatasetError, match="latents.seed"):
-        run_job(other, str(out), resume=True, address=cluster.address)
-    res = run_job(path, str(out), resume=True, address=cluster.address)
+        run_job(other, str(out), address=cluster.address)
+    res = run_job(path, str(out), address=cluster.address)
     assert res.ok and res.committed_shards == 20
     assert res.computed_shards == 20 - len(before)                      # nothing committed is recomputed
     after = markers(out)

@@ -111,7 +111,7 @@ def test_a_worker_killed_while_starting_is_replaced(cluster, tmp_path):
     token = tmp_path / "die-at-start"
     spec = slow_spec(w, count=96, shard_size=8, delay=0.05, die_at_start_token=str(token))
     out = str(tmp_path / "out")
-    job = open_job(plan_job(spec), out, False)      # the driver built the model before the token exists
+    job = open_job(plan_job(spec), out)      # the driver built the model before the token exists
     token.write_text("")
     res = drive_ray(job, cluster.address, progress=False)
     assert Path(str(token) + ".claimed").exists()
@@ -143,7 +143,7 @@ def test_a_worker_that_cannot_start_stops_the_job_with_its_reason(cluster, tmp_p
     w = write_mlp(tmp_path)
     spec = mlp_spec(w, count=80, shard_size=10)
     out = str(tmp_path / "out")
-    job = open_job(plan_job(spec), out, False)      # the driver has read the weights
+    job = open_job(plan_job(spec), out)      # the driver has read the weights
     moved = Path(w).rename(tmp_path / "elsewhere.npz")
     t0 = time.time()
     with pytest.raises(WorkerPoolError, match=r"a worker cannot start on [\d.]+: .*weight file .* does not exist"):
@@ -151,7 +151,7 @@ def test_a_worker_that_cannot_start_stops_the_job_with_its_reason(cluster, tmp_p
     assert time.time() - t0 < 90
     assert not Dataset(out).committed()
     moved.rename(w)
-    res = run_job(spec, out, resume=True, address=cluster.address, progress=False)
+    res = run_job(spec, out, address=cluster.address, progress=False)
     assert res.ok and res.computed_shards == 8 and res.worker_deaths == 0
 
 

@@ -68,7 +68,7 @@ def test_a_version_1_job_resumes_in_version_1_with_this_releases_numbers(v1, tmp
     of this release: its shards 0-1 against the release's (the fixture), 2-3 against the resumed."""
     job = Dataset(str(v1)).job()
     assert plan_job(SPEC).hash == job["spec_hash"]
-    res = run_job(SPEC, str(v1), resume=True)
+    res = run_job(SPEC, str(v1))
     assert res.ok and res.computed_shards == 2 and res.rows == 8, res
     ds = Dataset(str(v1))
     assert ds.job()["schema_version"] == 1 and ds.job()["spec_hash"] == job["spec_hash"]

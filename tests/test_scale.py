@@ -156,7 +156,7 @@ def test_many_small_shards_write_each_sample_once_and_the_driver_does_not_grow(w
         out = str(tmp_path / f"out-{shard_size}")
 
         def run(spec=spec, out=out):
-            job = open_job(plan_job(spec), out, False)
+            job = open_job(plan_job(spec), out)
             return drive_local(job, progress=False) if address is None else drive_ray(job, address, progress=False)
 
         growth[shard_size], shards_seen = driver_growth(monkeypatch, run)

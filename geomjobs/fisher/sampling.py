@@ -131,12 +131,12 @@ def sample_grid(spec: dict, family, out: str, *, address: str | None = None, pro
     {"computed": shards computed by this run, "shards": total}. SpecError (exit 2) when the folder
     holds another sampling job; :class:`SamplingError` when shards failed after their retries."""
     from geomjobs.runner.job import open_job
-    from geomjobs.sink.dataset import Dataset, DatasetError
+    from geomjobs.sink.dataset import DatasetError
 
     uri = samples_uri(out)
     plan = SamplesPlan(samples_spec(spec), family)
     try:
-        job = open_job(plan, uri, resume=Dataset(uri).exists())
+        job = open_job(plan, uri)
     except DatasetError as e:
         raise SpecError("output", f"'{out}' holds samples of another fisher job ({e}); use a new output folder") from None
     if address is None:

@@ -40,14 +40,14 @@ def local_mode(plan: Plan, shards_to_do: int) -> str:
     return "ray"
 
 
-def run_default(spec: dict, out: str | None = None, *, resume: bool = False, progress: bool = True) -> JobResult:
+def run_default(spec: dict, out: str | None = None, *, progress: bool = True) -> JobResult:
     """What ``geomjobs run`` does without ``--address``: plan the job, open its dataset once,
     then compute the shards left in process or on an embedded Ray (see :func:`local_mode`)."""
     from geomjobs.runner.job import open_job
     from geomjobs.runner.plan import plan_job
 
     started = time.time()
-    job = open_job(plan_job(spec), out, resume, started)
+    job = open_job(plan_job(spec), out, started)
     if local_mode(job.plan, len(job.todo)) == "process":
         from geomjobs.runner.local import drive_local
 

@@ -155,12 +155,11 @@ class OpenJob:
                          seconds=time.time() - self.started)
 
 
-def open_output(plan: ShardPlan, out: str | None, resume: bool = True) -> tuple[Dataset, ShardPlan]:
+def open_output(plan: ShardPlan, out: str | None) -> tuple[Dataset, ShardPlan]:
     """The dataset for this job and the plan to run it with (``plan.with_output(...)``; ``plan``
     itself is left as it is). One rule for every verb: an output that holds this same job is
     opened to finish what is missing; one that holds a different job, or anything else, is
-    refused (DatasetError naming it) before any work. ``resume`` is accepted from older callers
-    and changes nothing."""
+    refused (DatasetError naming it) before any work."""
     uri = _output_uri(plan, out)
     ds = Dataset(uri)
     if ds.exists():
@@ -207,11 +206,11 @@ def _same_job(ds: Dataset, plan: ShardPlan) -> dict:
     return stored
 
 
-def open_job(plan: ShardPlan, out: str | None, resume: bool = True, started: float | None = None) -> OpenJob:
+def open_job(plan: ShardPlan, out: str | None, started: float | None = None) -> OpenJob:
     """Open the job's output once (:func:`open_output`) and list the shards left to compute.
     ``started``: when the run began (its result's ``seconds`` count from there; default now)."""
     started = time.time() if started is None else started
-    ds, plan = open_output(plan, out, resume)
+    ds, plan = open_output(plan, out)
     done = frozenset(ds.committed())
     return OpenJob(plan, ds, done, [s for s in range(plan.num_shards) if s not in done], started)
 

@@ -21,10 +21,10 @@ from geomjobs.runner.retry import Retries, format_exception
 __all__ = ["JobResult", "blas_threads", "drive_local", "run_local"]
 
 
-def run_local(spec: dict, out: str | None = None, *, resume: bool = False, progress: bool = True) -> JobResult:
+def run_local(spec: dict, out: str | None = None, *, progress: bool = True) -> JobResult:
     """Run a job in this process. Spec problems raise SpecError before any work starts."""
     started = time.time()
-    return drive_local(open_job(plan_job(spec), out, resume, started), progress)
+    return drive_local(open_job(plan_job(spec), out, started), progress)
 
 
 def drive_local(job: OpenJob, progress: bool = True) -> JobResult:

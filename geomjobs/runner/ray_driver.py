@@ -29,7 +29,7 @@ WAIT_TIMEOUT_S = 30.0      # how often the driver reports while nothing finishes
 log = logging.getLogger("geomjobs.ray")
 
 
-def run_ray(spec: dict, out: str | None = None, *, address: str | None = None, resume: bool = False,
+def run_ray(spec: dict, out: str | None = None, *, address: str | None = None,
             progress: bool = True) -> JobResult:
     """Run a job on the Ray cluster at ``address`` ("auto" inside a Ray job; None or "local":
     an embedded Ray for this job) and wait. Same dataset protocol and results as ``run_local``.
@@ -41,7 +41,7 @@ def run_ray(spec: dict, out: str | None = None, *, address: str | None = None, r
     and committed shards are kept (the same command again finishes the job).
     """
     started = time.time()
-    return drive_ray(open_job(plan_job(spec), out, resume, started), address, progress)
+    return drive_ray(open_job(plan_job(spec), out, started), address, progress)
 
 
 def drive_ray(job: OpenJob, address: str | None, progress: bool = True) -> JobResult:
