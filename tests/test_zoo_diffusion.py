@@ -76,8 +76,11 @@ def test_shipped_pairs_are_small_float32_and_described(name, request):
     tr = meta["training"]
     assert tr["wall_time_s"] > 0
     assert meta["data"]["n_test"] == 360
-    if name != "classifier-digits":
+    if name == "ldm-digits":
         assert meta["schedule"] == {"kind": "linear", "T": 1000, "beta_start": 1e-4, "beta_end": 0.02}
+    if name == "dit-digits":                # the cosine schedule (train_dit_digits' module doc says why)
+        assert meta["schedule"] == {"kind": "cosine", "T": 1000}
+    if name != "classifier-digits":
         assert set(meta["quality"]["samples"]) == {"200", "1000"}
 
 
@@ -142,6 +145,8 @@ def assert_figures_match(got: dict, card: dict):
     assert got["fd_to_reference"] == pytest.approx(card["fd_to_reference"], rel=2e-3, abs=2e-3)
     assert got["vendi_features"] == pytest.approx(card["vendi_features"], rel=2e-3)
     assert np.abs(np.subtract(got["class_counts"], card["class_counts"])).sum() <= max(2, card["n"] // 200)
+    if "nn_ratio" in card:                  # a median of distances: float64 on float32 samples
+        assert got["nn_ratio"] == pytest.approx(card["nn_ratio"], rel=2e-3)
 
 
 def recompute(script, loaded, count):
@@ -150,9 +155,18 @@ def recompute(script, loaded, count):
     return script.measure_quality(module, params, meta, [count], q["seed"], q["sampler"]["steps"]), q
 
 
+@pytest.fixture(scope="module")
+def dit_quality_200(dit):
+    """dit-digits' 200-sample quality section recomputed from the shipped weights (computed once)."""
+    return recompute(train_dit_digits, dit, 200)
+
+
 @pytest.mark.parametrize("which", ["dit", "ldm"])
 def test_card_quality_recomputed_200(which, request):
-    got, card = recompute(SCRIPTS[which], request.getfixturevalue(which), 200)
+    if which == "dit":
+        got, card = request.getfixturevalue("dit_quality_200")
+    else:
+        got, card = recompute(SCRIPTS[which], request.getfixturevalue(which), 200)
     assert_figures_match(got["samples"]["200"], card["samples"]["200"])
     for key in ("heldout_confidence", "fd_heldout_train", "heldout_vendi_features"):
         assert got["data"][key] == pytest.approx(card["data"][key], rel=1e-4, abs=1e-5)
@@ -176,6 +190,126 @@ def test_card_says_trained_samples_beat_noise_images(which, request, clf):
     assert s["fd_to_reference"] < 0.5 * control["fd_to_reference"]
     assert q["data"]["fd_heldout_train"] < s["fd_to_reference"]      # the floor is below
     assert min(s["class_counts"]) >= 50                               # every digit class is generated
+
+
+# --------------------------------------------------------------------------------------------
+# dit-digits draws digits: the targets of its retraining, recomputed from the shipped weights
+# --------------------------------------------------------------------------------------------
+# The targets over 1000 DDIM-50 samples (the card's): nearest-real-digit ratio <= 1.25 (held-out
+# real digits score 1; a pixel average of two held-out digits of different classes about 1.41),
+# classifier confidence >= 0.95 (held-out digits 0.99) and FD to the held-out digits <= 8
+# (ldm-digits' 1000-sample figures: confidence 0.975, FD 4.5). The shipped weights meet the FD one
+# (4.84) and miss the other two narrowly (ratio 1.257, confidence 0.938; the first dit-digits:
+# 1.69, 0.85, FD 23.3): those two are strict xfails below, which fail the day a retrain meets
+# them, so that the bounds move up to the targets. What every run asserts instead: the ratio is
+# below that of cross-class blends of real digits (computed here), and above 0.5 (a median sample
+# nearer to a training digit than half the distance of a fresh real digit is a copy, not a draw).
+TARGET_RATIO, TARGET_CONFIDENCE, TARGET_FD, COPY_RATIO = 1.25, 0.95, 8.0, 0.5
+
+
+def fd_small_sample_excess(clf, n: int, big: int = 1000) -> float:
+    """How much larger the FD to the held-out digits is for ``n`` real (training) digits than for
+    ``big`` of them: the Frechet distance's small-sample bias, measured on real digits; the mean
+    over 5 draws of the n (seeded) against the first ``big`` of one permutation."""
+    images = digits_images()
+    tr, te = digits_split()
+    held = images[te]
+    order = np.random.default_rng(0).permutation(tr)
+    at_big = image_quality(clf, images[order[:big]], held)["fd_to_reference"]
+    at_n = [image_quality(clf, images[np.random.default_rng(k).choice(tr, n, replace=False)], held)["fd_to_reference"]
+            for k in range(5)]
+    return float(np.mean(at_n) - at_big)
+
+
+def cross_class_blend_ratio() -> float:
+    """nn_ratio of pixel averages of each held-out digit with one of another class (a blend)."""
+    from sklearn.datasets import load_digits
+
+    from geomjobs.zoo.quality import nn_ratio
+
+    images, labels = digits_images(), load_digits().target
+    tr, te = digits_split()
+    held, lab = images[te], labels[te]
+    j = np.array([np.flatnonzero(lab != lab[k])[k % 7] for k in range(len(held))])
+    return nn_ratio((held + held[j]) / 2, images[tr], held)
+
+
+def assert_draws_digits(s: dict, fd_bound: float):
+    assert COPY_RATIO <= s["nn_ratio"] < cross_class_blend_ratio(), s
+    assert s["fd_to_reference"] <= fd_bound, s
+    assert min(s["class_counts"]) >= s["n"] // 20, s          # every class at least half its share
+
+
+def test_dit_samples_are_digits_200(dit_quality_200, clf):
+    """The first 200 of the card's samples. The ratio (a median) has the 1000-sample bounds; the FD
+    bound is 8 plus the FD's small-sample bias at 200, measured on real digits
+    (:func:`fd_small_sample_excess`, about 3.7), since FD over 200 samples reads higher than over
+    1000 for the same distribution (ldm-digits: 6.7 at 200, 4.5 at 1000)."""
+    got, _ = dit_quality_200
+    excess = fd_small_sample_excess(clf, 200)
+    assert 0 < excess < TARGET_FD                             # a bias upward, below the bound itself
+    assert_draws_digits(got["samples"]["200"], TARGET_FD + excess)
+
+
+@pytest.mark.slow
+def test_dit_samples_are_digits_1000(dit):                    # ~30 s on 2 busy cores
+    got, _ = recompute(train_dit_digits, dit, 1000)
+    assert_draws_digits(got["samples"]["1000"], TARGET_FD)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="missed narrowly by the shipped weights: nearest-real-digit ratio 1.257, confidence 0.938")
+@pytest.mark.parametrize("key,ok", [("nn_ratio", lambda v: v <= TARGET_RATIO), ("confidence", lambda v: v >= TARGET_CONFIDENCE)])
+def test_dit_samples_meet_the_issue_targets_1000(dit, key, ok):
+    got, _ = recompute(train_dit_digits, dit, 1000)
+    assert ok(got["samples"]["1000"][key]), got["samples"]["1000"]
+
+
+def test_nn_ratio_scores_real_blended_and_copied_digits():
+    """nn_ratio on known inputs: held-out digits 1 exactly, the training digits themselves 0,
+    cross-class blends of held-out digits above the 1.25 target (so the target excludes them)."""
+    from geomjobs.zoo.quality import nearest_distances, nn_ratio
+
+    images = digits_images()
+    tr, te = digits_split()
+    train, held = images[tr], images[te]
+    assert nn_ratio(held, train, held) == 1.0 and nn_ratio(train[:50], train, held) == 0.0
+    assert cross_class_blend_ratio() > TARGET_RATIO
+    t64 = train.astype(np.float64).reshape(len(train), -1)
+    brute = np.array([np.min(np.linalg.norm(t64 - x.astype(np.float64).reshape(-1), axis=1)) for x in held[:20]])
+    np.testing.assert_allclose(nearest_distances(held[:20], train), brute, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_dit_training_stage_2_from_a_snapshot_gives_the_two_stage_weights(tmp_path, capsys):   # ~1 min
+    """The shipped weights ran stage 2 from a stage-1 snapshot (--init): a tiny run of both stages
+    and one of stage 2 from its snapshot write bit-identical weights, and the cards name the
+    command that trains them."""
+    common = ["--steps", "20", "--refine-steps", "10", "--log-every", "10", "--samples", "200"]
+    assert train_dit_digits.main([*common, "--eval-every", "10", "--snapshots", str(tmp_path / "snaps"), "--out", str(tmp_path / "a")]) == 0
+    snap = tmp_path / "snaps" / "dit_digits_20"
+    assert load_dit(snap)[2]["command"] == "python -m geomjobs.zoo.train_dit_digits --steps 20 --refine-steps 0"
+    assert train_dit_digits.main([*common, "--init", str(snap), "--out", str(tmp_path / "b")]) == 0
+    (_, pa, ma), (_, pb, mb) = load_dit(tmp_path / "a"), load_dit(tmp_path / "b")
+    for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)):
+        np.testing.assert_array_equal(x, y)
+    assert ma["command"] == mb["command"] == "python -m geomjobs.zoo.train_dit_digits --steps 20 --refine-steps 10"
+    assert ma["training"]["refine"]["loss_curve"] == mb["training"]["refine"]["loss_curve"]
+    assert "stage_1_from" in mb["training"] and "snapshot 30" in capsys.readouterr().out
+    with pytest.raises(SystemExit):                        # a snapshot of another stage 1 is refused
+        train_dit_digits.main([*common[:1], "21", *common[2:], "--init", str(snap), "--out", str(tmp_path / "c")])
+
+
+def test_warm_ema_forgets_the_initial_weights():
+    from geomjobs.zoo.training import ema_update, warm_ema_decay
+
+    assert float(warm_ema_decay(0.999, 1)) == pytest.approx(2 / 11) and float(warm_ema_decay(0.999, 10 ** 6)) == pytest.approx(0.999)
+    e, p = {"w": jnp.zeros(())}, {"w": jnp.ones(())}
+    for n in range(1, 501):
+        e = ema_update(e, p, warm_ema_decay(0.999, n))
+    # the initial zero keeps the product of the decays, prod (1 + n) / (10 + n) < 1e-10 by n = 500
+    # (without the warm-up: 0.999^500 = 0.61)
+    assert float(e["w"]) > 1 - 1e-6
 
 
 # --------------------------------------------------------------------------------------------

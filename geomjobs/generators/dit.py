@@ -16,8 +16,9 @@ LN has no affine parameters (eps 1e-6, written out: :func:`_norm`); GELU is flax
 The blocks are a Python loop, not ``nn.scan``: geomjobs' delta tracer does not look inside
 ``scan``, and with the loop it finds every GELU site (blocks x tokens x rD neurons).
 
-Data scale and schedule: pixels x / 16 * 2 - 1 in [-1, 1]; linear betas 1e-4..0.02, T = 1000
-(:mod:`geomjobs.diffusion`); eps-prediction. The latent shape is (8, 8): one image without a
+Data scale and schedule: pixels x / 16 * 2 - 1 in [-1, 1]; the schedule is the card's ``schedule``
+(``kind`` and ``T``, and ``beta_start`` / ``beta_end`` where the kind uses them; :mod:`geomjobs.diffusion`):
+cosine, T = 1000 for the shipped weights; eps-prediction. The latent shape is (8, 8): one image without a
 channel axis, as :func:`geomjobs.zoo.digits.digits_images` holds them.
 
 Public API:
@@ -49,10 +50,13 @@ import numpy as np
 from geomjobs import diffusion
 from geomjobs.generators.base import Generator
 from geomjobs.generators.checkpoint import save_pair
-from geomjobs.generators.diffusion_zoo import SCHEDULE_KEYS, denoiser_generator, load_flax_pair
+from geomjobs.generators.diffusion_zoo import denoiser_generator, load_flax_pair
 
 ZOO_FILES = {"dit-digits": "dit_digits"}
 ARCH_KEYS = ("image_size", "patch", "dim", "depth", "heads", "mlp_ratio", "freq_dim")
+# the schedule keys a card must hold; beta_start / beta_end only enter linear schedules (missing:
+# geomjobs.diffusion.DEFAULT_SCHEDULE's) and a cosine card leaves them out
+SCHEDULE_KEYS = ("kind", "T")
 _WHAT, _SCRIPT = "DiT", "geomjobs.zoo.train_dit_digits"
 
 

@@ -10,18 +10,29 @@ import time
 import numpy as np
 
 
-def ema_update(ema_params, params, decay: float):
+def ema_update(ema_params, params, decay):
     """decay * ema + (1 - decay) * params, leaf by leaf."""
     import jax
 
     return jax.tree_util.tree_map(lambda a, b: decay * a + (1 - decay) * b, ema_params, params)
 
 
-def run_steps(step, state, key, steps: int, log_every: int, log=print):
+def warm_ema_decay(ema: float, count):
+    """The EMA decay at update number ``count`` (1, 2, ...) with a warm-up: min(ema, (1 + count) /
+    (10 + count)), so that the average forgets the initial weights within a few hundred steps
+    instead of keeping a share ema^count of them."""
+    import jax.numpy as jnp
+
+    return jnp.minimum(ema, (1.0 + count) / (10.0 + count))
+
+
+def run_steps(step, state, key, steps: int, log_every: int, log=print, every: int = 0, callback=None):
     """Run ``state, loss = step(state, k)`` for ``steps`` steps, k split off ``key`` each step.
 
     Returns (state, curve, wall seconds); ``curve`` holds {"step", "loss"} every ``log_every``
-    steps (and at the last), each loss the mean over the steps since the previous entry."""
+    steps (and at the last), each loss the mean over the steps since the previous entry. With
+    ``every`` > 0, ``callback(i, state, curve so far, training seconds so far)`` runs after each
+    step i that is a multiple of ``every`` (its own time is not counted)."""
     import jax
 
     curve, window, t0 = [], [], time.perf_counter()
@@ -34,12 +45,18 @@ def run_steps(step, state, key, steps: int, log_every: int, log=print):
             window = []
             curve.append({"step": i, "loss": round(m, 6)})
             log(f"step {i:6d}  loss {m:.5f}  ({time.perf_counter() - t0:.1f}s)", flush=True)
+        if every and callback is not None and i % every == 0:
+            t_cb = time.perf_counter()
+            callback(i, state, list(curve), t_cb - t0)
+            t0 += time.perf_counter() - t_cb
     return state, curve, time.perf_counter() - t0
 
 
-def diffusion_step(loss_fn, opt, data, batch: int, T: int, ema: float):
+def diffusion_step(loss_fn, opt, data, batch: int, T: int, ema: float, ema_warmup: bool = False):
     """A jitted eps-prediction training step on state (params, ema params, optimizer state):
-    x_0 drawn with replacement from ``data``, t ~ U{0..T-1}, eps ~ N(0, I), loss_fn(p, x0, t, eps)."""
+    x_0 drawn with replacement from ``data``, t ~ U{0..T-1}, eps ~ N(0, I), loss_fn(p, x0, t, eps).
+    With ``ema_warmup`` the EMA decay is :func:`warm_ema_decay` of the optimizer's step count
+    (read from the state of ``optax.adam``'s scale_by_adam, the first element of ``opt``'s state)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -54,7 +71,8 @@ def diffusion_step(loss_fn, opt, data, batch: int, T: int, ema: float):
         loss, g = jax.value_and_grad(loss_fn)(p, x0, t, eps)
         upd, s = opt.update(g, s, p)
         p = optax.apply_updates(p, upd)
-        return (p, ema_update(e, p, ema), s), loss
+        decay = warm_ema_decay(ema, s[0].count) if ema_warmup else ema
+        return (p, ema_update(e, p, decay), s), loss
 
     return step
 
