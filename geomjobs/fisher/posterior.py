@@ -84,7 +84,8 @@ class PosteriorConfig:
     j mod K) and giving fold k's log-likelihoods, so F is fitted on every sample, none scored by a
     network that saw it (K times the training). ``window`` w >= 3: each bundle's posterior is kept
     on the w x w grid cells around its own point only (:func:`window_cells`; 0: the whole grid),
-    so the posteriors and the F fit are linear in the number of grid points. Head "grid": on the Ising L=8 example's samples the metric error was 0.19 /
+    so the posteriors and the F fit are linear in the number of grid points. Head "grid": on the
+    Ising L=8 example's samples the metric error was 0.19 /
     0.21 (posterior seeds 0 / 1) against 0.38 / 0.28 with the dense head; the exact likelihood on
     the same held-out samples gives 0.19."""
     kind: str = "learned"
