@@ -116,7 +116,11 @@ class PotentialConfig:
     dense head) width 32 / depth 2 / 800 steps gave metric errors 0.25 / 0.60 where 64 / 3 / 1500
     steps fitted the posteriors' noise (2.0 / 2.9). ``coords``: the fitting coordinates (module
     docstring); ``convex``: F an input-convex network (:class:`FNet`); ``fit``: :data:`FITS` (with
-    ``shape``, steps, width, depth, lr, seed and convex are unused)."""
+    ``shape``, steps, width, depth, lr, seed and convex are unused); ``smooth`` (fit shape /
+    curvature): 0 reads F's grid values as they are; s > 0 first smooths them with a Gaussian of
+    s grid cells (:func:`geomjobs.fisher.shapefit.smooth_grid`), so the metric is the true one
+    averaged over that Gaussian (smoothing commutes with the Hessian) and the grid values' noise
+    is damped."""
     steps: int = 800
     width: int = 32
     depth: int = 2
@@ -125,6 +129,7 @@ class PotentialConfig:
     coords: str = "identity"
     convex: bool = False
     fit: str = "js"
+    smooth: float = 0.0
 
     def __post_init__(self):
         if self.coords not in COORDS:

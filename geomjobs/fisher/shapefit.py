@@ -64,7 +64,7 @@ def grid_values(u: np.ndarray, log_post: np.ndarray, point: np.ndarray, cells=No
     return F, coef[:, 1:]
 
 
-def _window_values(u, log_post, cells, chunk_floats: float = 3e7) -> tuple[np.ndarray, np.ndarray]:
+def _window_values(u, log_post, cells, chunk_floats: float = 5e6) -> tuple[np.ndarray, np.ndarray]:
     """:func:`grid_values` with each bundle's equations on its window's cells only. Each bundle
     adds a K x K block to the P x P system, so the system is sparse (a band of the windows' reach)
     and is solved by sparse LU: O(M K^2) to build, not O(M P^2). The affine gauge is fixed by
@@ -289,6 +289,20 @@ def _batched_fns(coords: str) -> dict:
             "hessian": jax.jit(jax.vmap(functools.partial(_metric, coords), (None, 0)))}
 
 
+def smooth_grid(u: np.ndarray, F: np.ndarray, sigma: float) -> np.ndarray:
+    """Grid values F (R1, R2) convolved with a Gaussian of ``sigma`` cells per axis. The best
+    quadratic in u is taken out first and added back, so a quadratic F (a constant metric) is
+    unchanged up to the edges; the rest is filtered with reflection at the edges. Inside the grid
+    the Hessian of the result is the Hessian of F averaged over the Gaussian."""
+    from scipy.ndimage import gaussian_filter
+
+    x, y = u[:, 0], u[:, 1]
+    Q = np.column_stack([np.ones(len(u)), x, y, x * x, x * y, y * y])
+    coef = np.linalg.lstsq(Q, F.ravel(), rcond=None)[0]
+    quad = (Q @ coef).reshape(F.shape)
+    return quad + gaussian_filter(F - quad, sigma, mode="reflect")
+
+
 def fit_shape(thetas, log_post, point, cfg: PotentialConfig, cells=None) -> tuple[SplinePotential, dict]:
     """``fit_potential`` for ``cfg.fit == "shape"``: F's grid values (:func:`grid_values`), their
     interpolating spline in u (degree min(5, R - 1) per axis), the linear term that matches the
@@ -305,7 +319,8 @@ def fit_shape(thetas, log_post, point, cfg: PotentialConfig, cells=None) -> tupl
         raise ValueError("the shape fit needs the grid points theta_1 index major")
     F, a = grid_values(u, log_post, point, cells)
     k = (min(5, shape[0] - 1), min(5, shape[1] - 1))
-    sp = RectBivariateSpline(a1, a2, F.reshape(shape), kx=k[0], ky=k[1], s=0)
+    Fs = smooth_grid(u, F.reshape(shape), cfg.smooth) if cfg.smooth > 0 else F.reshape(shape)
+    sp = RectBivariateSpline(a1, a2, Fs, kx=k[0], ky=k[1], s=0)
     params = {"F": piecewise(sp, k), "lin": jnp.zeros(2, jnp.float32)}
     pot = SplinePotential(params, k, cfg)
     # the gauge: grad_u F at each bundle's grid point plus lin best matches its linear term a_m
