@@ -7,8 +7,16 @@ import pytest
 from scipy.ndimage import gaussian_filter
 from scipy.stats import spearmanr
 
-from geomjobs.fisher.slice_stats import (box_counts, box_dimension, boundary_edges, near_mask, region_spearman,
-                                         ridge_boundary_test, slice_statistics, spearman)
+from geomjobs.fisher.slice_stats import (
+    boundary_edges,
+    box_counts,
+    box_dimension,
+    near_mask,
+    region_spearman,
+    ridge_boundary_test,
+    slice_statistics,
+    spearman,
+)
 
 
 def test_boundary_edges_of_a_straight_split_is_one_pixel_per_row():
