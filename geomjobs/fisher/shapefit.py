@@ -87,7 +87,9 @@ def _window_values(u, log_post, cells, chunk_floats: float = 5e6) -> tuple[np.nd
         c, wc, lc = cells[sl], w[sl], lp[sl]
         Xc = X[c]                                               # (m, K, 3)
         V = wc[..., None] * Xc
-        Y = np.einsum("mki,mij->mkj", V, np.linalg.inv(np.einsum("mki,mkj->mij", V, Xc)))
+        # pinv: a posterior with its mass on fewer than 3 non-collinear cells leaves (a_m, c_m)
+        # undetermined; the minimum-norm fit is as good as any (the residual is the same)
+        Y = np.einsum("mki,mij->mkj", V, np.linalg.pinv(np.einsum("mki,mkj->mij", V, Xc), hermitian=True))
         coefY[sl] = Y
         blocks = -np.einsum("mki,mli->mkl", Y, V)
         rows = np.broadcast_to(c[:, :, None], blocks.shape).ravel()
@@ -303,12 +305,13 @@ def smooth_grid(u: np.ndarray, F: np.ndarray, sigma: float) -> np.ndarray:
     return quad + gaussian_filter(F - quad, sigma, mode="reflect")
 
 
-def fit_shape(thetas, log_post, point, cfg: PotentialConfig, cells=None) -> tuple[SplinePotential, dict]:
+def fit_shape(thetas, log_post, point, cfg: PotentialConfig, cells=None, values=None) -> tuple[SplinePotential, dict]:
     """``fit_potential`` for ``cfg.fit == "shape"``: F's grid values (:func:`grid_values`), their
     interpolating spline in u (degree min(5, R - 1) per axis), the linear term that matches the
     bundles' T_bar estimates to grad F. Returns (potential, {"loss": the weighted RMS residual of
     the log-posteriors, "loss_history": [it]}). ``cells``: log_post over each bundle's window
-    (:func:`geomjobs.fisher.potential.fit_potential`)."""
+    (:func:`geomjobs.fisher.potential.fit_potential`); ``values``: (F, a) of :func:`grid_values`
+    on the same posteriors when already computed (to try several ``smooth`` on one solve)."""
     from scipy.interpolate import RectBivariateSpline
 
     thetas = np.asarray(thetas, np.float64)
@@ -317,7 +320,7 @@ def fit_shape(thetas, log_post, point, cfg: PotentialConfig, cells=None) -> tupl
     order = np.lexsort((u[:, 1], u[:, 0]))
     if not np.array_equal(order, np.arange(len(u))):
         raise ValueError("the shape fit needs the grid points theta_1 index major")
-    F, a = grid_values(u, log_post, point, cells)
+    F, a = grid_values(u, log_post, point, cells) if values is None else values
     k = (min(5, shape[0] - 1), min(5, shape[1] - 1))
     Fs = smooth_grid(u, F.reshape(shape), cfg.smooth) if cfg.smooth > 0 else F.reshape(shape)
     sp = RectBivariateSpline(a1, a2, Fs, kx=k[0], ky=k[1], s=0)
