@@ -133,11 +133,44 @@ def test_ridge_test_detects_ridges_on_the_boundaries():
 
 
 def test_slice_statistics_collects_the_three():
+    from geomjobs.fisher.diffusion_slice import boundary_mask
+
     rng = np.random.default_rng(4)
     cls = (_field(rng, 66, 4) > 0).astype(int)
     tr, psi = _field(rng, 66), _field(rng, 66)
     s = slice_statistics(tr, psi, cls, fine_classes=(_field(rng, 64, 4) > 0).astype(int))
-    assert set(s) == {"ridges", "box_counting", "psi_trace_spearman"}
+    assert set(s) == {"ridges", "box_counting", "psi_trace_spearman", "psi_ridges"}
+    assert s["psi_ridges"] == ridge_boundary_test(psi[1:-1, 1:-1], boundary_mask(cls)[1:-1, 1:-1])
     assert s["box_counting"]["boxes"] == [16, 32, 64]
     small = slice_statistics(tr[:12, :12], None, cls[:12, :12])
     assert small["box_counting"]["dimension"] is None and "psi_trace_spearman" not in small
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_slice_128_example_end_to_end_at_32(tmp_path):
+    """examples/fisher/ldm-digits-slice-128.yaml at 32 x 32 points, 4 samples per point, class map
+    64 x 64, psi off: the statistics land in fisher.json and slice_stats.png, the box counting runs
+    over 16-64 boxes, and a rerun computes no sample shard (resumed)."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from geomjobs.fisher.job import run_fisher
+
+    raw = yaml.safe_load((Path(__file__).parent.parent / "examples" / "fisher" / "ldm-digits-slice-128.yaml").read_text())
+    raw["grid"]["resolution"] = [32, 32]
+    raw["samples_per_point"] = 4
+    raw["family"].update(class_map=64, psi=False)
+    raw["execution"]["shard_size"] = 128
+    out = tmp_path / "out"
+    s = run_fisher(dict(raw), str(out), progress=False)
+    st = json.loads((out / "fisher.json").read_text())["slice"]["stats"]
+    assert st == json.loads(json.dumps(s["slice"]["stats"]))
+    assert st["box_counting"]["boxes"] == [16, 32, 64]
+    d = st["box_counting"]
+    assert d["interval"][0] <= d["dimension"] <= d["interval"][1]
+    assert 0 < st["ridges"]["ridge_p"] <= 1 and (out / "slice_stats.png").is_file()
+    again = run_fisher(dict(raw), str(out), progress=False)
+    assert again["sampled_shards"]["computed"] == 0

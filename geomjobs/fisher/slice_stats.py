@@ -195,5 +195,9 @@ def slice_statistics(trace: np.ndarray, psi: np.ndarray | None, classes: np.ndar
         res["box_counting"] = {"class_map": list(fc.shape), "dimension": None,
                                "why": "box counting needs a square class map of side >= 64 (family.class_map)"}
     if psi is not None and np.isfinite(psi).any():
-        res["psi_trace_spearman"] = region_spearman(np.asarray(psi, float)[inner], tr, bnd, seed=seed)
+        ps = np.asarray(psi, float)[inner]
+        res["psi_trace_spearman"] = region_spearman(ps, tr, bnd, seed=seed)
+        if np.isfinite(ps).all():
+            # the same ridge test for psi: does psi, too, peak on the boundaries?
+            res["psi_ridges"] = ridge_boundary_test(ps, bnd, seed=seed)
     return res
