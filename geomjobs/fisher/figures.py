@@ -253,7 +253,7 @@ def stats_plot(spec, tr, psi, cls, fine, stats: dict, family):
     ax = axes[1, 0]
     fc = np.asarray(fine if fine is not None else np.asarray(cls).reshape(R1, R2))
     im = ax.imshow(fc.T, origin="lower", extent=[lo[0], hi[0], lo[1], hi[1]], aspect="auto", cmap="tab10", vmin=-0.5, vmax=9.5)
-    fig.colorbar(im, ax=ax, shrink=0.8, label="class of the eta=0 sample (classifier-digits)", ticks=range(10))
+    fig.colorbar(im, ax=ax, shrink=0.8, label="class of the eta=0 sample [digit 0-9, classifier-digits]", ticks=range(10))
     ax.set_title(f"eta=0 class map, {fc.shape[0]} x {fc.shape[1]} points (box counting)", fontsize=9)
     ax.set_xlabel("u")
     ax.set_ylabel("v")
