@@ -39,6 +39,7 @@ TABLE = {
     "reward": ("Reward model: training throughput and guided sampling (issue 10)", "bench_reward"),
     "reward_train": ("Reward model: training data path (issue 10)", "bench_reward_train"),
     "fisher": ("Fisher metric: Ising sampler and pipeline (issue 12)", "bench_fisher"),
+    "fisher_slice": ("Fisher slice at 128 x 128 and the Ising L=8 pipeline: wall time by stage (issue 20)", "bench_fisher_slice"),
     "scale": ("Jobs at scale: a million latents, manifests of 10k-40k shards (issue 13)", "bench_scale"),
     "manifest": ("Manifest: resume and inspect at scale (issue 13)", "bench_manifest"),
 }

@@ -153,7 +153,8 @@ def test_tiny_slice_end_to_end(tmp_path, monkeypatch):
     np.testing.assert_array_equal(fam.classes(imgs), pts.eta0_class.to_numpy())
     # the figures, read back from their artists: labelled colour bars, a legend entry for the
     # boundaries, ridge points and anchors, finite non-constant data; slice.png shows this run's tr g
-    assert set(figs) == {"fisher.png", "slice.png"} and (out / "slice.png").is_file() and (out / "fisher.png").is_file()
+    assert set(figs) == {"fisher.png", "slice.png", "slice_stats.png"} and (out / "slice.png").is_file() and (out / "fisher.png").is_file()
+    assert (out / "slice_stats.png").is_file()
     for name, fig in figs.items():
         assert figures.readability_problems(fig) == [], name
     panel = figures.drawn(figs["slice.png"])[0]

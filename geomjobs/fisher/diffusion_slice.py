@@ -17,7 +17,9 @@ Spec keys::
              anchor_seed: 0, margin: 0.25,
              sampler: {steps: 25, eta: 0.5},   # DDIM; eta > 0 is required (see below)
              batch: 256,                   # the sampler's fixed batch (padded): compiled once
-             psi: true}                    # the psi map and slice.png
+             psi: true,                    # the psi map and slice.png
+             class_map: 256}               # optional: the eta = 0 class map at 256 x 256 over the same box
+                                           #   (slice/classes_fine.parquet) for the box counting
 
 Samples: point p's sample j starts from the plane noise at theta_p and runs DDIM with eta > 0
 (:func:`geomjobs.sampling.batch_sampler`), its step noise ``default_rng([seed, index_p, j])
@@ -79,10 +81,11 @@ class DiffusionSliceFamily:
     posterior_kinds = ("features",)
 
     def __init__(self, model: str, anchors: np.ndarray, margin: float, sampler: DDIMConfig, batch: int, psi: bool,
-                 anchor_ids=None, anchor_seed: int = 0):
+                 anchor_ids=None, anchor_seed: int = 0, class_map: int | None = None):
         from geomjobs.latents.sources import Plane3
 
         self.model, self.sampler, self.batch, self.psi = model, sampler, batch, psi
+        self.class_map = class_map
         self.steps, self.eta = sampler.steps, sampler.eta
         self.anchors = np.asarray(anchors, np.float64)
         self.margin = margin
@@ -95,7 +98,7 @@ class DiffusionSliceFamily:
 
     @classmethod
     def from_spec(cls, cfg: dict) -> DiffusionSliceFamily:
-        _keys(cfg, {"kind", "model", "anchors", "anchor_seed", "margin", "sampler", "batch", "psi"})
+        _keys(cfg, {"kind", "model", "anchors", "anchor_seed", "margin", "sampler", "batch", "psi", "class_map"})
         model = cfg.get("model", "ldm-digits")
         if model not in LATENT_MODELS:
             raise SpecError("family.model", f"expected one of {list(LATENT_MODELS)} (zoo latent diffusion models decoded by "
@@ -132,8 +135,12 @@ class DiffusionSliceFamily:
             if anchors.shape != (3, 8) or not np.isfinite(anchors).all():
                 raise SpecError("family.anchors", f"expected 3 noise ids (integers) or 3 latents of 8 numbers each for {model}, "
                                                   f"got {cfg.get('anchors')!r}")
+        cm = cfg.get("class_map")
+        if cm is not None and (isinstance(cm, bool) or not isinstance(cm, int) or cm < 64 or cm & (cm - 1)):
+            raise SpecError("family.class_map", f"expected a power of two >= 64 (the side of the eta = 0 class map used for "
+                                                f"box counting), got {cm!r}")
         return cls(model, anchors, float(margin), DDIMConfig(steps, float(eta)), _int(cfg, "batch", 256, 1),
-                   bool(cfg.get("psi", True)), ids, seed)
+                   bool(cfg.get("psi", True)), ids, seed, cm)
 
     # ------------------------------------------------------------------ the plane
     def latents(self, thetas) -> np.ndarray:
@@ -224,14 +231,15 @@ class DiffusionSliceFamily:
 
     def describe(self) -> dict:
         d = {"kind": self.kind, "model": self.model, "anchors": self.anchors.tolist(), "margin": self.margin,
-             "sampler": {"kind": "ddim", "steps": self.steps, "eta": self.eta}, "batch": self.batch, "psi": self.psi}
+             "sampler": {"kind": "ddim", "steps": self.steps, "eta": self.eta}, "batch": self.batch, "psi": self.psi,
+             "class_map": self.class_map}
         if self._anchor_ids is not None:
             d["anchor_noise"] = {"seed": self._anchor_seed, "ids": self._anchor_ids}
         return d
 
     def resolved(self) -> dict:
         return {"kind": self.kind, "model": self.model, "anchors": self.anchors.tolist(), "margin": self.margin,
-                "sampler": dataclasses.asdict(self.sampler), "batch": self.batch, "psi": self.psi}
+                "sampler": dataclasses.asdict(self.sampler), "batch": self.batch, "psi": self.psi, "class_map": self.class_map}
 
     def outputs(self, spec: dict, out: str, thetas, g, interior, progress: bool = False) -> dict:
         return {"slice": slice_outputs(self, spec, out, thetas, g, interior, progress)}
@@ -347,8 +355,31 @@ def slice_outputs(family, spec: dict, out: str, thetas: np.ndarray, g: np.ndarra
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "wb") as f:
         df.to_parquet(f, index=False)
+    fine = fine_class_map(family, spec, out) if family.class_map else None
+    from geomjobs.fisher.slice_stats import slice_statistics
+
+    res["stats"] = slice_statistics(tr.reshape(R1, R2), psi.reshape(R1, R2) if family.psi else None, cls.reshape(R1, R2), fine,
+                                    seed=spec.get("seed", 0))
     if spec.get("figures", True):
-        from geomjobs.fisher.figures import slice_figure
+        from geomjobs.fisher.figures import slice_figure, stats_figure
 
         slice_figure(join(out, "slice.png"), spec, thetas, tr, psi, cls, ridge, family)
+        stats_figure(join(out, "slice_stats.png"), spec, tr, psi if family.psi else None, cls, fine, res["stats"], family)
     return res
+
+
+def fine_class_map(family, spec: dict, out: str) -> np.ndarray:
+    """The eta = 0 classes on a family.class_map x family.class_map grid over the slice's box
+    (``OUT/slice/classes_fine.parquet``: theta_1, theta_2, eta0_class, theta_1 index major)."""
+    import pandas as pd
+
+    from geomjobs.sink.fs import filesystem, join
+
+    n = family.class_map
+    lo, hi = spec["grid"]["low"], spec["grid"]["high"]
+    th = np.stack(np.meshgrid(np.linspace(lo[0], hi[0], n), np.linspace(lo[1], hi[1], n), indexing="ij"), -1).reshape(-1, 2)
+    cls = family.classes(family.deterministic(th)[1])
+    fs, path = filesystem(join(out, "slice", "classes_fine.parquet"))
+    with fs.open(path, "wb") as f:
+        pd.DataFrame({"theta_1": th[:, 0], "theta_2": th[:, 1], "eta0_class": cls.astype(np.int64)}).to_parquet(f, index=False)
+    return cls.reshape(n, n)

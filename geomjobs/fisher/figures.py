@@ -197,3 +197,88 @@ def readability_problems(fig) -> list[str]:
             if not all(np.isfinite(s).all() for s in segs):
                 probs.append(f"{t}: line collection {label!r} has non-finite points")
     return probs
+
+
+def _boundary_segments(c: np.ndarray, u: np.ndarray, v: np.ndarray) -> list:
+    """Line segments between grid cells of different class (cell centres u, v)."""
+    du, dv = (u[1] - u[0]) / 2, (v[1] - v[0]) / 2
+    i, j = np.nonzero(c[1:] != c[:-1])
+    segs = [[(u[a] + du, v[b] - dv), (u[a] + du, v[b] + dv)] for a, b in zip(i, j)]
+    i, j = np.nonzero(c[:, 1:] != c[:, :-1])
+    segs += [[(u[a] - du, v[b] + dv), (u[a] + du, v[b] + dv)] for a, b in zip(i, j)]
+    return segs
+
+
+def stats_plot(spec, tr, psi, cls, fine, stats: dict, family):
+    """``slice_stats.png``: log10 tr g and psi with the eta = 0 class boundaries, the class map
+    used for box counting, and the box-counting log-log plot with its fit; the three measurements'
+    results in the panel titles. Returns the figure."""
+    import matplotlib
+    from matplotlib.collections import LineCollection
+
+    plt = _pyplot()
+    R1, R2 = spec["grid"]["resolution"]
+    lo, hi = spec["grid"]["low"], spec["grid"]["high"]
+    u, v = np.linspace(lo[0], hi[0], R1), np.linspace(lo[1], hi[1], R2)
+    du, dv = (u[1] - u[0]) / 2, (v[1] - v[0]) / 2
+    box = [lo[0] - du, hi[0] + du, lo[1] - dv, hi[1] + dv]
+    segs = _boundary_segments(np.asarray(cls).reshape(R1, R2), u, v)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 9.5))
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.6")
+    tr = np.asarray(tr, float)
+    ltr = np.where(tr > 0, np.log10(np.where(tr > 0, tr, 1.0)), np.nan)
+    rd = stats["ridges"]
+    sp = stats.get("psi_trace_spearman")
+    panels = [(axes[0, 0], ltr, "log10 tr g [tr g in 1/u^2, 1/v^2]",
+               f"log10 tr g (grey: tr g <= 0); ridge points on a boundary {rd['ridge_on_boundary']:.2f}\n"
+               f"(chance {rd['ridge_on_boundary_null_mean']:.2f}, shifted-grid p = {rd['ridge_p']:.3f})"),
+              (axes[0, 1], psi, "psi [nats]", "psi (vae-digits decoder at the eta=0 z_0)" + (
+                  f"\nSpearman(psi, tr g): near boundaries {sp['near']['rho']:.2f}, away {sp['away']['rho']:.2f}"
+                  if sp and sp["near"]["rho"] is not None and sp["away"]["rho"] is not None else ""))]
+    for ax, val, label, title in panels:
+        if val is None or not np.isfinite(np.asarray(val, float)).any():
+            ax.text(0.5, 0.5, "not computed (family.psi: false)", transform=ax.transAxes, ha="center")
+        else:
+            val = np.asarray(val, float).reshape(R1, R2)
+            fin = val[np.isfinite(val)]
+            a, b = np.percentile(fin, [2, 98])
+            im = ax.imshow(np.ma.masked_invalid(val.T), origin="lower", extent=box, aspect="auto", cmap=cmap, vmin=a, vmax=b)
+            fig.colorbar(im, ax=ax, shrink=0.8, label=label)
+        if segs:
+            ax.add_collection(LineCollection(segs, colors="w", linewidths=0.6, label="class boundary of the eta=0 samples"))
+            ax.legend(loc="upper left", fontsize=7, framealpha=0.8)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("u")
+        ax.set_ylabel("v")
+    ax = axes[1, 0]
+    fc = np.asarray(fine if fine is not None else np.asarray(cls).reshape(R1, R2))
+    im = ax.imshow(fc.T, origin="lower", extent=[lo[0], hi[0], lo[1], hi[1]], aspect="auto", cmap="tab10", vmin=-0.5, vmax=9.5)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="class of the eta=0 sample [digit 0-9, classifier-digits]", ticks=range(10))
+    ax.set_title(f"eta=0 class map, {fc.shape[0]} x {fc.shape[1]} points (box counting)", fontsize=9)
+    ax.set_xlabel("u")
+    ax.set_ylabel("v")
+    ax = axes[1, 1]
+    bc = stats["box_counting"]
+    if bc.get("dimension") is not None:
+        s, n = np.asarray(bc["boxes"], float), np.asarray(bc["counts"], float)
+        ax.loglog(s, n, "ko", label="boxes holding a class boundary")
+        c = np.exp(np.mean(np.log(n) - bc["dimension"] * np.log(s)))
+        lo_i, hi_i = bc["interval"]
+        ax.loglog(s, c * s ** bc["dimension"], "r-",
+                  label=f"fit: dimension {bc['dimension']:.3f} ({100 * bc['level']:.0f}% CI {lo_i:.3f}-{hi_i:.3f})")
+        for d, st in ((1, ":"), (2, "--")):
+            ax.loglog(s, n[0] * (s / s[0]) ** d, "0.5", ls=st, label=f"slope {d} ({'smooth curve' if d == 1 else 'filled region'})")
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no box counting (class map too small)", transform=ax.transAxes, ha="center")
+    ax.set_xlabel("boxes per side s")
+    ax.set_ylabel("N(s): boxes holding a boundary pixel")
+    ax.set_title("box-counting dimension of the class-boundary set", fontsize=9)
+    fig.suptitle(f"{family.model} slice at {R1} x {R2}: metric ridges, psi and class boundaries", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def stats_figure(uri, spec, tr, psi, cls, fine, stats, family) -> None:
+    """``slice_stats.png``: :func:`stats_plot` written to ``uri``."""
+    save_png(stats_plot(spec, tr, psi, cls, fine, stats, family), uri)

@@ -49,12 +49,14 @@ def run_fisher(spec: dict, out: str | None = None, *, address: str | None = None
     thetas = grid_thetas(spec)
     fit = fit_method(spec, family, data["x"], thetas)
     pot = fit["potential"]
+    t_metric = time.time()
     F, dF, g = pot.F(thetas), pot.grad(thetas), pot.hessian(thetas)
+    metric_seconds = time.time() - t_metric
     exact = data["exact"]
     interior = interior_mask(spec)
     summary: dict = {"uri": out, "family": family.describe(), "grid": spec["grid"], "samples_per_point": spec["samples_per_point"],
                      "posterior": spec["posterior"], "potential": spec["potential"], "sampled_shards": sampled,
-                     "sample_seconds": sample_seconds, **fit["info"]}
+                     "sample_seconds": sample_seconds, "metric_seconds": metric_seconds, **fit["info"]}
     if exact is not None:
         summary["errors"] = error_table(thetas, F, dF, g, exact, family.sites, interior, pot.coords)
     geo = geodesics(spec, pot, exact)
@@ -63,7 +65,9 @@ def run_fisher(spec: dict, out: str | None = None, *, address: str | None = None
     write_networks(out, fit)
     if spec["figures"]:
         fisher_figure(join(out, "fisher.png"), spec, family, thetas, F, g, exact, geo)
+    t_out = time.time()
     summary.update(family.outputs(spec, out, thetas, g, interior, progress))
+    summary["family_outputs_seconds"] = time.time() - t_out
     summary["seconds"] = time.time() - t_start
     write_summary(out, summary, geo)
     return summary

@@ -15,18 +15,28 @@ from geomjobs.fisher.potential import PotentialConfig
 from geomjobs.fisher.spec import default_pairs, grid_axes
 
 
-def posterior_loglik(cfg: PosteriorConfig, family, x: np.ndarray, thetas: np.ndarray, coords: str) -> tuple[np.ndarray, dict]:
-    """Per-sample log-likelihoods over the grid (P, m, P) of the samples F is fitted on, and
+def posterior_loglik(cfg: PosteriorConfig, family, x: np.ndarray, thetas: np.ndarray, coords: str,
+                     cells: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """Per-sample log-likelihoods over the grid (P, m, P) of the samples F is fitted on (with
+    ``cells`` (P, K), :func:`~geomjobs.fisher.posterior.window_cells`: over each point's window
+    only, (P, m, K); the features posterior computes just those), and
     {"posterior_net", "posterior_params" (None but for a learned posterior; a list of the folds'
     with ``folds`` >= 2), losses}."""
     from geomjobs.fisher import posterior as post_mod
-    from geomjobs.fisher.potential import to_coords
 
     info: dict = {"posterior_net": None, "posterior_params": None}
+    if cfg.kind == "features":
+        return post_mod.feature_loglik(family.features, x, cells), info
+    ll, info = _full_loglik(cfg, family, x, thetas, coords, info)
+    return (ll if cells is None else np.take_along_axis(ll, cells[:, None, :], 2)), info
+
+
+def _full_loglik(cfg: PosteriorConfig, family, x, thetas, coords: str, info: dict) -> tuple[np.ndarray, dict]:
+    from geomjobs.fisher import posterior as post_mod
+    from geomjobs.fisher.potential import to_coords
+
     if cfg.kind == "oracle":
         return post_mod.oracle_loglik(family, x, thetas), info
-    if cfg.kind == "features":
-        return post_mod.feature_loglik(family.features, x), info
     grid = to_coords(coords, thetas)
     if cfg.folds > 1:
         # cross-fitting: fold k's log-likelihoods from the network trained without it
@@ -52,18 +62,21 @@ def posterior_loglik(cfg: PosteriorConfig, family, x: np.ndarray, thetas: np.nda
 def fit_method(spec: dict, family, x: np.ndarray, thetas: np.ndarray) -> dict:
     """Posterior -> tempered bundle posteriors -> F. Returns {"potential", "posterior_net",
     "posterior_params", "info": the losses, sizes and times for the summary}."""
-    from geomjobs.fisher.posterior import bundle_posteriors
+    from geomjobs.fisher.posterior import bundle_posteriors, window_cells
     from geomjobs.fisher.potential import fit_potential
 
     post, pcfg = PosteriorConfig(**spec["posterior"]), PotentialConfig(**spec["potential"])
     t0 = time.time()
-    loglik, nets = posterior_loglik(post, family, x, thetas, pcfg.coords)
+    cells = window_cells(tuple(spec["grid"]["resolution"]), post.window) if post.window else None
+    loglik, nets = posterior_loglik(post, family, x, thetas, pcfg.coords, cells)
     info = {k: v for k, v in nets.items() if k.startswith("posterior_loss")}
     info["posterior_seconds"] = time.time() - t0
     lp, pts = bundle_posteriors(loglik, post.fit_bundle, post.bundles_per_point, seed=post.seed)
     info["fit_bundle"] = min(post.fit_bundle, loglik.shape[1])
     t0 = time.time()
-    pot, pinfo = fit_potential(thetas, lp, pts, pcfg)
+    if cells is not None:
+        info["window_cells"] = int(cells.shape[1])
+    pot, pinfo = fit_potential(thetas, lp, pts, pcfg, cells=None if cells is None else cells[pts])
     info["potential_loss"] = pinfo["loss"]
     info["potential_loss_history"] = pinfo["loss_history"]
     info["potential_seconds"] = time.time() - t0

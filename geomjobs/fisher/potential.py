@@ -116,7 +116,11 @@ class PotentialConfig:
     dense head) width 32 / depth 2 / 800 steps gave metric errors 0.25 / 0.60 where 64 / 3 / 1500
     steps fitted the posteriors' noise (2.0 / 2.9). ``coords``: the fitting coordinates (module
     docstring); ``convex``: F an input-convex network (:class:`FNet`); ``fit``: :data:`FITS` (with
-    ``shape``, steps, width, depth, lr, seed and convex are unused)."""
+    ``shape``, steps, width, depth, lr, seed and convex are unused); ``smooth`` (fit shape /
+    curvature): 0 reads F's grid values as they are; s > 0 first smooths them with a Gaussian of
+    s grid cells (:func:`geomjobs.fisher.shapefit.smooth_grid`), so the metric is the true one
+    averaged over that Gaussian (smoothing commutes with the Hessian) and the grid values' noise
+    is damped."""
     steps: int = 800
     width: int = 32
     depth: int = 2
@@ -125,6 +129,7 @@ class PotentialConfig:
     coords: str = "identity"
     convex: bool = False
     fit: str = "js"
+    smooth: float = 0.0
 
     def __post_init__(self):
         if self.coords not in COORDS:
@@ -222,11 +227,14 @@ def js_divergence(logp, logq):
     return 0.5 * jnp.sum(p * (logp - logm), -1) + 0.5 * jnp.sum(q * (logq - logm), -1)
 
 
-def fit_potential(thetas, log_post, point, cfg: PotentialConfig = PotentialConfig()) -> tuple[Potential, dict]:
+def fit_potential(thetas, log_post, point, cfg: PotentialConfig = PotentialConfig(), cells=None) -> tuple[Potential, dict]:
     """Fit F to tempered posteriors.
 
     thetas: (P, 2) grid points; log_post: (M, P) tempered log-posteriors of M bundles over the
-    grid (each row normalised); point: (M,) the grid index each bundle was drawn at; cfg: the net,
+    grid (each row normalised); or, with ``cells`` (M, K) (the grid indices of each bundle's
+    window, :func:`geomjobs.fisher.posterior.window_cells`), (M, K) over those cells only, each
+    row normalised over its window, and q_F likewise normalised over the bundle's window;
+    point: (M,) the grid index each bundle was drawn at; cfg: the net,
     the fitting coordinates and the optimiser (:class:`PotentialConfig`; its defaults are the
     job's). Full-batch Adam with a cosine learning-rate decay (``cfg.fit == "shape"``:
     :func:`geomjobs.fisher.shapefit.fit_shape` instead). Returns the potential and
@@ -235,7 +243,7 @@ def fit_potential(thetas, log_post, point, cfg: PotentialConfig = PotentialConfi
     if cfg.fit in ("shape", "curvature"):
         from geomjobs.fisher.shapefit import fit_shape
 
-        return fit_shape(thetas, log_post, point, cfg)
+        return fit_shape(thetas, log_post, point, cfg, cells=cells)
     thetas = np.asarray(thetas, np.float64)
     u = to_coords(cfg.coords, thetas)
     lo, hi = u.min(0), u.max(0)
@@ -244,12 +252,18 @@ def fit_potential(thetas, log_post, point, cfg: PotentialConfig = PotentialConfi
     tj = jnp.asarray(u, jnp.float32)
     lp = jnp.asarray(log_post, jnp.float32)
     idx = jnp.asarray(point, jnp.int32)
+    cj = None if cells is None else jnp.asarray(cells, jnp.int32)
     params = cfg.net().init(jax.random.PRNGKey(cfg.seed), jnp.zeros((1, 2), jnp.float32))
     opt = optax.adam(optax.cosine_decay_schedule(cfg.lr, cfg.steps, alpha=0.02))
     state = opt.init(params)
 
     def loss_fn(p):
-        lq = model_log_posterior(pot._fu, p, tj)[idx]
+        if cj is None:
+            lq = model_log_posterior(pot._fu, p, tj)[idx]
+        else:
+            Fv = jax.vmap(lambda t: pot._fu(p, t))(tj)
+            dF = jax.vmap(jax.grad(lambda t: pot._fu(p, t)))(tj)
+            lq = jax.nn.log_softmax(jnp.einsum("mi,mki->mk", dF[idx], tj[cj]) - Fv[cj], axis=1)
         return jnp.mean(js_divergence(lp, lq))
 
     @jax.jit

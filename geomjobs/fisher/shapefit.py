@@ -40,11 +40,14 @@ import numpy as np
 from geomjobs.fisher.potential import COORDS, PotentialConfig, to_coords
 
 
-def grid_values(u: np.ndarray, log_post: np.ndarray, point: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def grid_values(u: np.ndarray, log_post: np.ndarray, point: np.ndarray, cells=None) -> tuple[np.ndarray, np.ndarray]:
     """F at the grid points u (P, 2) from tempered log-posteriors (M, P) of bundles drawn at grid
     indices ``point`` (M,): the weighted least-squares fit (module docstring), gauge fixed so that
     grad F best matches the bundles' linear terms. Returns (F (P,), a (M, 2): each bundle's fitted
-    linear term, the estimate of its T_bar)."""
+    linear term, the estimate of its T_bar). With ``cells`` (M, K), log_post (M, K) over each
+    bundle's window: :func:`_window_values` (a sparse system)."""
+    if cells is not None:
+        return _window_values(u, log_post, np.asarray(cells))
     X = np.column_stack([np.ones(len(u)), u])                # (P, 3): the affine functions of u
     lp = np.asarray(log_post, np.float64)
     w = np.exp(lp)                                           # (M, P) posterior mass
@@ -58,6 +61,50 @@ def grid_values(u: np.ndarray, log_post: np.ndarray, point: np.ndarray) -> tuple
     # makes the system regular and picks the solution orthogonal to (1, u)
     F = np.linalg.solve(A + np.trace(A) / len(u) * X @ X.T / len(u), -b)
     coef = np.einsum("mpj,mp->mj", Y, lp + F[None])          # each bundle's weighted fit of lp_m + F on (1, u)
+    return F, coef[:, 1:]
+
+
+def _window_values(u, log_post, cells, chunk_floats: float = 5e6) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`grid_values` with each bundle's equations on its window's cells only. Each bundle
+    adds a K x K block to the P x P system, so the system is sparse (a band of the windows' reach)
+    and is solved by sparse LU: O(M K^2) to build, not O(M P^2). The affine gauge is fixed by
+    holding F = 0 at three grid corners (the deleted equations hold by consistency: b is
+    orthogonal to the affine null space), then F is made orthogonal to (1, u) as the dense fit's.
+    With every window the whole grid it is the dense fit (tests/test_fisher_window.py)."""
+    import scipy.sparse as sps
+    from scipy.sparse.linalg import spsolve
+
+    P, (M, K) = len(u), cells.shape
+    X = np.column_stack([np.ones(P), u])
+    lp = np.asarray(log_post, np.float64)
+    w = np.exp(lp)
+    A = sps.csr_matrix((P, P))
+    b = np.zeros(P)
+    coefY = np.empty((M, K, 3))
+    step = max(1, int(chunk_floats // (K * K)))
+    for lo in range(0, M, step):
+        sl = slice(lo, lo + step)
+        c, wc, lc = cells[sl], w[sl], lp[sl]
+        Xc = X[c]                                               # (m, K, 3)
+        V = wc[..., None] * Xc
+        # pinv: a posterior with its mass on fewer than 3 non-collinear cells leaves (a_m, c_m)
+        # undetermined; the minimum-norm fit is as good as any (the residual is the same)
+        Y = np.einsum("mki,mij->mkj", V, np.linalg.pinv(np.einsum("mki,mkj->mij", V, Xc), hermitian=True))
+        coefY[sl] = Y
+        blocks = -np.einsum("mki,mli->mkl", Y, V)
+        rows = np.broadcast_to(c[:, :, None], blocks.shape).ravel()
+        cols = np.broadcast_to(c[:, None, :], blocks.shape).ravel()
+        A = A + sps.csr_matrix((blocks.ravel(), (rows, cols)), shape=(P, P))
+        bl = wc * lc - np.einsum("mkj,mj->mk", Y, np.einsum("mkj,mk->mj", V, lc))
+        np.add.at(b, c.ravel(), bl.ravel())
+    A = A + sps.diags(np.bincount(cells.ravel(), weights=w.ravel(), minlength=P))
+    R2 = len(np.unique(u[:, 1]))
+    pin = np.array([0, R2 - 1, P - R2])                          # three corners: X[pin] is invertible
+    keep = np.setdiff1d(np.arange(P), pin)
+    F = np.zeros(P)
+    F[keep] = spsolve(A.tocsr()[keep][:, keep].tocsc(), -b[keep])
+    F -= X @ np.linalg.lstsq(X, F, rcond=None)[0]
+    coef = np.einsum("mkj,mk->mj", coefY, lp + F[cells])
     return F, coef[:, 1:]
 
 
@@ -174,7 +221,7 @@ def _derivative_matrices(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]
     return D1, D2
 
 
-def bundle_curvature(thetas, log_post, point) -> np.ndarray:
+def bundle_curvature(thetas, log_post, point, cells=None) -> np.ndarray:
     """The metric at each grid point as minus the Hessian in theta of its bundles' tempered
     log-posteriors at that point (averaged over its bundles), each read by the interpolating
     spline of degree min(5, R - 1) per axis of the log-posterior's grid values: (P, 2, 2).
@@ -184,9 +231,13 @@ def bundle_curvature(thetas, log_post, point) -> np.ndarray:
     limit it is -KL(p_t' || p_t), whose Hessian at t = t' is -g(t') for any family. So this reads
     the Fisher metric without assuming an exponential family in any coordinates (the js and shape
     fits need one: TASEP's exact limit posteriors give 0.14 / 0.15 with them in log rates, 0.045
-    here). For an exponential family it is the Hessian of F, as the shape fit's."""
+    here). For an exponential family it is the Hessian of F, as the shape fit's. With ``cells``
+    (M, K) and log_post (M, K) over each bundle's window: the spline of the window's values
+    (:func:`_window_curvature`)."""
     thetas = np.asarray(thetas, np.float64)
     a1, a2, shape = _axes(thetas)
+    if cells is not None:
+        return _window_curvature(thetas, (a1, a2), np.asarray(log_post, np.float64), np.asarray(point), np.asarray(cells))
     (d1, e1), (d2, e2) = (_derivative_matrices(a, min(5, len(a) - 1)) for a in (a1, a2))
     i1, i2 = np.eye(shape[0]), np.eye(shape[1])
     ops = (np.kron(e1, i2), np.kron(d1, d2), np.kron(i1, e2))          # d11, d12, d22 on theta_1-major values
@@ -195,6 +246,36 @@ def bundle_curvature(thetas, log_post, point) -> np.ndarray:
     h = np.stack([np.einsum("mq,mq->m", op[pts], lp) for op in ops], 1)   # (M, 3) at each bundle's own point
     acc = np.zeros((len(thetas), 3))
     np.add.at(acc, pts, -h)
+    acc /= np.maximum(np.bincount(pts, minlength=len(thetas)), 1)[:, None]
+    return np.stack([np.stack([acc[:, 0], acc[:, 1]], -1), np.stack([acc[:, 1], acc[:, 2]], -1)], -2)
+
+
+def _window_curvature(thetas, axes, lp, pts, cells) -> np.ndarray:
+    """:func:`bundle_curvature` on windows: each bundle's log-posterior on its w1 x w2 block of
+    cells, read by the interpolating spline of degree min(5, w - 1) per axis through the block's
+    nodes, its second derivatives taken at the bundle's own point."""
+    a1, a2 = axes
+    R2 = len(a2)
+    r, c = np.divmod(cells, R2)
+    w1, w2 = len(np.unique(r[0])), len(np.unique(c[0]))
+    s1, s2 = r.min(1), c.min(1)
+    o1, o2 = np.divmod(pts, R2)
+    o1, o2 = o1 - s1, o2 - s2                                  # the own point's place in its block
+    L = lp.reshape(len(lp), w1, w2)
+
+    def rows(a, w, starts, own):
+        """(first, second) derivative rows at the own node of the block spline, per bundle."""
+        cache = {st: _derivative_matrices(a[st:st + w], min(5, w - 1)) for st in np.unique(starts)}
+        return (np.stack([cache[st][0][o] for st, o in zip(starts, own)]),
+                np.stack([cache[st][1][o] for st, o in zip(starts, own)]))
+
+    (d1, e1), (d2, e2) = rows(a1, w1, s1, o1), rows(a2, w2, s2, o2)
+    m = np.arange(len(lp))
+    h11 = np.einsum("ma,ma->m", e1, L[m, :, o2])
+    h22 = np.einsum("mb,mb->m", e2, L[m, o1, :])
+    h12 = np.einsum("ma,mab,mb->m", d1, L, d2)
+    acc = np.zeros((len(thetas), 3))
+    np.add.at(acc, pts, -np.stack([h11, h12, h22], 1))
     acc /= np.maximum(np.bincount(pts, minlength=len(thetas)), 1)[:, None]
     return np.stack([np.stack([acc[:, 0], acc[:, 1]], -1), np.stack([acc[:, 1], acc[:, 2]], -1)], -2)
 
@@ -210,11 +291,27 @@ def _batched_fns(coords: str) -> dict:
             "hessian": jax.jit(jax.vmap(functools.partial(_metric, coords), (None, 0)))}
 
 
-def fit_shape(thetas, log_post, point, cfg: PotentialConfig) -> tuple[SplinePotential, dict]:
+def smooth_grid(u: np.ndarray, F: np.ndarray, sigma: float) -> np.ndarray:
+    """Grid values F (R1, R2) convolved with a Gaussian of ``sigma`` cells per axis. The best
+    quadratic in u is taken out first and added back, so a quadratic F (a constant metric) is
+    unchanged up to the edges; the rest is filtered with reflection at the edges. Inside the grid
+    the Hessian of the result is the Hessian of F averaged over the Gaussian."""
+    from scipy.ndimage import gaussian_filter
+
+    x, y = u[:, 0], u[:, 1]
+    Q = np.column_stack([np.ones(len(u)), x, y, x * x, x * y, y * y])
+    coef = np.linalg.lstsq(Q, F.ravel(), rcond=None)[0]
+    quad = (Q @ coef).reshape(F.shape)
+    return quad + gaussian_filter(F - quad, sigma, mode="reflect")
+
+
+def fit_shape(thetas, log_post, point, cfg: PotentialConfig, cells=None, values=None) -> tuple[SplinePotential, dict]:
     """``fit_potential`` for ``cfg.fit == "shape"``: F's grid values (:func:`grid_values`), their
     interpolating spline in u (degree min(5, R - 1) per axis), the linear term that matches the
     bundles' T_bar estimates to grad F. Returns (potential, {"loss": the weighted RMS residual of
-    the log-posteriors, "loss_history": [it]})."""
+    the log-posteriors, "loss_history": [it]}). ``cells``: log_post over each bundle's window
+    (:func:`geomjobs.fisher.potential.fit_potential`); ``values``: (F, a) of :func:`grid_values`
+    on the same posteriors when already computed (to try several ``smooth`` on one solve)."""
     from scipy.interpolate import RectBivariateSpline
 
     thetas = np.asarray(thetas, np.float64)
@@ -223,9 +320,10 @@ def fit_shape(thetas, log_post, point, cfg: PotentialConfig) -> tuple[SplinePote
     order = np.lexsort((u[:, 1], u[:, 0]))
     if not np.array_equal(order, np.arange(len(u))):
         raise ValueError("the shape fit needs the grid points theta_1 index major")
-    F, a = grid_values(u, log_post, point)
+    F, a = grid_values(u, log_post, point, cells) if values is None else values
     k = (min(5, shape[0] - 1), min(5, shape[1] - 1))
-    sp = RectBivariateSpline(a1, a2, F.reshape(shape), kx=k[0], ky=k[1], s=0)
+    Fs = smooth_grid(u, F.reshape(shape), cfg.smooth) if cfg.smooth > 0 else F.reshape(shape)
+    sp = RectBivariateSpline(a1, a2, Fs, kx=k[0], ky=k[1], s=0)
     params = {"F": piecewise(sp, k), "lin": jnp.zeros(2, jnp.float32)}
     pot = SplinePotential(params, k, cfg)
     # the gauge: grad_u F at each bundle's grid point plus lin best matches its linear term a_m
@@ -234,15 +332,18 @@ def fit_shape(thetas, log_post, point, cfg: PotentialConfig) -> tuple[SplinePote
     params["lin"] = jnp.asarray((a - gu).mean(0), jnp.float32)
     if cfg.fit == "curvature":
         # the metric's components: splines over the grid in theta (the same degrees)
-        g = bundle_curvature(thetas, log_post, point)
+        g = bundle_curvature(thetas, log_post, point, cells)
         b1, b2, _ = _axes(thetas)
         for name, (i, j) in {"g11": (0, 0), "g12": (0, 1), "g22": (1, 1)}.items():
             params[name] = piecewise(RectBivariateSpline(b1, b2, g[:, i, j].reshape(shape), kx=k[0], ky=k[1], s=0), k)
     X = np.column_stack([np.ones(len(u)), u])
     lp = np.asarray(log_post, np.float64)
     w = np.exp(lp)
-    fitted = np.column_stack([np.zeros(len(a)), a]) @ X.T    # <u_p, a_m>, up to each bundle's constant
-    r = lp + F[None] - fitted
+    if cells is None:
+        fitted = np.column_stack([np.zeros(len(a)), a]) @ X.T    # <u_p, a_m>, up to each bundle's constant
+        r = lp + F[None] - fitted
+    else:
+        r = lp + F[np.asarray(cells)] - np.einsum("mj,mkj->mk", a, u[np.asarray(cells)])
     r -= (w * r).sum(1, keepdims=True) / w.sum(1, keepdims=True)
     res = (w * r * r).sum(1)
     loss = float(np.sqrt(np.mean(res)))

@@ -113,6 +113,9 @@ def _check_posterior(spec: dict, family, post: PosteriorConfig) -> None:
     if post.kind not in family.posterior_kinds:
         raise SpecError("posterior.kind", f"'{post.kind}' ({KINDS[post.kind]}) is not for family kind '{family.kind}'; "
                                           f"it takes {list(family.posterior_kinds)} ({default}: {KINDS[default]})")
+    if 0 < post.window < 3:
+        raise SpecError("posterior.window", f"expected 0 (the whole grid) or a window of >= 3 cells per axis (the metric "
+                                            f"is a second derivative), got {post.window}")
     if post.kind == "features" and n < 2:
         raise SpecError("samples_per_point", f"the feature posterior needs at least 2 samples per point (the first half are "
                                              f"the point's references, the rest bundle samples), got {n}")
