@@ -289,3 +289,32 @@ def test_the_command_line_exits_2_naming_the_key(xl, tmp_path, capsys):
         err = capsys.readouterr().err
         assert key in err, err
         assert not (tmp_path / "out").exists()
+
+
+def test_the_cluster_spec_plans_on_the_tiny_pipeline(xl, tmp_path):
+    """cluster/jobs/sdxl-sampled-decoder-psi.yaml with its folder and files swapped for the tiny
+    ones (and count, k, the negative row shrunk to their sizes): every key is read by the planner,
+    the sampler's UNet carries the spec's micro-conditions and both rows' pooled embeddings."""
+    from pathlib import Path
+
+    import yaml
+
+    from geomjobs.runner.plan import plan_job
+
+    root = xl["root"]
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "cluster" / "jobs" / "sdxl-sampled-decoder-psi.yaml").read_text())
+    unet = spec["latents"]["model"]
+    assert spec["model"]["path"] == unet["path"] and unet["path"].endswith("stable-diffusion-xl-base-1.0")
+    assert (unet["negative_embedding_index"], unet["original_size"]) == (1000, [1024, 1024])
+    spec["model"]["path"] = unet["path"] = str(root)
+    unet.update(prompt_embeddings=str(root / "prompts.npz"), pooled_embeddings=str(root / "pooled.npz"), prompt_index=1,
+                negative_embedding_index=0)
+    spec["latents"].update(count=8)           # rows 1, 2 x 4 seeds
+    spec["descriptors"]["local_scaling"]["k"] = 8
+    spec["output"] = str(tmp_path / "out")
+    plan = plan_job(spec)
+    assert plan.generator.latent_shape == (4, 4, 4) and plan.count == 8
+    gen = plan.latents.run.gen
+    assert gen.cfg_scale == 5.0
+    np.testing.assert_array_equal(gen.params["time_ids"], [[1024, 1024, 0, 0, 1024, 1024]] * 2)
+    np.testing.assert_array_equal(gen.params["text_embeds"], jnp.asarray(xl["pooled"][[0, 1]], jnp.bfloat16))   # dtype: bfloat16
