@@ -90,18 +90,20 @@ def abstract_args(plan):
 
 
 def plans(gens: dict, progs: list, args, with_delta: bool) -> tuple[list, dict]:
-    """Rows [dtype, program, plan, fits, compile s] of the psi+nu programs ``progs`` ((dtype, chunk))
-    (and delta per dtype), one sample each, compiled never run; {dtype: (forward, VJP row) FLOPs}."""
+    """Rows [dtype, program, plan, fits, compile s] of the psi+nu programs ``progs`` ((dtype, remat,
+    chunk) on ``gens[(dtype, remat)]``) and delta per dtype, one sample each, compiled never run;
+    {dtype: (forward, VJP row) FLOPs}."""
     k, rows, flops_of = args.k, [], {}
-    todo = [(dt, c) for dt, c in progs] + ([(dt, None) for dt in dict.fromkeys(p[0] for p in progs)] if with_delta else [])
-    for dt, chunk in todo:
-        gen = gens[dt]
+    todo = list(progs) + ([(dt, "none", None) for dt in dict.fromkeys(p[0] for p in progs)] if with_delta else [])
+    for dt, remat, chunk in todo:
+        gen = gens[(dt, remat)]
         with shapes_only_w():
             plan = plan_for(gen, delta(args.directions, args.radius) if chunk is None else psi_nu(k, chunk), 1)
         c, secs = compiled(plan, chunk, abstract_args(plan))
         flops, need = xla_cost(c)
         name = f"delta, P = {args.directions}" if chunk is None else f"psi+nu, chunk {min(chunk, k)}"
-        if chunk is not None and chunk >= k:
+        name += f", remat {remat}" if remat != "none" else ""
+        if chunk is not None and chunk >= k and remat == "none":
             fwd = forward_flops(gen, jax.ShapeDtypeStruct((1, gen.latent_dim), jnp.float32))
             flops_of[dt] = (fwd, (flops - fwd) / k)
         rows.append([dt, name, gib(need), "n/a" if need is None else ("yes" if need / 2**30 <= args.capacity_gib else "no"),
@@ -124,8 +126,10 @@ def run(args) -> str:
            f"compiled for {dev.platform.upper()} ({machine()}) and never run; `fits`: <= {cap:g} GiB (one H100 80 GB).", ""]
     t0 = time.perf_counter()
     vae, params32 = sd_vae(vae_cfg, lat)
-    gens = {dt: vae_generator(vae, params32, lat, dt, "none") for dt in args.dtypes}
-    rows, flops_of = plans(gens, [(dt, c) for dt in args.dtypes for c in args.chunks], args, with_delta=True)
+    gens = {(dt, r): vae_generator(vae, params32, lat, dt, r) for dt in args.dtypes for r in ("none", *args.remat)}
+    progs = [(dt, r, c) for dt in args.dtypes for r, c in [("none", c) for c in args.chunks] +
+             [(r, c) for r in args.remat for c in args.remat_chunks]]
+    rows, flops_of = plans(gens, progs, args, with_delta=not args.no_delta)
     name = "SDXL VAE decoder" if args.config == "sdxl" else "tiny VAE decoder"
     out += [f"**{name}** (`diffusers-vae-decoder`, block_out_channels {tuple(vae_cfg['block_out_channels'])}, scaling_factor "
             f"{vae_cfg.get('scaling_factor', 0.18215)}, random weights): latent 4 x {lat} x {lat} -> image 3 x {up * lat} x "
@@ -137,7 +141,7 @@ def run(args) -> str:
     if args.unet_latent:
         ulat, dt = args.unet_latent, args.unet_dtype
         gen, n_params = sdxl_unet_generator(unet_cfg, tokens, ulat, dt, None if args.unet_cfg == 1 else args.unet_cfg)
-        rows, flops_of = plans({dt: gen}, [(dt, c) for c in args.unet_chunks], args, with_delta=False)
+        rows, flops_of = plans({(dt, "none"): gen}, [(dt, "none", c) for c in args.unet_chunks], args, with_delta=False)
         branches = "1 branch" if args.unet_cfg == 1 else f"classifier-free guidance {args.unet_cfg:g} (2 branches)"
         out += ["", f"**SDXL-shaped UNet** (`diffusers-unet`, {n_params / 1e9:.2f}B parameters as ShapeDtypeStructs in {dt}, "
                 f"text_time added conditioning, cross-attention {unet_cfg['cross_attention_dim']}, transformer layers "
@@ -163,6 +167,9 @@ def parse(argv=None):
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], help="VAE decoder dtypes")
     ap.add_argument("--k", type=int, default=120)
     ap.add_argument("--chunks", type=int, nargs="+", default=[4, 8, 16, 32, 120])
+    ap.add_argument("--remat", nargs="*", default=[], choices=["dots", "full"], help="VAE remat policies (at --remat-chunks)")
+    ap.add_argument("--remat-chunks", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--no-delta", action="store_true", help="leave the VAE's delta out")
     ap.add_argument("--directions", type=int, default=4)
     ap.add_argument("--radius", type=float, default=1e-4)
     ap.add_argument("--unet-latent", type=int, default=128, help="UNet latent h = w; 0: skip the UNet")

@@ -276,6 +276,21 @@ def test_bad_sdxl_inputs_name_the_key(xl, change, key, msg):
     assert re.search(msg, e.value.message), e.value.message
 
 
+def test_pooled_embeddings_from_parquet_and_their_prompt_ids(xl, tmp_path):
+    """A Parquet pooled file (a list of floats per row) loads the .npz's rows; its own prompt_id
+    column must equal the prompt file's (an .npz: the row numbers)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [r.tolist() for r in xl["pooled"]]
+    pq.write_table(pa.table({"embedding": rows}), tmp_path / "p.parquet")
+    gen = build_generator(unet_spec(xl, prompt_index=2, pooled_embeddings=str(tmp_path / "p.parquet")))
+    np.testing.assert_array_equal(gen.params["text_embeds"], xl["pooled"][[2]])
+    pq.write_table(pa.table({"embedding": rows, "prompt_id": [5, 6, 7]}), tmp_path / "q.parquet")
+    with pytest.raises(SpecError, match=r"model.pooled_embeddings'.*row 0 has prompt_id 5; prompt_embeddings' row 0 has 0"):
+        build_generator(unet_spec(xl, pooled_embeddings=str(tmp_path / "q.parquet")))
+
+
 def test_the_command_line_exits_2_naming_the_key(xl, tmp_path, capsys):
     import yaml
 

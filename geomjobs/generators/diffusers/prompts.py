@@ -57,7 +57,7 @@ def load_prompt_embeddings(path: str, key: str = "model.prompt_embeddings", ndim
     integer column ``prompt_id`` (default: the row number). Otherwise an .npz with an array
     ``embeddings``; the ids are the row numbers."""
     if path.rstrip("/").endswith(".parquet"):
-        emb, ids = _parquet_prompt_embeddings(path, key)
+        emb, ids = _parquet_prompt_embeddings(path, key, ndim)
     else:
         emb = _npz_prompt_embeddings(path, key)
         ids = np.arange(len(emb))
@@ -67,7 +67,7 @@ def load_prompt_embeddings(path: str, key: str = "model.prompt_embeddings", ndim
     return emb, ids
 
 
-def _parquet_prompt_embeddings(path: str, key: str):
+def _parquet_prompt_embeddings(path: str, key: str, ndim: int = 3):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -80,17 +80,20 @@ def _parquet_prompt_embeddings(path: str, key: str):
         raise SpecError(key, f"prompt embedding file '{path}' does not exist") from None
     except Exception as e:  # noqa: BLE001
         raise SpecError(key, f"'{path}' is not a readable Parquet file ({type(e).__name__}: {e})") from None
+    row = "one (seq, dim) list of lists" if ndim == 3 else "one list of floats"
     if "embedding" not in table.column_names:
-        raise SpecError(key, f"'{path}' has no column 'embedding' (one embedding per prompt); "
+        raise SpecError(key, f"'{path}' has no column 'embedding' ({row} per prompt); "
                              f"found {table.column_names}")
     col = table.column("embedding")
     if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type)):
-        raise SpecError(key, f"'{path}': column 'embedding' must hold lists (of lists: (seq, dim)), got {col.type}")
+        raise SpecError(key, f"'{path}': column 'embedding' must hold {'lists of lists (seq, dim)' if ndim == 3 else 'lists'}, "
+                             f"got {col.type}")
     rows = col.to_pylist()
     try:
         emb = np.asarray(rows, np.float32)
     except (ValueError, TypeError):
-        raise SpecError(key, f"'{path}': every row of 'embedding' must have the same shape") from None
+        raise SpecError(key, f"'{path}': every row of 'embedding' must have the same "
+                             f"{'(seq, dim) shape' if ndim == 3 else 'length'}") from None
     if "prompt_id" in table.column_names:
         ids = table.column("prompt_id").to_pylist()
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
