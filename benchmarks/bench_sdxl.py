@@ -47,13 +47,14 @@ SMOKE = ["--config", "tiny", "--latent", "2", "--dtypes", "float32", "--k", "4",
          "--unet-latent", "2", "--unet-dtype", "float32", "--unet-chunks", "4"]
 
 
-def sdxl_unet_generator(config: dict, tokens: int, latent: int, dtype: str, cfg_scale: float | None = 5.0, timestep: int = 400):
+def sdxl_unet_generator(config: dict, tokens: int, latent: int, dtype: str, cfg_scale: float | None = 5.0, timestep: int = 400,
+                        remat: str = "none", efficient_attention: bool = False):
     """The SDXL-shaped UNet as the ``diffusers-unet`` generator on ShapeDtypeStruct params in
     ``dtype``: x0 at ``timestep`` (SDXL's scaled_linear schedule), an all-zero prompt (tokens x
     cross_attention_dim, pooled row zero, SDXL's zeroed negative), time_ids of a 8 x latent square."""
     from diffusers import FlaxUNet2DConditionModel
 
-    unet = FlaxUNet2DConditionModel(**{**config, "sample_size": latent})
+    unet = FlaxUNet2DConditionModel(**{**config, "sample_size": latent}, use_memory_efficient_attention=efficient_attention)
     shapes = jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0))
     params = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype)), shapes)
     rows = 1 if cfg_scale is None else 2
@@ -62,7 +63,7 @@ def sdxl_unet_generator(config: dict, tokens: int, latent: int, dtype: str, cfg_
     cond = Conditioning(np.zeros((rows, tokens, config["cross_attention_dim"]), np.float32), cfg_scale, added=added)
     abar = diffusion.alphas_cumprod(diffusion.betas("scaled_linear", 1000, 0.00085, 0.012))[timestep]
     gen = unet_from_module(unet, params, cond, Target((4, latent, latent), timestep, float(abar), prediction="x0"),
-                           Numerics(compute=jnp.dtype(dtype)), model_id="sdxl-unet-random")
+                           Numerics(compute=jnp.dtype(dtype), remat=remat), model_id="sdxl-unet-random")
     return gen, sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes))
 
 
@@ -140,9 +141,13 @@ def run(args) -> str:
     del gens, params32
     if args.unet_latent:
         ulat, dt = args.unet_latent, args.unet_dtype
-        gen, n_params = sdxl_unet_generator(unet_cfg, tokens, ulat, dt, None if args.unet_cfg == 1 else args.unet_cfg)
-        rows, flops_of = plans({(dt, "none"): gen}, [(dt, "none", c) for c in args.unet_chunks], args, with_delta=False)
+        r = args.unet_remat
+        gen, n_params = sdxl_unet_generator(unet_cfg, tokens, ulat, dt, None if args.unet_cfg == 1 else args.unet_cfg, remat=r,
+                                            efficient_attention=args.unet_efficient_attention)
+        rows, flops_of = plans({(dt, r): gen}, [(dt, r, c) for c in args.unet_chunks], args, with_delta=False)
         branches = "1 branch" if args.unet_cfg == 1 else f"classifier-free guidance {args.unet_cfg:g} (2 branches)"
+        if args.unet_efficient_attention:
+            branches += ", diffusers' chunked (memory-efficient) attention"
         out += ["", f"**SDXL-shaped UNet** (`diffusers-unet`, {n_params / 1e9:.2f}B parameters as ShapeDtypeStructs in {dt}, "
                 f"text_time added conditioning, cross-attention {unet_cfg['cross_attention_dim']}, transformer layers "
                 f"{tuple(unet_cfg['transformer_layers_per_block'])}): x0 prediction at t = 400, {branches}, a {tokens}-token "
@@ -152,8 +157,7 @@ def run(args) -> str:
                 for f, v in flops_of.values()]
         out.append("- The UNet's delta is not planned here: its planning traces the model on concrete parameters "
                    "(5 GiB of zeros in bfloat16).")
-    out += [f"- Command: `python benchmarks/bench_sdxl.py{'' if args.config == 'sdxl' else ' --config tiny'}` "
-            f"({time.perf_counter() - t0:.0f} s here).",
+    out += [f"- Command: `{' '.join(['python benchmarks/bench_sdxl.py', *args.argv])}` ({time.perf_counter() - t0:.0f} s here).",
             "- Compiled for the CPU: XLA:CPU's buffer assignment (read the bfloat16 rows as an upper bound: XLA:CPU may "
             "compute bfloat16 convolutions in float32). A GPU compile fuses differently; `chunk: auto` starts at 32 on an "
             "accelerator and halves until the plan fits the device budget."]
@@ -175,9 +179,14 @@ def parse(argv=None):
     ap.add_argument("--unet-latent", type=int, default=128, help="UNet latent h = w; 0: skip the UNet")
     ap.add_argument("--unet-dtype", default="bfloat16")
     ap.add_argument("--unet-chunks", type=int, nargs="+", default=[4, 8, 16, 32])
+    ap.add_argument("--unet-remat", default="none", choices=["none", "dots", "full"])
+    ap.add_argument("--unet-efficient-attention", action="store_true",
+                    help="diffusers' use_memory_efficient_attention (a Flax-only setting no job spec sets yet)")
     ap.add_argument("--unet-cfg", type=float, default=5.0, help="classifier-free guidance scale (1: one branch)")
     ap.add_argument("--capacity-gib", type=float, default=78.0)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
 
 
 if __name__ == "__main__":

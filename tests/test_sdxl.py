@@ -19,6 +19,11 @@ What each check rests on:
 - **the jobs**: psi of a job at a latent equals psi from the dense Jacobian (jacfwd) of the
   generator (UNet and decoder); a sampled-latents job with per-sample prompts conditions each
   sample on its own pooled row (it equals the single-prompt job of that prompt).
+- **the micro-conditions' defaults** (test_time_ids_...): the SDXL pipelines' own (original and
+  target size = the image's pixels, crop [0, 0]; refiner aesthetic scores 6.0 / 2.5) for the base
+  and refiner configs of the published checkpoints (their widths: 2816 = 1280 + 6 x 256, 2560 =
+  1280 + 5 x 256).
+- **the cluster spec** (cluster/jobs/sdxl-sampled-decoder-psi.yaml): planned on the tiny pipeline.
 - **bad input**: each refused before any work, naming the key.
 """
 import json
@@ -200,7 +205,9 @@ def run(spec, out):
     return df, np.load(out / "_artifacts" / "projections.npz")["W"]
 
 
-@pytest.mark.parametrize("kind", ["unet", "vae"])
+# the UNet's job takes ~30-60 s here (make test-slow): G(z) above decides what it computes, and the
+# sampled job below runs the SDXL UNet end to end in the default run
+@pytest.mark.parametrize("kind", [pytest.param("unet", marks=pytest.mark.slow), "vae"])
 def test_psi_of_a_job_at_a_latent_on_the_sdxl_models(xl, tmp_path, kind):
     """psi and nu of one record (k = 4 projections) against the dense Jacobian's at the job's latent."""
     model = unet_spec(xl, prompt_index=2, cfg_scale=3.0, negative_embedding_index=0) if kind == "unet" else vae_spec(xl)
