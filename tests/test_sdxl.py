@@ -165,6 +165,18 @@ def test_g_of_z_is_the_flax_unet_with_the_added_conditioning(xl, reference):
     assert np.abs(ref1 - reference(z, 1, default)).max() > 1e-2
 
 
+def test_memory_efficient_attention_is_the_same_function(xl):
+    """model.memory_efficient_attention: diffusers' chunked attention in the UNet (what makes the
+    SDXL UNet's psi plan fit 80 GB, BENCHMARKS.md): G(z) equal to the plain attention's to float32 rounding."""
+    z = jnp.asarray(np.random.default_rng(4).standard_normal((4, 4, 4)), jnp.float32)
+    a = build_generator(unet_spec(xl, prompt_index=1))
+    b = build_generator(unet_spec(xl, prompt_index=1, memory_efficient_attention=True))
+    ref = np.asarray(jax.jit(a.apply)(a.params, z))
+    np.testing.assert_allclose(jax.jit(b.apply)(b.params, z), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    # another program (the chunked attention's loop), not the same one twice
+    assert "scan" in str(jax.make_jaxpr(b.apply)(b.params, z)) and "scan" not in str(jax.make_jaxpr(a.apply)(a.params, z))
+
+
 def test_time_ids_of_base_and_refiner_configs():
     base = SimpleNamespace(addition_time_embed_dim=256, cross_attention_dim=2048, projection_class_embeddings_input_dim=2816)
     refiner = SimpleNamespace(addition_time_embed_dim=256, cross_attention_dim=1280, projection_class_embeddings_input_dim=2560)

@@ -63,13 +63,15 @@ class Target:
 def unet_generator(model: dict, dtype=jnp.float32) -> Generator:
     """``kind: diffusers-unet`` (keys: path, subfolder, dtype, timestep, prediction, prompt_embeddings,
     prompt_index, cfg_scale, negative_embedding_index, scheduler_config, latent_shape,
-    model_id, remat; for SDXL's text_time UNets pooled_embeddings and the micro-conditions of
+    model_id, remat, memory_efficient_attention; for SDXL's text_time UNets pooled_embeddings and the micro-conditions of
     :mod:`.sdxl`), from a schema-validated section."""
     diffusers = import_diffusers("diffusers-unet")
     numerics = Numerics(compute_dtype(model), dtype, model.get("remat", "none"))
     cond = conditioning(model)
     folder = model_folder(model, "UNet2DConditionModel", "unet", optional=("scheduler",))
     unet, params, _ = load_pretrained(diffusers.FlaxUNet2DConditionModel, folder, numerics.compute)
+    if model.get("memory_efficient_attention"):   # diffusers' chunked attention: the same function, less memory
+        unet = unet.clone(use_memory_efficient_attention=True)
     cfg = unet.config
     if cond.context.shape[-1] != cfg.cross_attention_dim:
         raise SpecError("model.prompt_embeddings", f"embeddings have dim {cond.context.shape[-1]}, the UNet's "
