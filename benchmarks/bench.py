@@ -35,6 +35,7 @@ TABLE = {
     "estimators": ("psi estimators: error, rank correlation and cost (issue 4)", "estimators"),
     "sd": ("Stable-Diffusion-shaped VAE decoder (issue 4)", "bench_sd"),
     "dit": ("DiT-XL/2 at 256 x 256: memory plan (issue 21)", "bench_dit"),
+    "sdxl": ("SDXL at 1024 x 1024: memory plan (issue 21)", "bench_sdxl"),
     "generation": ("Generation as a job: samplers, sampled and trajectory jobs (issue 9)", "bench_generation"),
     "reward": ("Reward model: training throughput and guided sampling (issue 10)", "bench_reward"),
     "reward_train": ("Reward model: training data path (issue 10)", "bench_reward_train"),

@@ -56,7 +56,7 @@ def embedded_ray():
 
 @pytest.mark.parametrize("name", bench.ALL)
 def test_every_section_runs_at_tiny_sizes_and_gives_finite_table_rows(name, request):
-    if name == "sd":
+    if name in ("sd", "sdxl"):
         pytest.importorskip("diffusers")
     if name in NEEDS_RAY:
         request.getfixturevalue("embedded_ray")

@@ -83,6 +83,10 @@ class ImageEncoder:
 
 
 def output_shape_of(apply: Callable, params: Any, latent_shape, dtype=jnp.float32) -> tuple[int, ...]:
-    """Shape of G(z) for one latent, found by abstract evaluation (no FLOPs spent)."""
-    out = jax.eval_shape(lambda z: apply(params, z), jax.ShapeDtypeStruct(tuple(latent_shape), dtype))
+    """Shape of G(z) for one latent, found by abstract evaluation (no FLOPs spent); ``params`` may
+    be ShapeDtypeStructs (benchmarks plan models too large to hold)."""
+    z = jax.ShapeDtypeStruct(tuple(latent_shape), dtype)
+    if any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree_util.tree_leaves(params)):
+        return tuple(jax.eval_shape(apply, params, z).shape)
+    out = jax.eval_shape(lambda z: apply(params, z), z)
     return tuple(out.shape)

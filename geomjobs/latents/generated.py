@@ -25,7 +25,7 @@ prompt embedding file and starts from noise ``(seed, i % k)`` (``default_rng([se
 > 0 step noise ``[seed, i % k, 1]``), so ``count = n_prompts * k`` covers rows prompt_index ..
 prompt_index + n_prompts - 1, every prompt sees the same k initial noises (sample i of the sweep
 is sample i % k of the single-prompt job of its prompt), and guided / unguided sweeps pair up by
-sample_id. The batch's contexts (B, 1 or 2, seq, dim) (with classifier-free guidance the negative
+sample_id. The batch's contexts (B, 1 or 2, seq, dim) (and SDXL's pooled embeddings) (with classifier-free guidance the negative
 stacked first) are an argument of the one jitted sampler, not constants in it; single-prompt jobs
 run the shared-context program as before. Records carry their own prompt's ``prompt_id``; the
 noise index is sample_id % k (trajectory_id % k for trajectories). A trajectory job whose
@@ -62,6 +62,7 @@ from geomjobs import sampling
 from geomjobs.errors import SpecError
 from geomjobs.generators import build_generator
 from geomjobs.generators.diffusers.prompts import load_prompt_embeddings
+from geomjobs.generators.diffusers.sdxl import load_pooled
 from geomjobs.latents.sources import LatentSource
 from geomjobs.spec import current_model_keys, explain_schema_error, job_schema
 
@@ -116,12 +117,14 @@ class _Prompts:
     noise index ``i % per_prompt``. The embedding file is read on first use in each process and
     not pickled (SD's 1000 x 77 x 768 float32 is 236 MB); workers read it again."""
 
-    def __init__(self, path: str, first: int, per_prompt: int, negative: int | None, table=None):
+    def __init__(self, path: str, first: int, per_prompt: int, negative: int | None, table=None, pooled: str | None = None):
         self.path, self.first, self.per_prompt, self.negative = path, first, per_prompt, negative
-        self._table = table
+        self.pooled = pooled         # SDXL: the pooled embedding file, in the same rows
+        self._table, self._pooled = table, None
 
     def __getstate__(self):
-        return {"path": self.path, "first": self.first, "per_prompt": self.per_prompt, "negative": self.negative}
+        return {"path": self.path, "first": self.first, "per_prompt": self.per_prompt, "negative": self.negative,
+                "pooled": self.pooled}
 
     def __setstate__(self, state):
         self.__init__(**state)
@@ -141,10 +144,13 @@ class _Prompts:
     def prompt_ids(self, ids) -> np.ndarray:
         return np.asarray(self.table[1], np.int64)[self.rows(ids)]
 
-    def contexts(self, ids) -> np.ndarray:
+    def contexts(self, ids, pooled: bool = False) -> np.ndarray:
         """(len(ids), 1 or 2, seq, dim): each sample's context as the UNet generator stacks it
-        (prompts.conditioning: (negative, prompt) with classifier-free guidance)."""
-        emb, rows = self.table[0], self.rows(ids)
+        (prompts.conditioning: (negative, prompt) with classifier-free guidance); with ``pooled``
+        the (len(ids), 1 or 2, dim) SDXL pooled embeddings of the same rows."""
+        if pooled and self._pooled is None:
+            self._pooled = load_pooled(self.pooled, "latents.model.pooled_embeddings")
+        emb, rows = self._pooled if pooled else self.table[0], self.rows(ids)
         if self.negative is None:
             return emb[rows][:, None]
         neg = np.broadcast_to(emb[self.negative], (len(rows), *emb.shape[1:]))
@@ -179,7 +185,7 @@ class _Run:
         guided denoiser and ``{"model": ..., "reward": ...}``."""
         gen, g = self.gen, self.guide
         # per-sample prompts: the context leaf gets a batch axis (in_axes 0), the weights stay shared
-        model_axes = None if self.prompts is None else {k: (0 if k == "context" else None) for k in gen.params}
+        model_axes = None if self.prompts is None else {k: (0 if k in ("context", "text_embeds") else None) for k in gen.params}
         if g is None or not g.active:
             return sampling.batch_sampler(gen.denoiser, self.sampler, record=record, param_axes=model_axes), gen.params
         axes = None if model_axes is None else {"model": model_axes, "reward": None}
@@ -197,6 +203,8 @@ class _Run:
         guided = params is not self.gen.params        # {"model": gen.params, "reward": ...}
         model = params["model"] if guided else params
         model = {**model, "context": jnp.asarray(self.prompts.contexts(pad).astype(model["context"].dtype))}
+        if "text_embeds" in model:   # SDXL: the batch's pooled embeddings too
+            model["text_embeds"] = jnp.asarray(self.prompts.contexts(pad, pooled=True).astype(model["text_embeds"].dtype))
         return {**params, "model": model} if guided else model
 
     @property
@@ -274,7 +282,7 @@ def _prompts(lat: dict) -> _Prompts | None:
         raise SpecError("latents.count", f"the prompts of the sweep (rows {first}..{first + n - 1}) include the negative "
                                          f"prompt (latents.model.negative_embedding_index {neg}); sweep fewer prompts or "
                                          "move the negative outside the range")
-    return _Prompts(model["prompt_embeddings"], first, k, neg, table)
+    return _Prompts(model["prompt_embeddings"], first, k, neg, table, model.get("pooled_embeddings"))
 
 
 def _z_column(z: np.ndarray) -> list:

@@ -15,6 +15,7 @@ diffusers takes them.
 - :mod:`.vae`      ``diffusers-vae-decoder``
 - :mod:`.unet`     ``diffusers-unet`` (:func:`unet_output`, :func:`as_prediction`)
 - :mod:`.prompts`  prompt embeddings and classifier-free guidance (:class:`Conditioning`)
+- :mod:`.sdxl`     SDXL's added conditioning (pooled embeddings, micro-conditions) for ``text_time`` UNets
 - :mod:`.random_weights`  random weights for configs (tests, benchmarks)
 
 diffusers' Flax classes exist up to diffusers 0.39.x (removed in 0.40): ``pip install

@@ -173,9 +173,13 @@ def compute_dtype(model: dict) -> Any:
 
 def cast_params(params, dtype):
     """Floating leaves of a param pytree cast to ``dtype`` (diffusers' to_bf16 calls jax.tree_map,
-    removed from JAX)."""
-    return jax.tree_util.tree_map(
-        lambda a: jnp.asarray(a, dtype) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else jnp.asarray(a), params)
+    removed from JAX). ShapeDtypeStruct leaves (params planned, never held: benchmarks) stay
+    abstract, in ``dtype``."""
+    def cast(a):
+        if isinstance(a, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(a.shape, dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+        return jnp.asarray(a, dtype) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else jnp.asarray(a)
+    return jax.tree_util.tree_map(cast, params)
 
 
 def with_remat(fn, remat: str):

@@ -41,6 +41,7 @@ from geomjobs.generators.diffusers.folders import (
     with_remat,
 )
 from geomjobs.generators.diffusers.prompts import Conditioning, conditioning
+from geomjobs.generators.diffusers.sdxl import added_conditioning
 
 PREDICTIONS = ("eps", "x0")
 OUTPUT_KINDS = ("epsilon", "v_prediction", "sample")   # diffusers' prediction_type
@@ -62,17 +63,22 @@ class Target:
 def unet_generator(model: dict, dtype=jnp.float32) -> Generator:
     """``kind: diffusers-unet`` (keys: path, subfolder, dtype, timestep, prediction, prompt_embeddings,
     prompt_index, cfg_scale, negative_embedding_index, scheduler_config, latent_shape,
-    model_id, remat), from a schema-validated section."""
+    model_id, remat, memory_efficient_attention; for SDXL's text_time UNets pooled_embeddings and the micro-conditions of
+    :mod:`.sdxl`), from a schema-validated section."""
     diffusers = import_diffusers("diffusers-unet")
     numerics = Numerics(compute_dtype(model), dtype, model.get("remat", "none"))
     cond = conditioning(model)
     folder = model_folder(model, "UNet2DConditionModel", "unet", optional=("scheduler",))
     unet, params, _ = load_pretrained(diffusers.FlaxUNet2DConditionModel, folder, numerics.compute)
+    if model.get("memory_efficient_attention"):   # diffusers' chunked attention: the same function, less memory
+        unet = unet.clone(use_memory_efficient_attention=True)
     cfg = unet.config
     if cond.context.shape[-1] != cfg.cross_attention_dim:
         raise SpecError("model.prompt_embeddings", f"embeddings have dim {cond.context.shape[-1]}, the UNet's "
                                                    f"cross_attention_dim is {cfg.cross_attention_dim}")
     shape = latent_shape(model, (cfg.in_channels, cfg.sample_size, cfg.sample_size), cfg.in_channels)
+    added = added_conditioning(model, cfg, list(cond.rows), cond.file_ids, shape)
+    cond = dataclasses.replace(cond, added=added)
     target = _target(model, folder[0], shape)
     return unet_from_module(unet, params, cond, target, numerics, default_model_id(model, "diffusers-unet"))
 
@@ -128,8 +134,12 @@ def unet_from_module(unet, params, cond: Conditioning, target: Target, numerics:
 def unet_output(unet, params, cond: Conditioning, timestep: int, numerics: Numerics = Numerics()):
     """(out(p, z), p): the UNet's raw output at ``timestep`` for ONE latent z (C, h, w), in
     ``numerics.out``, classifier-free guided when ``cond.cfg_scale`` is set, and its params
-    (UNet weights cast to ``numerics.compute`` plus the context)."""
+    (UNet weights cast to ``numerics.compute`` plus the context; for SDXL also ``text_embeds`` in
+    ``numerics.compute`` and ``time_ids`` in float32, sizes in pixels held exactly)."""
     p = {"unet": cast_params(params, numerics.compute), "context": jnp.asarray(cond.context, numerics.compute)}
+    if cond.added is not None:
+        p["text_embeds"] = jnp.asarray(cond.added.text_embeds, numerics.compute)
+        p["time_ids"] = jnp.asarray(cond.added.time_ids, jnp.float32)
     out_t = unet_output_at(unet, cond, numerics)
     return (lambda p, z: out_t(p, z, timestep)), p
 
@@ -143,7 +153,8 @@ def unet_output_at(unet, cond: Conditioning, numerics: Numerics = Numerics()):
 
     def out(p, z, t):
         x = jnp.broadcast_to(z.astype(compute)[None], (n_ctx, *z.shape))   # (1 or 2, C, h, w): NCHW
-        o = unet.apply({"params": p["unet"]}, x, t, p["context"]).sample.astype(out_dtype)
+        added = {"text_embeds": p["text_embeds"], "time_ids": p["time_ids"]} if "text_embeds" in p else None
+        o = unet.apply({"params": p["unet"]}, x, t, p["context"], added).sample.astype(out_dtype)
         return o[0] if s is None else o[0] + s * (o[1] - o[0])   # (uncond, cond) -> guided
 
     return out
