@@ -680,20 +680,34 @@ def main(argv=None) -> int:
     log(peak["text"])
     root = tempfile.mkdtemp(prefix="bench-peer-")
     peer = Peer(args.peer_python, dict(kv.split("=", 1) for kv in args.peer_env))
-    results, loads = [], [loadavg()]
+    results, loads, failed = [], [loadavg()], []
     try:
         for name in args.cases:
-            res = measure_case(name, args, peer, root, peak, log)
+            try:
+                res = measure_case(name, args, peer, root, peak, log)
+            except Exception as e:  # noqa: BLE001 - the other cases still run; the section and the exit status say so
+                import traceback
+
+                traceback.print_exc()
+                failed.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                if peer.proc.poll() is not None:   # the worker died (out of memory?): a fresh one for the next case
+                    peer = Peer(args.peer_python, dict(kv.split("=", 1) for kv in args.peer_env))
+                continue
             loads += res["times"]["_load"]
             log(f"{name}: s/batch {res['sec']}, ratio {res['sec']['torch'] / res['sec']['chosen']:.2f}x, load {res['load']}")
             results.append(res)
     finally:
         peer.close()
         shutil.rmtree(root, ignore_errors=True)
-    body = render(results, args, peak, started, (min(loads), max(loads)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o), indent=1)
+    if not results:
+        log("no case ran: " + "; ".join(failed))
+        return 1
+    body = render(results, args, peak, started, (min(loads), max(loads)))
+    if failed:
+        body += "\n\nCases that failed (not in the tables): " + "; ".join(failed) + "."
     bad = [m for r in results for m in check(r)]
     for m in bad:
         log("PSI MISMATCH " + m)
@@ -702,7 +716,7 @@ def main(argv=None) -> int:
     print(body)
     if args.out:
         write_section(args.out, body, args.title)
-    return 1 if bad else 0
+    return 1 if bad or failed else 0
 
 
 if __name__ == "__main__":
