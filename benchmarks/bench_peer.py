@@ -48,6 +48,8 @@ import numpy as np  # noqa: E402
 from common import fmt_flops, machine, table, xla_cost  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
+import geomjobs  # noqa: E402,F401 - sets XLA_FLAGS (geomjobs/_xla.py) before the backend starts
+
 TITLE = "PyTorch peer: psi side by side (issue 22)"
 CASES = ("mlp", "conv", "sd", "vae-digits", "dit-digits")
 BATCH = {"mlp": 16, "conv": 16, "sd": 2, "vae-digits": 16, "dit-digits": 16}
@@ -59,45 +61,53 @@ TARGET = 1.1
 # cases whose geomjobs model computes in float32 whatever the job's dtype (generators/dit.py casts
 # x_t to float32): their float64 job is a float32 computation, checked at the float32 tolerance
 F32_ONLY = {"dit-digits": "the zoo DiT casts x_t to float32, so geomjobs' float64 job computes in float32"}
-SMOKE = ["--cases", "mlp", "--rounds", "1", "--min-seconds", "0", "--error-count", "32"]
+# --smoke: the MLP alone, one round, no repeats, the bf16 job on two batches, no profile
+SMOKE = ["--cases", "mlp", "--rounds", "1", "--min-seconds", "0", "--bf16", "--error-count", "32", "--no-profile"]
 
 
 # ----------------------------------------------------------------------------------------------
 # the machine's nominal peak
 # ----------------------------------------------------------------------------------------------
 
-def cpu_peak(fma_units: int = 1) -> dict:
+def cpu_peak(fma_units: int = 1, cpuinfo: str | None = None, lscpu: str | None = None, cores: int | None = None) -> dict:
     """Nominal fp32 (and bf16) peak FLOP/s of this CPU from /proc/cpuinfo and lscpu:
-    cores x clock x SIMD fp32 lanes (16 with avx512f, 8 with avx2) x 2 (an FMA is two FLOPs,
-    with the fma flag) x ``fma_units`` (vector FMA issues per cycle at that width: 1 assumed; AMD
-    Zen 4 runs a 512-bit FMA over its two 256-bit pipes, many Intel Xeons have two 512-bit units:
-    twice this peak). Clock: lscpu's "CPU max MHz", else /proc/cpuinfo's "cpu MHz" (a VM often
-    shows only the nominal one). bf16: twice fp32 with avx512_bf16 (VDPBF16PS: two bf16 products
-    per fp32 lane), None without."""
-    flags, mhz, src = set(), None, None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-                elif line.startswith("cpu MHz") and mhz is None:
-                    mhz, src = float(line.split(":", 1)[1]), "/proc/cpuinfo cpu MHz"
-    except OSError:
-        pass
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"}).stdout
-        m = re.search(r"CPU max MHz:\s*([\d.]+)", out)
+    cores x clock x SIMD fp32 lanes (16 with avx512f, 8 with avx2, else 4) x 2 (an FMA is two
+    FLOPs, with the fma flag) x ``fma_units`` (vector FMA issues per cycle at that width: 1
+    assumed; AMD Zen 4 runs a 512-bit FMA over its two 256-bit pipes, which is 1; many Intel
+    Xeons have two 512-bit units: twice this peak). Clock: lscpu's "CPU max MHz", else
+    /proc/cpuinfo's "cpu MHz" (a VM often shows only the nominal one; a core boosting above it
+    can pass 100 %). bf16: twice fp32 with avx512_bf16 (VDPBF16PS: two bf16 products per fp32
+    lane), None without. ``cpuinfo``, ``lscpu``, ``cores``: the texts and count to read (default:
+    this machine's)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    if lscpu is None:
+        try:
+            lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"}).stdout
+        except OSError:
+            lscpu = ""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    flags = re.search(r"^flags\s*:(.*)$", cpuinfo, re.M)
+    flags = set(flags.group(1).split()) if flags else set()
+    mhz, src = None, None
+    m = re.search(r"CPU max MHz:\s*([\d.]+)", lscpu)
+    if m:
+        mhz, src = float(m.group(1)), "lscpu CPU max MHz"
+    else:
+        m = re.search(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.M)
         if m:
-            mhz, src = float(m.group(1)), "lscpu CPU max MHz"
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            mhz, src = float(m.group(1)), "/proc/cpuinfo cpu MHz"
     lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
-    per_cycle = lanes * (2 if "fma" in flags else 1) * fma_units
-    f32 = cores * (mhz or 0) * 1e6 * per_cycle
+    fma = 2 if "fma" in flags else 1
+    f32 = cores * (mhz or 0) * 1e6 * lanes * fma * fma_units
     bf16 = 2 * f32 if "avx512_bf16" in flags else None
     simd = "avx512f" if lanes == 16 else "avx2" if lanes == 8 else "sse"
-    text = (f"{cores} cores x {mhz or 0:.0f} MHz ({src}) x {lanes} fp32 lanes ({simd}) x 2 (fma) x {fma_units} FMA "
+    text = (f"{cores} cores x {mhz or 0:.0f} MHz ({src}) x {lanes} fp32 lanes ({simd}) x {fma} (fma) x {fma_units} FMA "
             f"issue/cycle = {f32 / 1e9:.0f} GFLOP/s fp32" + (f", {bf16 / 1e9:.0f} GFLOP/s bf16 (avx512_bf16)" if bf16 else ""))
     return {"f32": f32 if mhz else None, "bf16": bf16 if mhz else None, "text": text,
             "bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16"})}
@@ -252,9 +262,9 @@ class Geomjobs:
 class Peer:
     """peer_torch.py in the peer venv, one JSON request and answer per line."""
 
-    def __init__(self, python: str, env: dict | None = None):
+    def __init__(self, python: str, env: dict | None = None, worker: str = os.path.join(HERE, "peer_torch.py")):
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen([python, os.path.join(HERE, "peer_torch.py")], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([python, worker], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env, bufsize=1)
 
     def ask(self, **req) -> dict:
@@ -361,7 +371,9 @@ def measure_case(name: str, args, peer: Peer, root: str, peak: dict, log) -> dic
     psi_t = np.asarray(tload["psi"])
     res["psi32"] = {"geomjobs": psi["chosen"], "geomjobs_vjp": psi.get("vjp", psi["chosen"]), "torch": psi_t}
     if args.f64:
-        spec64 = job_spec(model, info["latent_shape"], batch, batch, "float64")
+        # a diffusers model computes in its own model.dtype (float32 by default): float64 on both keys
+        model64 = {**model, "dtype": "float64"} if model["kind"].startswith("diffusers") else model
+        spec64 = job_spec(model64, info["latent_shape"], batch, batch, "float64")
         with precision("float64"):
             plan64 = plan_job(spec64)
         psi64 = Geomjobs(plan64, z).psi()
@@ -645,6 +657,10 @@ def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peer-python", default=os.environ.get("PEER_PYTHON", ".venv-peer/bin/python"),
                     help="the peer environment's python (torch, diffusers, safetensors, numpy)")
+    ap.add_argument("--peer-worker", default=os.path.join(HERE, "peer_torch.py"),
+                    help="the worker script the peer python runs (tests use a NumPy stand-in, tests/peer_numpy.py)")
+    ap.add_argument("--smoke", action="store_true", help="a check in seconds, not figures: " + " ".join(SMOKE)
+                    + " (later arguments still apply; nothing is written without --out)")
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=None, help=f"batch of every case (default per case: {BATCH})")
@@ -663,8 +679,11 @@ def parse(argv=None):
     ap.add_argument("--title", default=TITLE, help="the BENCHMARKS.md section to write (replaced, others kept)")
     ap.add_argument("--out", default=None, help="write the section into this markdown file (BENCHMARKS.md)")
     ap.add_argument("--json", default=None, help="also dump the raw figures here")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.smoke:
+        args = ap.parse_args(SMOKE + argv)
+    args.argv = argv
     return args
 
 
@@ -679,7 +698,7 @@ def main(argv=None) -> int:
     peak = cpu_peak(args.fma_units)
     log(peak["text"])
     root = tempfile.mkdtemp(prefix="bench-peer-")
-    peer = Peer(args.peer_python, dict(kv.split("=", 1) for kv in args.peer_env))
+    peer = Peer(args.peer_python, dict(kv.split("=", 1) for kv in args.peer_env), args.peer_worker)
     results, loads, failed = [], [loadavg()], []
     try:
         for name in args.cases:
@@ -691,7 +710,7 @@ def main(argv=None) -> int:
                 traceback.print_exc()
                 failed.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 if peer.proc.poll() is not None:   # the worker died (out of memory?): a fresh one for the next case
-                    peer = Peer(args.peer_python, dict(kv.split("=", 1) for kv in args.peer_env))
+                    peer = Peer(args.peer_python, dict(kv.split("=", 1) for kv in args.peer_env), args.peer_worker)
                 continue
             loads += res["times"]["_load"]
             log(f"{name}: s/batch {res['sec']}, ratio {res['sec']['torch'] / res['sec']['chosen']:.2f}x, load {res['load']}")
