@@ -42,8 +42,10 @@ $(PEER_STAMP):
 	$(PEER_VENV)/bin/python -m pip install --quiet torch "diffusers<0.40" safetensors numpy
 	touch $(PEER_STAMP)
 
+# BENCH_PEER_ARGS: more arguments (e.g. --rounds 3 --cases mlp conv; --smoke for a check in seconds)
+BENCH_PEER_ARGS ?=
 bench-peer: setup $(PEER_STAMP)
-	$(PY) benchmarks/bench_peer.py --peer-python $(PEER_VENV)/bin/python --bf16 --out BENCHMARKS.md
+	$(PY) benchmarks/bench_peer.py --peer-python $(PEER_VENV)/bin/python --bf16 --out BENCHMARKS.md $(BENCH_PEER_ARGS)
 
 # every notebook at full size; figures and verdicts.json under out/notebooks/ (the suite runs each at its
 # small defaults); the findings table docs/findings.md is generated from the verdicts

@@ -51,7 +51,7 @@ from flax import linen as nn  # noqa: E402
 import geomjobs  # noqa: E402,F401 - sets XLA_FLAGS (geomjobs/_xla.py) before the backend starts
 
 TITLE = "PyTorch peer: psi side by side (issue 22)"
-CASES = ("mlp", "conv", "sd", "vae-digits", "dit-digits")
+CASES = ("mlp", "conv", "vae-digits", "dit-digits", "sd")   # the longest last
 BATCH = {"mlp": 16, "conv": 16, "sd": 2, "vae-digits": 16, "dit-digits": 16}
 # the torch worker's variant per case: auto (time both, keep the faster) except sd, where the batched
 # variant holds every sample's 120 cotangents at once (~3.5 GB per sample at 32 x 32 on a shared 23 GB host)
@@ -115,6 +115,14 @@ def cpu_peak(fma_units: int = 1, cpuinfo: str | None = None, lscpu: str | None =
 
 def loadavg() -> float:
     return os.getloadavg()[0]
+
+
+def uptime() -> str:
+    """`uptime`'s line (the time and the 1, 5 and 15 minute load averages), stripped."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -550,7 +558,8 @@ def render(results: list[dict], args, peak: dict, started: float, load: tuple) -
         "rounds (geomjobs with the side the job chose; geomjobs with the side forced to vjp; torch), medians. "
         f"{machine()}{flags}; load average during the run {load[0]:.1f}-{load[1]:.1f} (1 min, sampled per round; "
         "2 cores shared with other sessions). Written by `make bench-peer` "
-        f"(`python benchmarks/bench_peer.py {' '.join(args.argv)}`), {time.perf_counter() - started:.0f} s.", "",
+        f"(`python benchmarks/bench_peer.py {' '.join(args.argv)}`), {time.perf_counter() - started:.0f} s. "
+        f"`uptime` before: `{args.uptime[0]}`; after: `{args.uptime[-1]}`.", "",
         *table(["case", "d / n / k", "batch", "side chosen", "geomjobs samples/s", "geomjobs, vjp forced",
                 "torch samples/s (variant)", "ratio (chosen / torch)", "ratio (vjp / torch)", "FLOP/sample (chosen)",
                 "FLOP/sample (vjp)", "peak share geomjobs", "geomjobs vjp", "torch", "load avg"], rows), "",
@@ -695,6 +704,8 @@ def main(argv=None) -> int:
     if jax.devices()[0].platform != "cpu":
         log("note: geomjobs runs on " + jax.devices()[0].platform + ", torch on the CPU")
     started = time.perf_counter()
+    args.uptime = [uptime()]
+    log("uptime before: " + args.uptime[0])
     peak = cpu_peak(args.fma_units)
     log(peak["text"])
     root = tempfile.mkdtemp(prefix="bench-peer-")
@@ -721,6 +732,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o), indent=1)
+    args.uptime.append(uptime())
+    log("uptime after: " + args.uptime[1])
     if not results:
         log("no case ran: " + "; ".join(failed))
         return 1
