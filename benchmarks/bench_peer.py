@@ -443,17 +443,18 @@ def profile_case(name, plan, z, peer, folder, chosen) -> dict:
     w = jnp.asarray(plan.arrays["W"], jnp.float32)
     zj = jnp.asarray(z)
     side = chosen.side
+    # W an argument, as in the job's step: a W closed over is a constant XLA folds through G's last layer
     fwd = jax.jit(jax.vmap(g)).lower(zj).compile()
-    rows = jax.jit(jax.vmap(lambda x: SIDES[side](g, x, w))).lower(zj).compile()
-    m = rows(zj)
+    rows = jax.jit(jax.vmap(lambda x, w: SIDES[side](g, x, w), in_axes=(0, None))).lower(zj, w).compile()
+    m = rows(zj, w)
     svd = jax.jit(jax.vmap(lambda a: jnp.linalg.svd(a, compute_uv=False))).lower(m).compile()
     phases = {}
-    for label, fn, arg in (("forward G", fwd, zj), (f"W A ({side} side)", rows, zj), ("SVD", svd, m)):
-        fn(arg).block_until_ready()
+    for label, fn, args in (("forward G", fwd, (zj,)), (f"W A ({side} side)", rows, (zj, w)), ("SVD", svd, (m,))):
+        fn(*args).block_until_ready()
         secs = []
         for _ in range(3):
             t = time.perf_counter()
-            fn(arg).block_until_ready()
+            fn(*args).block_until_ready()
             secs.append(time.perf_counter() - t)
         phases[label] = {"s": statistics.median(secs), "flops": xla_cost(fn)[0]}
     torch_ops = peer.ask(op="profile", case=folder, top=8)["ops"]
@@ -696,6 +697,11 @@ def parse(argv=None):
     return args
 
 
+def dump_json(path: str, results: list[dict]) -> None:
+    with open(path, "w") as f:
+        json.dump(results, f, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o), indent=1)
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     if args.xla_flags:   # before the backend starts (the first jax.devices() below)
@@ -726,12 +732,11 @@ def main(argv=None) -> int:
             loads += res["times"]["_load"]
             log(f"{name}: s/batch {res['sec']}, ratio {res['sec']['torch'] / res['sec']['chosen']:.2f}x, load {res['load']}")
             results.append(res)
+            if args.json:   # after every case, so a run stopped later keeps what it measured
+                dump_json(args.json, results)
     finally:
         peer.close()
         shutil.rmtree(root, ignore_errors=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o), indent=1)
     args.uptime.append(uptime())
     log("uptime after: " + args.uptime[1])
     if not results:
