@@ -4,7 +4,10 @@ The public entry points: :func:`run_job` (what ``geomjobs run`` calls) and :func
 Submodules: ``geometry`` (the mathematics, pure JAX), ``generators``, ``latents``, ``runner``,
 ``sink``, ``cli``.
 """
+from geomjobs import _xla
 from geomjobs._version import __version__
+
+_xla.apply()   # XLA:CPU flags before the first computation (geomjobs/_xla.py: a miscompiled fusion)
 
 __all__ = ["__version__", "open_dataset", "run_job"]
 

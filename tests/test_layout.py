@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1] / "geomjobs"
 FLOORS = (
     # 1: no geomjobs dependencies beyond this floor. schemas: the JSON files spec and records read
     # (data, no code); records: the record schema's Arrow form, which sink writes
-    ("errors", "diffusion", "metrics", "records", "schemas", "sink", "spec", "_version"),
+    ("errors", "diffusion", "metrics", "records", "schemas", "sink", "spec", "_version", "_xla"),
     ("geometry",),                              # 2: the mathematics
     ("generators",),                            # 3: models G and their denoisers
     # 4: samplers, reward guidance and the reward network; zoo: the shipped weights, the digits

@@ -34,9 +34,15 @@ def jacobian(g: Callable, z):
     return (jax.jacfwd if d <= n else jax.jacrev)(g)(z)
 
 
+def svd_input(m):
+    """``m`` as the SVD takes it: at least float32. Rows or columns swept in bfloat16
+    (``execution.dtype: bfloat16``) are decomposed in float32; float32 and float64 pass unchanged."""
+    return m.astype(jnp.float32) if jnp.finfo(m.dtype).bits < 32 else m
+
+
 def exact_singular_values(g: Callable, z):
     """Singular values of A(z), descending; the matrix shape is (n, d)."""
-    return jnp.linalg.svd(jacobian(g, z), compute_uv=False)
+    return jnp.linalg.svd(svd_input(jacobian(g, z)), compute_uv=False)
 
 
 AUTO_CHUNK_ACCELERATOR = 32
@@ -71,6 +77,7 @@ def projected_columns(g: Callable, z, w, *, chunk: int | None = None):
         at = jax.vmap(lin)(eye)                               # (d, n): A^T
     else:
         at = jax.lax.map(lin, eye, batch_size=chunk)
+    at = svd_input(at)                                        # bfloat16 columns: the product in float32
     return jnp.matmul(w.astype(at.dtype), at.T, precision=jax.lax.Precision.HIGHEST)
 
 
@@ -114,5 +121,6 @@ def cheaper_side(g: Callable, z, k: int, batch: int = COUNT_BATCH) -> str:
 
 def projected_singular_values(g: Callable, z, w, *, chunk: int | None = None, side: str = "vjp"):
     """Singular values of W A(z), descending; the matrix shape is (k, d). ``side``: how W A is
-    formed (module doc); the same matrix either way, up to float rounding."""
-    return jnp.linalg.svd(SIDES[side](g, z, w, chunk=chunk), compute_uv=False)
+    formed (module doc); the same matrix either way, up to float rounding. Swept in bfloat16 (G's
+    params and latent in bf16), the matrix is decomposed in float32 (:func:`svd_input`)."""
+    return jnp.linalg.svd(svd_input(SIDES[side](g, z, w, chunk=chunk)), compute_uv=False)

@@ -6,6 +6,14 @@ as arguments rather than closing over them, so XLA does not fold a large model's
 the program as constants. Every batch has exactly ``batch_size`` rows (the tail is padded), and
 the step is compiled ahead of time, once: a batch of another shape is an error, never a
 silent recompile.
+
+``execution.dtype: bfloat16`` runs G and the local-scaling sweep (the k VJP rows or d JVP
+columns) in bfloat16: the engine casts G's floating params and the latents to bf16 on the host,
+keeps the job's fixed arrays (W, ...) in float32, and the spectrum code decomposes the rows in
+float32 (geometry/spectrum.py ``svd_input``). Only ``local_scaling`` with ``mode: projection`` or
+``exact`` has a bf16 path; a model whose code computes in float32 whatever its inputs (a cast to
+float32 inside G) runs its matmuls in float32 on bf16-rounded weights, which ``describe`` says.
+float32 and float64 jobs run exactly as before.
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from geomjobs import descriptors
+from geomjobs.errors import SpecError
 from geomjobs.runner import shards
 from geomjobs.runner.precision import precision
 from geomjobs.runner.step import make_step
@@ -29,6 +38,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+BF16 = jnp.dtype(jnp.bfloat16)
+BF16_MODES = ("projection", "exact")   # local_scaling modes with a bfloat16 sweep
+
 
 class Engine:
     def __init__(self, plan: Plan):
@@ -37,9 +49,21 @@ class Engine:
         self.dtype = jnp.dtype(plan.spec["execution"]["dtype"])
         self.compiles = 0             # programs this engine compiled (chunk: auto may try several)
         self.memory_bytes = None      # XLA's memory plan of the step, where the backend has one
+        self.bf16_matmuls = None      # bfloat16 jobs: (G's matmuls and convolutions in bf16, all of them)
+        # the fixed arrays (W, probes, abar) in the job's dtype; a bfloat16 job keeps them in float32
+        arrays_dtype = jnp.dtype(jnp.float32) if self.dtype == BF16 else self.dtype
         with precision(self.dtype):
             self._params = plan.generator.params
-            self._arrays = {k: jnp.asarray(v, self.dtype) for k, v in plan.arrays.items()}
+            if self.dtype == BF16:
+                check_bf16(plan)
+                self._params = cast_floating(self._params, BF16)
+            self._arrays = {k: jnp.asarray(v, arrays_dtype) for k, v in plan.arrays.items()}
+            if self.dtype == BF16:
+                self.bf16_matmuls = matmul_dtypes(plan, self._params, self._arrays)
+                if not self.bf16_matmuls[0]:
+                    log.warning("execution.dtype bfloat16: none of %s's %d matmuls/convolutions runs in bfloat16 "
+                                "(its code computes in float32); they run in float32 on bf16-rounded weights and latents",
+                                plan.generator.model_id, self.bf16_matmuls[1])
             self._split_across_devices()
             self._compile()
 
@@ -101,6 +125,9 @@ class Engine:
         backend has none), the local device count, and ``display``: all of it in one line."""
         bound = descriptors.with_chunk(list(self.plan.descriptors), self.chunk)
         mem = "" if self.memory_bytes is None else f", XLA memory plan {self.memory_bytes / 2**30:.2f} GiB"
+        if self.bf16_matmuls is not None:
+            mem += (f", G and the sweep in bfloat16 ({self.bf16_matmuls[0]} of {self.bf16_matmuls[1]} matmuls/convolutions "
+                    "in bf16), SVD in float32")
         return {"mode": None, **descriptors.marker(bound), "chunk": self.chunk, "xla_memory_bytes": self.memory_bytes,
                 "devices": self.num_devices,
                 "display": f"{descriptors.display(bound)}{mem}, {self.num_devices} device(s)"}
@@ -205,6 +232,51 @@ class Engine:
         with precision(self.dtype):
             shapes = jax.eval_shape(self._jitted, self._params, self._arrays, z, t)
         return {k: np.zeros(v.shape, v.dtype) for k, v in shapes.items()}
+
+
+def check_bf16(plan: Plan) -> None:
+    """A bfloat16 job computes only what has a bf16 path: local_scaling by ``projection`` or
+    ``exact`` (local_rank from the same spectrum). delta's knots and the Krylov modes need more
+    than bf16's 8 bits (delta's radius 1e-4 is below bf16's resolution of a latent)."""
+    for desc, cfg in plan.descriptors:
+        if desc.name != "local_scaling" or cfg.get("mode") not in BF16_MODES:
+            what = desc.name if desc.name != "local_scaling" else f"local_scaling mode {cfg.get('mode')}"
+            raise SpecError("execution.dtype", f"bfloat16 runs local_scaling's {' / '.join(BF16_MODES)} sweep in bf16; "
+                                               f"{what} has no bfloat16 path (use float32)")
+
+
+def cast_floating(tree, dtype):
+    """Floating leaves of a pytree cast to ``dtype``; other leaves as they are."""
+    def cast(a):
+        a = jnp.asarray(a)
+        return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+    return jax.tree_util.tree_map(cast, tree)
+
+
+MATMULS = ("dot_general", "conv_general_dilated")
+
+
+def matmul_dtypes(plan: Plan, params, arrays) -> tuple[int, int]:
+    """(G's matmuls and convolutions whose operands are bfloat16, all of them) in the jaxpr of G
+    at a bf16 latent with ``params``: does the model compute in the dtype it is given?"""
+    apply, gen = plan.record_apply(), plan.generator
+    z = jax.ShapeDtypeStruct(gen.latent_shape, BF16)
+    jaxpr = jax.make_jaxpr(lambda p, z: apply(p, z, arrays, jnp.zeros((), jnp.int32)))(params, z).jaxpr
+    found = [0, 0]
+
+    def walk(j):
+        for eqn in j.eqns:
+            if eqn.primitive.name in MATMULS:
+                found[1] += 1
+                found[0] += all(v.aval.dtype == BF16 for v in eqn.invars)
+            for v in eqn.params.values():
+                for x in v if isinstance(v, (list, tuple)) else (v,):
+                    inner = getattr(x, "jaxpr", x)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jaxpr)
+    return found[0], found[1]
 
 
 def memory_budget() -> int | None:
