@@ -52,7 +52,7 @@ from geomjobs.zoo.train_classifier_digits import DATA, out_stem
 from geomjobs.zoo.training import card_common, diffusion_cli, diffusion_step, parse_cli, run_steps
 
 DEFAULT_STEPS = 6000
-DEFAULT_REFINE = 4000
+DEFAULT_REFINE = 7000
 REFINE_WARMUP = 100
 STAGE1_LR = "linear warm-up over {warmup} steps, then constant"
 STAGE1_EMA_WARMUP = "decay min(ema, (1 + n) / (10 + n)) at update n"
