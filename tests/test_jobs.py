@@ -187,3 +187,33 @@ def test_local_complexity_in_a_job_matches_brute_force_sign_counts(tmp_path):
     all_sites = trace_sites(lambda x: mlp_apply(layers, x, "relu"), np.zeros(6))
     assert sites == [s.label for s in all_sites[-2:]] and len(all_sites) == 3
     assert df.local_scaling.isna().all()  # psi was not asked for
+
+
+def test_a_rerun_after_the_shipped_zoo_weights_changed_is_refused(tmp_path, monkeypatch):
+    """The job card records a digest of each zoo model's weights file; a rerun of the same spec
+    after the shipped weights changed (a retrained model in a new release) must not resume onto
+    the old records. The change is made on a copy of the zoo folder, not on the shipped file."""
+    import shutil
+
+    from geomjobs.zoo import digest
+
+    spec = {"model": {"kind": "zoo", "name": "ddpm-gmm2d", "timestep": 10},
+            "latents": {"kind": "gaussian", "count": 8, "shape": [2], "seed": 0},
+            "descriptors": {"local_scaling": {"mode": "exact"}}, "execution": {"shard_size": 4}}
+    out = str(tmp_path / "out")
+    assert run_job(spec, out).ok
+    card = Dataset(out).job()
+    shipped = (digest.ZOO_DIR / "ddpm_gmm2d.npz").read_bytes()
+    assert card["zoo_weights"] == {"ddpm-gmm2d": __import__("hashlib").sha256(shipped).hexdigest()[:16]}
+    assert run_job(spec, out).computed_shards == 0            # same weights: the rerun finds it done
+    other = tmp_path / "zoo"
+    shutil.copytree(digest.ZOO_DIR, other, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    (other / "ddpm_gmm2d.npz").write_bytes(shipped + b"\0")    # another file under the same name
+    monkeypatch.setattr(digest, "ZOO_DIR", other)
+    with pytest.raises(DatasetError, match="other weights of zoo model.*ddpm-gmm2d.*another --out"):
+        run_job(spec, out)
+    # a card written before the field existed is not checked
+    job = json.loads((tmp_path / "out" / "_geomjobs" / "job.json").read_text())
+    del job["zoo_weights"]
+    (tmp_path / "out" / "_geomjobs" / "job.json").write_text(json.dumps(job))
+    assert run_job(spec, out).computed_shards == 0

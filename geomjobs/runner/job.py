@@ -28,6 +28,7 @@ from geomjobs.records import SCHEMA_VERSION
 from geomjobs.sink.dataset import Dataset
 from geomjobs.sink.fs import is_local, normalize_uri
 from geomjobs.spec import diff_keys, identity, spec_hash
+from geomjobs.zoo.digest import zoo_weights
 
 
 class ShardEngine(Protocol):
@@ -163,7 +164,9 @@ def open_output(plan: ShardPlan, out: str | None) -> tuple[Dataset, ShardPlan]:
     uri = _output_uri(plan, out)
     ds = Dataset(uri)
     if ds.exists():
-        return ds, plan.with_output(ds.uri, job_id=_same_job(ds, plan)["job_id"])
+        stored = _same_job(ds, plan)
+        _same_weights(ds, plan)
+        return ds, plan.with_output(ds.uri, job_id=stored["job_id"])
     if not ds.is_empty():
         raise DatasetError(f"output '{ds.uri}' exists and is not a geomjobs dataset; choose an empty location")
     plan = plan.with_output(ds.uri)
@@ -177,6 +180,7 @@ def check_output(plan: ShardPlan, out: str | None) -> bool:
     ds = Dataset(_output_uri(plan, out))
     if ds.exists():
         _same_job(ds, plan)
+        _same_weights(ds, plan)
         return len(ds.committed()) == plan.num_shards
     if not ds.is_empty():
         raise DatasetError(f"output '{ds.uri}' exists and is not a geomjobs dataset; choose an empty location")
@@ -206,6 +210,21 @@ def _same_job(ds: Dataset, plan: ShardPlan) -> dict:
     return stored
 
 
+def _same_weights(ds: Dataset, plan: ShardPlan) -> None:
+    """DatasetError when a zoo model the job uses ships other weights than the stored job's card
+    records (a card written before the field existed is not checked)."""
+    stored = ds.job().get("zoo_weights")
+    if stored is None:
+        return
+    now = zoo_weights(plan.spec)
+    changed = sorted(n for n in set(stored) | set(now) if stored.get(n) != now.get(n))
+    if changed:
+        raise DatasetError(f"output '{ds.uri}' was computed with other weights of zoo model(s) {', '.join(changed)} "
+                           f"(sha256 {', '.join(str(stored.get(n)) for n in changed)}; this installation ships "
+                           f"{', '.join(str(now.get(n)) for n in changed)}): its records would mix two models; "
+                           "run to another --out, or delete that folder first")
+
+
 def open_job(plan: ShardPlan, out: str | None, started: float | None = None) -> OpenJob:
     """Open the job's output once (:func:`open_output`) and list the shards left to compute.
     ``started``: when the run began (its result's ``seconds`` count from there; default now)."""
@@ -219,7 +238,7 @@ def job_card(plan: ShardPlan) -> dict:
     """``_geomjobs/job.json``: what every job has, then the fields of its kind (``plan.card()``)."""
     return {"job_id": plan.job_id, "spec_hash": plan.hash, "count": plan.count, "num_shards": plan.num_shards,
             "shard_size": plan.shard_size, "schema_version": SCHEMA_VERSION, "geomjobs_version": __version__,
-            "created_at": time.time(), **plan.card()}
+            "created_at": time.time(), "zoo_weights": zoo_weights(plan.spec), **plan.card()}
 
 
 class Progress:
