@@ -129,38 +129,49 @@ def uri(request, gcs, tmp_path):
     return f"gs://{gcs.bucket}/cache-{os.getpid()}-{tmp_path.name}" if request.param == "gs" else str(tmp_path / "ds")
 
 
-def test_the_cache_is_never_trusted_for_a_marker_that_is_gone_or_newer(uri):
+def test_the_cache_is_never_trusted_for_a_marker_that_is_gone_or_newer(uri, monkeypatch):
+    # N markers, a read that finds N // 2 stale rewrites the cache: the same rules as at the
+    # library's thresholds (COMPACT_MIN_NEW = 64), at a size the per-marker reference reads in
+    # seconds on the emulator (150 markers at the real threshold took ~140 s of the default run)
+    n = 24
+    monkeypatch.setattr(dataset_mod, "COMPACT_MIN_NEW", n // 2)
     ref = lambda: Dataset(uri).committed_one_by_one()  # noqa: E731 - the reference: each marker read
     got = lambda: Dataset(uri).committed(compact=False)  # noqa: E731
-    Dataset(uri).write_markers(markers(0, 150))
+    Dataset(uri).write_markers(markers(0, n))
     ds = Dataset(uri)
-    assert ds.compact() == 150 and got() == ref() and len(ref()) == 150
+    assert ds.compact() == n
+    want = ref()
+    assert got() == want and len(want) == n
 
     # markers deleted after the cache was written: not committed, whatever the cache says
-    for s in (0, 77, 149):
+    gone = {0, n // 2, n - 1}
+    for s in gone:
         ds.fs.rm_file(f"{ds.root}/_geomjobs/shards/{s:06d}.json")
-    assert got() == ref() and not {0, 77, 149} & set(got()) and len(got()) == 147
+    have = got()
+    assert have == ref() and not gone & set(have) and len(have) == n - 3
 
     # a marker rewritten since (a retried shard committed again): its new content, not the cached one
     m = {**markers(5, 6)[0], "worker": "ray:rewritten"}
     Dataset(uri).write_markers([m])
-    assert got()[5]["worker"] == "ray:rewritten" and got() == ref()
+    have = got()
+    assert have[5]["worker"] == "ray:rewritten" and have == ref()
 
-    # a compaction that lost a race: the cache written last was built before shard 150 and
+    # a compaction that lost a race: the cache written last was built before shard n and
     # before shard 9's rewrite; both are read from their markers
     old_cache = ds._get(MANIFEST)
-    Dataset(uri).write_markers([markers(150, 151)[0], {**markers(9, 10)[0], "worker": "ray:again"}])
+    Dataset(uri).write_markers([markers(n, n + 1)[0], {**markers(9, 10)[0], "worker": "ray:again"}])
     ds.compact()
     ds._put(MANIFEST, old_cache)
-    assert got()[150]["shard"] == 150 and got()[9]["worker"] == "ray:again" and got() == ref()
+    have, want = got(), ref()
+    assert have[n]["shard"] == n and have[9]["worker"] == "ray:again" and have == want
 
     # a cache that cannot be decoded (another format, torn bytes, not gzip) is ignored
     good = gzip.decompress(ds._get(MANIFEST))
     for bad in (gzip.compress(json.dumps({"format": 99}).encode()), gzip.compress(good)[:40], b"not a cache"):
         ds._put(MANIFEST, bad)
-        assert got() == ref()
+        assert got() == want
     # ... and rewritten by the next read that may compact, after which it serves every marker
-    assert Dataset(uri).committed() == ref()
+    assert Dataset(uri).committed() == want
     assert Dataset(uri)._markers()[1] == 0
 
 
