@@ -1,12 +1,25 @@
 """Test-wide numerics: float64 in JAX so that references computed in NumPy can be matched at
 tight tolerances (jobs still run in their spec's dtype, float32 by default). Subprocess tests
 (CLI, demo) run without x64, as users do."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Before any test module imports ray: keep every Ray address on loopback (otherwise Ray rewrites
 # 127.0.0.1 to the machine's interface address when a client connects, and the client hangs).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# One XLA compilation cache per test session, shared by every process the suite starts (CLI runs,
+# Ray workers, notebooks inherit the variables): the suite compiles the same small programs many
+# times over (the test MLP's step in dozens of jobs), and compiling is most of its CPU time. Every
+# program is cached, however quick to compile; the folder starts empty and is removed at exit, so
+# nothing outlives the run. A value already set (a developer's own cache) is kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="geomjobs-tests-xla-cache-")
+    os.environ.update({"JAX_COMPILATION_CACHE_DIR": _CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -39,18 +39,16 @@ import os
 import shutil
 from pathlib import Path
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors
+from safetensors.numpy import load_file, save_file
 
 from geomjobs.errors import SpecError
 from geomjobs.generators import build_generator
-
-diffusers = pytest.importorskip("diffusers")
-safetensors = pytest.importorskip("safetensors")
-from safetensors.numpy import load_file, save_file  # noqa: E402
-
 from geomjobs.generators.diffusers import pytorch_weights as ptw  # noqa: E402
 from geomjobs.generators.diffusers import pytorch_write as ptw_write  # noqa: E402
 from geomjobs.generators.diffusers import write_pytorch_folder  # noqa: E402

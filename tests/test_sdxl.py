@@ -34,14 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from geomjobs.errors import SpecError
 from geomjobs.generators import build_generator
-
-diffusers = pytest.importorskip("diffusers")
-pytest.importorskip("safetensors")
-from safetensors.numpy import load_file  # noqa: E402
-
 from geomjobs.generators.diffusers import pytorch_weights as ptw  # noqa: E402
 from geomjobs.generators.diffusers import sdxl, write_pytorch_folder  # noqa: E402
 
