@@ -38,7 +38,7 @@ if str(TESTS) not in sys.path:
 
 SIZES = (10_000, 40_000)
 TAIL = 256
-SMOKE = ["--sizes", "120", "--tail", "20"]
+SMOKE = ["--sizes", "40", "--tail", "8"]
 
 
 def parse(argv=None):

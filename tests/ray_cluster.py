@@ -276,7 +276,8 @@ def _claim(token: str) -> bool:
 
 def slow_mlp(weights: str, delay: float = 0.0, kill_token: str | None = None, die_at_start_token: str | None = None,
              poison: float | None = None):
-    """The MLP of ``weights`` whose every batch takes ``delay`` more seconds. If the file
+    """The MLP of ``weights`` whose every call takes ``delay`` more seconds (a batch's descriptors
+    call it a few times: its forward and derivative passes; measured ~4 calls a shard). If the file
     ``kill_token`` exists, the first worker process to run a batch after it appeared claims it and
     kills itself with SIGKILL, mid-shard (a worker process lost, as to the OOM killer). If
     ``die_at_start_token`` exists, the first process to build the model after it appeared claims

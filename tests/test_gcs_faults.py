@@ -127,8 +127,9 @@ def assert_complete_and_equal(uri, ref_uri, count, shards):
 
 def test_a_job_survives_the_storage_service_stopping_and_restarting(emulator, tmp_path):
     w = write_mlp(tmp_path)
-    # 12 shards of 8 samples, ~0.4 s a shard: the outage lands mid-job, with shards on each side
-    spec = slow_spec(w, count=96, shard_size=8, delay=0.4)
+    # 12 shards of 8 samples, ~0.4 s a shard (the delay is paid at each of the ~4 model calls a
+    # shard makes): the outage lands mid-job, with shards on each side
+    spec = slow_spec(w, count=96, shard_size=8, delay=0.1)
     spec["execution"]["workers"] = 1
     uri = f"gs://{emulator.bucket}/faults"
     ref = run_local(spec, str(tmp_path / "ref"), progress=False)     # the uninterrupted run

@@ -39,7 +39,7 @@ EXPECTED = {
     "02_vae_digits": {"delta_lowest_for_1": +1,           # the 1s are above the lowest other digit: opposite (z +3.7)
                       "nu_flat_across_digits": False},    # Kruskal-Wallis p 2e-37, the rule's bound 0.01
     "03_generated_digits": {"ldm-digits_confidence_falls_with_psi": -1},   # the paper's (z -8.7)
-    "04_trajectories": {"psi_high_minus_low_at_end": -1},   # poor endings have the higher psi (z -5.3)
+    "04_trajectories": {"ldm-digits_psi_high_minus_low_at_end": -1},   # poor endings have the higher psi (z -5.3)
     "05_memorization": {"psi_memorized_vs_novel_denoiser": -1, "nu_memorized_vs_novel_denoiser": -1,   # z -35, -9.5; the
                         "delta_memorized_vs_novel_denoiser": +1, "nu_memorized_vs_novel_decoder": +1},  # paper: a difference (z +3.8, +4.6)
     "06_corruptions": {"blur_lowers_psi": +1,              # blur raises psi: the opposite of the paper's (z +55)

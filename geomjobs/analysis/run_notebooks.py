@@ -141,7 +141,8 @@ def main(argv=None) -> int:
             failed.append(path.name)
             print("\n".join(tail.splitlines()[-40:]), file=sys.stderr)
     if args.findings:
-        command = "python -m geomjobs.analysis.run_notebooks" + (" --full" if args.full else "") + f" --out {args.out}"
+        command = ("python -m geomjobs.analysis.run_notebooks" + (" --full" if args.full else "")
+                   + f" --out {args.out} --findings {args.findings}")
         findings.write_findings(args.out, args.findings, command=command)
         print(f"findings table: {args.findings}")
     if failed:
