@@ -16,15 +16,19 @@ evenly over t. The generator and the samplers read the schedule from the card. M
 Loss: E ||eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t)||^2 (mean over pixels),
 t ~ U{0..T-1}; Adam, batch 128 with replacement; the shipped weights are an exponential moving
 average (``--ema``, with the warm-up of :func:`geomjobs.zoo.training.warm_ema_decay`) of the
-iterates. Two stages: (1) ``--steps`` steps at a constant learning rate ``--lr`` after a linear
+iterates. Three stages: (1) ``--steps`` steps at a constant learning rate ``--lr`` after a linear
 warm-up; (2) ``--refine-steps`` steps restarted from stage 1's EMA (fresh Adam moments) with the
-learning rate warmed up to ``--refine-lr`` and decayed to 0 by a half cosine. All randomness from
+learning rate warmed up to ``--refine-lr`` and decayed to 0 by a half cosine; (3) ``--polish-steps``
+steps the same way from stage 2's EMA, with their own ``--polish-lr``, ``--polish-batch`` and
+``--polish-ema`` (a lower rate, larger batches, a longer average: stage 2's figures had levelled
+off, and a third pass moved all three; card ``training.polish``). All randomness from
 --seed. Nothing in stage 1 depends on --steps except where it stops, so its weights after n steps
 of a longer run are those of ``--steps n --refine-steps 0``: ``--eval-every K`` writes such a
 snapshot (weights and card) to ``--snapshots`` every K stage-1 steps and prints its 200-sample
 figures (in stage 2 only the figures), and ``--init SNAPSHOT`` runs stage 2 from one (the same
 weights as running both stages; the shipped ones were made so, after watching the figures of
-stage 1 level off: card ``training.stage_1_from``).
+stage 1 level off: card ``training.stage_1_from``); ``--init`` given weights that ran stages 1 and
+2 (a card with ``refine`` and no ``polish``) runs stage 3 only, from them (card ``training.stages_from``).
 
 Card quality figures (:mod:`geomjobs.zoo.quality`): ``--samples`` samples (sample i's noise from
 ``default_rng([seed, i])``) by deterministic DDIM-50, mapped back to [0, 1], scored by
@@ -53,6 +57,7 @@ from geomjobs.zoo.training import card_common, diffusion_cli, diffusion_step, pa
 
 DEFAULT_STEPS = 6000
 DEFAULT_REFINE = 7000
+POLISH = {"steps": 10000, "lr": 2e-4, "batch": 256, "ema": 0.9995}     # stage 3's defaults
 REFINE_WARMUP = 100
 STAGE1_LR = "linear warm-up over {warmup} steps, then constant"
 STAGE1_EMA_WARMUP = "decay min(ema, (1 + n) / (10 + n)) at update n"
@@ -74,15 +79,18 @@ def digits_pm1():
 
 def train(steps: int, seed: int, batch: int, lr: float, warmup: int, ema: float, log_every: int, log=print,
           schedule: dict = SCHEDULES["cosine"], every: int = 0, callback=None,
-          refine_steps: int = 0, refine_lr: float = 5e-4, init=None):
+          refine_steps: int = 0, refine_lr: float = 5e-4, init=None, polish: dict | None = None, init_stage: int = 1):
     """Stage 1: ``steps`` steps at a constant ``lr`` after the warm-up; ``callback(i, module, ema
     params, curve, seconds)`` every ``every`` steps. Stage 2 (``refine_steps`` > 0): the iterates
     and their EMA restart from stage 1's EMA, Adam's moments from zero, and the learning rate
     warms up over :data:`REFINE_WARMUP` steps to ``refine_lr`` and decays to 0 by a half cosine;
     the batch keys continue those of stage 1. ``init`` = stage 1's EMA params (a snapshot of this
     script's ``--steps steps`` run) skips stage 1; the result is the same, the key sequence being
-    fast-forwarded by ``steps``. Returns (module, EMA params, stage-1 curve, stage-1 seconds,
-    stage-2 curve, stage-2 seconds)."""
+    fast-forwarded by ``steps``. Stage 3 (``polish`` = {steps, lr, batch, ema} with steps > 0) does
+    what stage 2 does from stage 2's EMA with its own rate, batch size and EMA decay, the keys
+    continuing those of stage 2; ``init_stage`` = 2 says ``init`` is stage 2's EMA (of this
+    ``steps`` and ``refine_steps``): stages 1 and 2 are skipped. Returns (module, EMA params,
+    stage-1 curve, stage-1 seconds, stage-2 curve, stage-2 seconds, stage-3 curve, stage-3 seconds)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -109,20 +117,31 @@ def train(steps: int, seed: int, batch: int, lr: float, warmup: int, ema: float,
         (_, ema_params, _), curve, wall = run_steps(step, (params, params, opt.init(params)), key, steps, log_every, log, every, cb)
     else:
         ema_params = init
-    if refine_steps <= 0:
-        return module, ema_params, curve, wall, [], 0.0
     split = jax.jit(lambda k: jax.random.split(k)[0])
-    for _ in range(steps):                          # the key run_steps ends stage 1 with
+
+    def restart(params, key, n: int, peak: float, batch: int, ema: float, offset: int):
+        """``n`` steps from ``params`` (iterates and EMA), fresh Adam, warm-up then half-cosine decay."""
+        w = min(REFINE_WARMUP, max(n - 1, 1))
+        sched = optax.join_schedules([optax.linear_schedule(0.0, peak, w),
+                                      optax.cosine_decay_schedule(peak, max(n - w, 1), alpha=0.0)], [w])
+        opt = optax.adam(sched)
+        step = diffusion_step(loss_fn, opt, data, batch, T, ema, ema_warmup=True)
+        cb = None if callback is None else (lambda i, state, c, secs: callback(offset + i, module, state[1], c, secs, refine=True))
+        (_, e, _), c, secs = run_steps(step, (params, params, opt.init(params)), key, n, log_every, log, every, cb)
+        return e, [{"step": offset + r["step"], "loss": r["loss"]} for r in c], secs
+
+    curve2, wall2, curve3, wall3 = [], 0.0, [], 0.0
+    refine_steps = max(refine_steps, 0)
+    for _ in range(steps if init_stage == 1 else steps + refine_steps):   # the key the skipped stages end with
         key = split(key)
-    w2 = min(REFINE_WARMUP, max(refine_steps - 1, 1))
-    sched2 = optax.join_schedules([optax.linear_schedule(0.0, refine_lr, w2),
-                                   optax.cosine_decay_schedule(refine_lr, max(refine_steps - w2, 1), alpha=0.0)], [w2])
-    opt2 = optax.adam(sched2)
-    step2 = diffusion_step(loss_fn, opt2, data, batch, T, ema, ema_warmup=True)
-    cb2 = None if callback is None else (lambda i, state, c, secs: callback(steps + i, module, state[1], c, secs, refine=True))
-    (_, ema_params, _), curve2, wall2 = run_steps(step2, (ema_params, ema_params, opt2.init(ema_params)), key, refine_steps,
-                                                  log_every, log, every, cb2)
-    return module, ema_params, curve, wall, [{"step": steps + c["step"], "loss": c["loss"]} for c in curve2], wall2
+    if refine_steps > 0 and init_stage == 1:
+        ema_params, curve2, wall2 = restart(ema_params, key, refine_steps, refine_lr, batch, ema, steps)
+        for _ in range(refine_steps):
+            key = split(key)
+    if polish and polish["steps"] > 0:
+        ema_params, curve3, wall3 = restart(ema_params, key, polish["steps"], polish["lr"], polish["batch"], polish["ema"],
+                                            steps + refine_steps)
+    return module, ema_params, curve, wall, curve2, wall2, curve3, wall3
 
 
 def measure_quality(module, params, meta: dict, counts, seed: int, steps: int) -> dict:
@@ -143,10 +162,18 @@ def measure_quality(module, params, meta: dict, counts, seed: int, steps: int) -
                        "the same median for the held-out digits (data.heldout_nn_median)"}
 
 
-def card(args, args_list, steps: int, curve, wall: float, module, params, refine=None) -> dict:
+def _restart_card(n: int, peak: float, init: str, curve, secs: float, **extra) -> dict:
+    return {"steps": n, "lr": peak, **extra,
+            "lr_schedule": f"linear warm-up over {min(REFINE_WARMUP, max(n - 1, 1))} steps, then half-cosine decay to 0",
+            "init": init, "final_loss": curve[-1]["loss"], "loss_curve": curve, "wall_time_s": round(secs, 1)}
+
+
+def card(args, args_list, steps: int, curve, wall: float, module, params, refine=None, polish=None) -> dict:
     """The card of the weights after ``steps`` stage-1 steps (without its quality section); with
-    ``refine`` = (curve, seconds) of stage 2, of the weights after both stages."""
-    argv = _with_steps(args_list, steps, keep_refine=refine is not None) + ([] if refine is not None else ["--refine-steps", "0"])
+    ``refine`` = (curve, seconds) of stage 2, of the weights after stages 1 and 2; with ``polish``
+    = (curve, seconds) of stage 3 as well, of the weights after all three."""
+    argv = (_with_steps(args_list, steps, keep_refine=refine is not None, keep_polish=polish is not None)
+            + ([] if refine is not None else ["--refine-steps", "0"]) + ([] if polish is not None else ["--polish-steps", "0"]))
     common = card_common("geomjobs.zoo.train_dit_digits", argparse.Namespace(**{**vars(args), "steps": steps}),
                          argv, curve, wall, params)
     schedule = SCHEDULES[args.schedule]
@@ -165,12 +192,13 @@ def card(args, args_list, steps: int, curve, wall: float, module, params, refine
                      "shipped_weights": "the EMA of the iterates",
                      "loss": "mean over batch and pixels of (eps - eps_theta(x_t, t))^2, t ~ U{0..T-1}",
                      "augmentation": "none",
-                     **({} if refine is None else {"refine": {
-                         "steps": args.refine_steps, "lr": args.refine_lr,
-                         "lr_schedule": f"linear warm-up over {min(REFINE_WARMUP, max(args.refine_steps - 1, 1))} steps, "
-                                        "then half-cosine decay to 0",
-                         "init": "iterates and EMA restart from the stage-1 EMA; Adam's moments from zero; the batch keys continue",
-                         "final_loss": refine[0][-1]["loss"], "loss_curve": refine[0], "wall_time_s": round(refine[1], 1)}})},
+                     **({} if refine is None else {"refine": _restart_card(
+                         args.refine_steps, args.refine_lr,
+                         "iterates and EMA restart from the stage-1 EMA; Adam's moments from zero; the batch keys continue", *refine)}),
+                     **({} if polish is None else {"polish": _restart_card(
+                         args.polish_steps, args.polish_lr,
+                         "iterates and EMA restart from the stage-2 EMA; Adam's moments from zero; the batch keys continue", *polish,
+                         batch=args.polish_batch, ema=args.polish_ema)})},
         "architecture": module_config(module),
     }
 
@@ -178,10 +206,14 @@ def card(args, args_list, steps: int, curve, wall: float, module, params, refine
 _NOT_WEIGHTS = ("--steps", "--eval-every", "--snapshots", "--out", "--init", "--samples", "--log-every")
 
 
-def _with_steps(args_list, steps: int, keep_refine: bool = True) -> list:
+POLISH_FLAGS = ("--polish-steps", "--polish-lr", "--polish-batch", "--polish-ema")
+
+
+def _with_steps(args_list, steps: int, keep_refine: bool = True, keep_polish: bool = True) -> list:
     """The argument list that trains the same weights: --steps set to ``steps``, the options that
-    do not change the weights dropped (and the --refine-* ones unless ``keep_refine``)."""
-    drop = _NOT_WEIGHTS + (() if keep_refine else ("--refine-steps", "--refine-lr"))
+    do not change the weights dropped (and the --refine-* ones unless ``keep_refine``, the
+    --polish-* ones unless ``keep_polish``)."""
+    drop = _NOT_WEIGHTS + (() if keep_refine else ("--refine-steps", "--refine-lr")) + (() if keep_polish else POLISH_FLAGS)
     out, skip = [], False
     for a in args_list:
         if skip:
@@ -201,7 +233,7 @@ def snapshot_callback(args, args_list, directory: Path, log=print):
     directory.mkdir(parents=True, exist_ok=True)
 
     def cb(i, module, params, curve, wall, refine=False):
-        if not refine:                      # a stage-2 state is not that of any --steps / --refine-steps run
+        if not refine:                      # a stage-2 or -3 state is not that of any --steps / --refine-steps run
             meta = card(args, args_list, i, curve, wall, module, params)
             save_dit(directory / f"dit_digits_{i}", module, params, meta)
         den = Denoiser(eps=lambda p, x, t: module.apply(p, x, t), abar=diffusion.abar(SCHEDULES[args.schedule]))
@@ -225,15 +257,21 @@ def main(argv=None) -> int:
     ap.add_argument("--refine-steps", type=int, default=DEFAULT_REFINE,
                     help=f"stage-2 steps from stage 1's EMA with a decaying learning rate (default {DEFAULT_REFINE}; 0: none)")
     ap.add_argument("--refine-lr", type=float, default=5e-4, help="stage 2's peak learning rate (default 5e-4)")
+    ap.add_argument("--polish-steps", type=int, default=POLISH["steps"],
+                    help=f"stage-3 steps from stage 2's EMA with a decaying learning rate (default {POLISH['steps']}; 0: none)")
+    ap.add_argument("--polish-lr", type=float, default=POLISH["lr"], help=f"stage 3's peak learning rate (default {POLISH['lr']})")
+    ap.add_argument("--polish-batch", type=int, default=POLISH["batch"], help=f"stage 3's batch size (default {POLISH['batch']})")
+    ap.add_argument("--polish-ema", type=float, default=POLISH["ema"], help=f"stage 3's EMA decay (default {POLISH['ema']})")
     ap.add_argument("--init", default=None,
-                    help="a stage-1 snapshot (--eval-every) of this run's --steps: skip stage 1 and start stage 2 from it")
+                    help="a stage-1 snapshot (--eval-every) of this run's --steps: skip stage 1 and start stage 2 from it; "
+                         "or weights of this run's stages 1 and 2 (--polish-steps 0): run stage 3 from them")
     args, args_list = parse_cli(ap, argv)
 
     stem = out_stem(args.out, DEFAULT_OUT)
     if args.rescore:
         module, params, meta = load_dit(stem)
     else:
-        init, stage1 = None, None
+        init, stage1, init_stage = None, None, 1
         if args.init is not None:
             _, init, stage1 = load_dit(args.init)
             tr = stage1["training"]
@@ -241,17 +279,36 @@ def main(argv=None) -> int:
                    stage1["schedule"])
             want = (args.steps, args.seed, args.batch, args.lr, args.ema, STAGE1_EMA_WARMUP,
                     STAGE1_LR.format(warmup=args.warmup), SCHEDULES[args.schedule])
-            if got != want or "refine" in tr:
-                ap.error(f"--init {args.init}: its stage 1 {got} is not this run's {want}")
+            if "refine" in tr:                  # weights after stages 1 and 2: stage 3 from them
+                init_stage = 2
+                got += (tr["refine"]["steps"], tr["refine"]["lr"])
+                want += (args.refine_steps, args.refine_lr)
+            if got != want or "polish" in tr:
+                what = "stages 1 and 2" if init_stage == 2 else "stage 1"
+                why = "ran stage 3 already" if "polish" in tr else f"is not this run's {want}"
+                ap.error(f"--init {args.init}: its {what} {got} {why}")
+            if init_stage == 2 and args.polish_steps <= 0:
+                ap.error(f"--init {args.init} ran stages 1 and 2: --polish-steps must be > 0 to train anything")
         cb = snapshot_callback(args, args_list, Path(args.snapshots)) if args.eval_every > 0 else None
-        module, params, curve, wall, curve2, wall2 = train(
+        polish = {"steps": args.polish_steps, "lr": args.polish_lr, "batch": args.polish_batch, "ema": args.polish_ema}
+        module, params, curve, wall, curve2, wall2, curve3, wall3 = train(
             args.steps, args.seed, args.batch, args.lr, args.warmup, args.ema, max(args.log_every, 1),
             schedule=SCHEDULES[args.schedule], every=args.eval_every, callback=cb,
-            refine_steps=args.refine_steps, refine_lr=args.refine_lr, init=init)
+            refine_steps=args.refine_steps, refine_lr=args.refine_lr, init=init, polish=polish, init_stage=init_stage)
         if stage1 is not None:
             curve, wall = stage1["training"]["loss_curve"], stage1["training"]["wall_time_s"]
-        meta = card(args, args_list, args.steps, curve, wall, module, params, refine=(curve2, wall2) if curve2 else None)
-        if stage1 is not None:
+        if init_stage == 2:
+            r = stage1["training"]["refine"]
+            curve2, wall2 = r["loss_curve"], r["wall_time_s"]
+        meta = card(args, args_list, args.steps, curve, wall, module, params, refine=(curve2, wall2) if curve2 else None,
+                    polish=(curve3, wall3) if curve3 else None)
+        if init_stage == 2:
+            for key in ("stage_1_from",):
+                if key in stage1["training"]:
+                    meta["training"][key] = stage1["training"][key]
+            meta["training"]["stages_from"] = (f"stage 3 computed from weights of stages 1 and 2 (--init; the same weights as "
+                                               f"running them here), written by `{stage1['command']}`")
+        elif stage1 is not None:
             meta["training"]["stage_1_from"] = (f"computed from a step-{args.steps} stage-1 snapshot (--init; the same weights "
                                                 f"as running stage 1 here), written by `{stage1['command']}`")
         save_dit(stem, module, params, meta)       # the weights are safe before the (minutes of) scoring
