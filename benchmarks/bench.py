@@ -129,6 +129,10 @@ def main(argv=None) -> int:
             lines += [f"## {title}", fresh[name]]
         elif title in old:   # kept from an earlier run: its own footer says when and at which commit
             lines += [f"## {title}", old[title]]
+    known = {TABLE[name][0] for name in ALL}
+    for title, body in old.items():   # sections other tools write (make bench-peer's) stay, in their order
+        if title not in known:
+            lines += [f"## {title}", body]
     text = "\n".join(lines)
     if out:
         with open(out, "w") as f:

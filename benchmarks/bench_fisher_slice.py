@@ -73,6 +73,11 @@ def run(args) -> str:
              f"{R} x {R} points, {n} samples per point ({R * R * n:,} generated samples), class map "
              f"{args.class_map or 'none'}, psi {'on' if args.psi else 'off'}; seconds per stage:", "",
              *table(["runner", "sampling", "posterior", "F", "metric", "slice outputs", "wall"], rows), ""]
+    if args.ray:
+        lines += ["The Ray run comes second in the same process: its posterior / F / metric stages reuse functions the "
+                  "in-process run compiled, so the in-process row carries those compiles. Sampling is the sharded runner "
+                  "job (on Ray: 2 workers, each compiling its own sampler); wall time also counts loading the samples "
+                  "and the geodesics.", ""]
     if args.ising:
         raw_i = yaml.safe_load((ROOT / "examples" / "fisher" / "ising-L8-learned.yaml").read_text())
         raw_i.pop("output", None)

@@ -94,7 +94,8 @@ def test_the_driver_writes_to_out_keeps_sections_not_run_and_survives_a_failing_
     first, second, third = bench.ALL[:3]
     t1, t2, t3 = (bench.TABLE[n][0] for n in (first, second, third))
     out = tmp_path / "B.md"
-    out.write_text(f"# Benchmarks\n\n## {t2}\n\nkept text of {second}\n\n## {t3}\n\nold text of {third}\n")
+    out.write_text(f"# Benchmarks\n\n## {t2}\n\nkept text of {second}\n\n## PyTorch peer\n\npeer text\n\n"
+                   f"## {t3}\n\nold text of {third}\n")
     fakes = {first: _Section(1.5), third: _Section(0, fail=True)}
     monkeypatch.setattr(bench, "load", lambda name: fakes[name])
     monkeypatch.chdir(tmp_path)
@@ -105,6 +106,7 @@ def test_the_driver_writes_to_out_keeps_sections_not_run_and_survives_a_failing_
     assert f"## {t2}\n\nkept text of {second}" in text                                # not run: kept
     assert f"## {t3}\n\nold text of {third}" in text                                  # failed: its earlier text kept
     assert text.index(t1) < text.index(t2) < text.index(t3)                           # TABLE's order
+    assert "## PyTorch peer\n\npeer text" in text and text.index(t3) < text.index("PyTorch peer")   # another tool's: kept, last
     assert sorted(p.name for p in tmp_path.iterdir()) == ["B.md"]
 
     fakes[third] = _Section(2.5)
