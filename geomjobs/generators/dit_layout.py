@@ -411,35 +411,9 @@ def weight_files(where: str, key: str = "model.path") -> list[str]:
 
 def load_dit_folder(where: str, dtype=jnp.float32, key: str = "model.path") -> tuple[DiTConfig, DiTTransformer2D, Any]:
     """(config, module, params in ``dtype``) of the diffusers DiT folder ``where`` (module doc)."""
-    from flax.traverse_util import unflatten_dict
-    from safetensors import safe_open
-
     cfg, _ = read_config(where, key)
-    files = weight_files(where, key)
-    expected = ptw.key_map(param_shapes(cfg))
-    tensors = ptw._Tensors(where, files, key)
-    ptw._check_keys(expected, tensors, CLASS_NAME, key)
-    for k, (_, want) in expected.items():
-        file, code, shape = tensors.entries[k][:3]
-        if shape != want:
-            raise SpecError(key, f"'{file}': tensor '{k}' has shape {list(shape)}; the {CLASS_NAME} of config.json needs "
-                                 f"{list(want)}")
-        if code not in ptw.FLOAT_CODES:
-            raise SpecError(key, f"'{file}': tensor '{k}' is {code}; the job holds parameters as floating point "
-                                 f"({', '.join(ptw.FLOAT_CODES)})")
-    target = np.dtype(jnp.dtype(dtype))
-    params, handles = {}, {}
-    try:
-        for k, (path, _) in expected.items():
-            file, code, _, *old = tensors.entries[k]
-            if file not in handles:
-                handles[file] = safe_open(file, framework="np").__enter__()
-            a = ptw._read(handles[file], file, old[0] if old else k, code)
-            params[path] = ptw._cast(np.ascontiguousarray(ptw.from_pytorch(path, a)), target, file, k, code, key)
-    finally:
-        for h in handles.values():
-            h.__exit__(None, None, None)
-    return cfg, DiTTransformer2D(cfg), unflatten_dict(params)
+    params = ptw.read_params(where, weight_files(where, key), param_shapes(cfg), CLASS_NAME, dtype, key)
+    return cfg, DiTTransformer2D(cfg), params
 
 
 def write_dit_folder(params, cfg: DiTConfig, path, dtype="float32") -> str:

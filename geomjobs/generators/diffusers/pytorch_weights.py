@@ -333,9 +333,6 @@ def load_pytorch(cls, where: str, raw: dict, dtype, key: str, files: list[str]):
     import warnings
 
     import jax
-    import jax.numpy as jnp
-    from flax.traverse_util import unflatten_dict
-    from safetensors import safe_open
 
     name = cls.__name__.removeprefix("Flax")
     check_config(raw, name, where, key)
@@ -346,6 +343,17 @@ def load_pytorch(cls, where: str, raw: dict, dtype, key: str, files: list[str]):
             shapes = jax.eval_shape(module.init_weights, jax.random.PRNGKey(0))
     except Exception as e:  # noqa: BLE001 - diffusers raises many kinds
         raise SpecError(key, f"'{os.path.join(where, 'config.json')}' does not give a {name}: {type(e).__name__}: {e}") from None
+    return module, read_params(where, files, shapes, name, dtype, key)
+
+
+def read_params(where: str, files: list[str], shapes, name: str, dtype, key: str):
+    """The Flax param tree of the model ``name`` whose param shapes are ``shapes`` (a tree of
+    ShapeDtypeStructs), read from the PyTorch safetensors ``files`` of ``where`` and cast to
+    ``dtype``: every key and shape checked against the headers before any tensor is read."""
+    import jax.numpy as jnp
+    from flax.traverse_util import unflatten_dict
+    from safetensors import safe_open
+
     expected = key_map(shapes)
     tensors = _Tensors(where, files, key)
     _check_keys(expected, tensors, name, key)
@@ -368,7 +376,7 @@ def load_pytorch(cls, where: str, raw: dict, dtype, key: str, files: list[str]):
     finally:
         for h in handles.values():
             h.__exit__(None, None, None)
-    return module, unflatten_dict(params)
+    return unflatten_dict(params)
 
 
 def _check_keys(expected: dict, tensors: _Tensors, name: str, key: str) -> None:
