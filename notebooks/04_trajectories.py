@@ -88,7 +88,7 @@ for model in models:
 # ## Final quality of each trajectory
 
 # %%
-conf = {}
+conf, cuts = {}, {}
 fig, axes = plt.subplots(len(models), 2, figsize=(8, 3 * len(models)), constrained_layout=True, squeeze=False)
 for row, model in enumerate(models):
     last = final_rows(trajs[model])
@@ -98,7 +98,7 @@ for row, model in enumerate(models):
     else:
         imgs = np.clip(np.asarray(decode(z)).reshape(-1, 8, 8), 0, 1)
     c = conf[model] = classifier.probs(imgs).max(-1)
-    q_lo, q_hi = np.quantile(c, [0.25, 0.75])
+    q_lo, q_hi = cuts[model] = np.quantile(c, [0.25, 0.75])
     group = np.where(c >= q_hi, "high", np.where(c <= q_lo, "low", "middle"))
     trajs[model] = attach_labels(trajs[model], pd.Series(group, index=last.trajectory_id.to_numpy()), name="quality")
     print(f"{model} final confidence: mean {c.mean():.4f}, quartiles {q_lo:.5f} / {q_hi:.5f}; "
@@ -154,8 +154,7 @@ for model in models:
 # %%
 lines = []
 for model in models:
-    c = conf[model]
-    q_lo, q_hi = np.quantile(c, [0.25, 0.75])
+    c, (q_lo, q_hi) = conf[model], cuts[model]
     lines.append(f"{model}, {COUNT[model]} DDIM-{steps} trajectories; top vs bottom quartile of final classifier confidence "
                  f"(cut-offs {q_hi:.5f} / {q_lo:.5f}; mean confidence high {c[c >= q_hi].mean():.5f}, low {c[c <= q_lo].mean():.4f}).")
     for col in DESCRIPTORS:

@@ -303,9 +303,8 @@ def main(argv=None) -> int:
         meta = card(args, args_list, args.steps, curve, wall, module, params, refine=(curve2, wall2) if curve2 else None,
                     polish=(curve3, wall3) if curve3 else None)
         if init_stage == 2:
-            for key in ("stage_1_from",):
-                if key in stage1["training"]:
-                    meta["training"][key] = stage1["training"][key]
+            if "stage_1_from" in stage1["training"]:
+                meta["training"]["stage_1_from"] = stage1["training"]["stage_1_from"]
             meta["training"]["stages_from"] = (f"stage 3 computed from weights of stages 1 and 2 (--init; the same weights as "
                                                f"running them here), written by `{stage1['command']}`")
         elif stage1 is not None:
