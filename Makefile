@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# Two pytest-xdist workers (the CI machine has 2 cores); TEST_WORKERS=0 runs the suite serially.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -n $(TEST_WORKERS) --dist loadgroup
 
 test-slow: setup
 	$(PY) -m pytest -q tests -m slow

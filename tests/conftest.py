@@ -35,6 +35,22 @@ STRICT_PROMOTION = {"test_descriptors", "test_estimators", "test_modes", "test_c
                     "test_chunk_fit", "test_diffusion"}
 
 
+# `make test` runs the suite on 2 pytest-xdist workers (--dist loadgroup): the serial run keeps
+# one of 2 cores idle about half the time (tests waiting on subprocesses, Ray, the GCS emulator).
+# The modules that start a Ray cluster (one per test process, ray_cluster.shared_cluster) or the
+# GCS emulator with a cluster job share one group, hence one worker: one cluster for all of them,
+# as in the serial run, and no two clusters' workers competing for the 2 cores under a fault
+# test's pacing.
+RAY_GROUP = {"test_ray", "test_ray_chaos", "test_ray_overlap", "test_gcs", "test_gcs_faults", "test_scale",
+             "test_submit_check"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in RAY_GROUP:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 @pytest.fixture(autouse=True)
 def dtype_promotion(request):
     name = request.module.__name__.rsplit(".", 1)[-1]

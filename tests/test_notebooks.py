@@ -3,7 +3,8 @@ runs as a plain script into its own folder, writes PNGs whose every panel draws 
 non-constant data, and writes its measured verdicts (verdicts.json), whose directions the suite
 asserts (EXPECTED); the cheapest one also runs cell by cell through jupytext + nbclient on a real
 IPython kernel; the runner reports a failing notebook with exit status 1 and writes the findings
-table. No xdist: kernels and ZMQ ports do not mix with it."""
+table. Under `make test`'s two xdist workers only the one kernel test starts a kernel, so no two
+kernels pick their ZMQ ports at once."""
 import json
 import os
 import textwrap
