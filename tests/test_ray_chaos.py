@@ -177,7 +177,7 @@ def test_a_node_lost_mid_job_loses_and_duplicates_nothing(cluster, tmp_path):
     node = cluster.add_node(num_cpus=1)
     try:
         w = write_mlp(tmp_path)
-        spec = slow_spec(w, count=240, shard_size=8, delay=0.1)       # 30 shards of 0.1 s
+        spec = slow_spec(w, count=240, shard_size=8, delay=0.1)       # 30 shards of ~0.4 s (0.1 s at each of ~4 model calls)
         spec["execution"]["workers"] = 3
         out = tmp_path / "out"
         on_node = lambda: [p.pid for p in worker_processes(node.pid)]  # noqa: E731
@@ -214,7 +214,7 @@ def test_sigterm_lets_a_worker_finish_its_shard_then_it_stops(cluster, tmp_path)
     started (computing, or written while the next computes), hands back any not started
     (charged nothing), and is stopped once they are back; a fresh worker takes its place."""
     w = write_mlp(tmp_path)
-    spec = slow_spec(w, count=160, shard_size=8, delay=0.3)          # 20 shards of 0.3 s
+    spec = slow_spec(w, count=160, shard_size=8, delay=0.3)          # 20 shards of ~1.2 s (0.3 s at each of ~4 model calls)
     spec["execution"]["max_retries"] = 0                              # a charged attempt would fail it
     out = tmp_path / "out"
     # a worker running a call (its title names the method: compute, commit); two shards in,
