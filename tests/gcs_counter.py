@@ -72,7 +72,13 @@ class CountingProxy:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _forward
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            # gcsfs opens up to 64 connections at once (READ_CONCURRENCY); with socketserver's
+            # listen backlog of 5 the kernel drops the rest of a burst and the clients retry their
+            # SYNs after 1, 3, 7 s: seconds of stalls per burst, at random
+            request_queue_size = 256
+
+        self._server = Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._server.handle_error = lambda request, address: None   # clients dropping kept-alive connections
         self.host = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -143,9 +149,7 @@ class CountingProxy:
 # even in memory, so writing N objects costs O(N^2): 10,000 markers would take many minutes. In
 # memory that file is never read again, so this emulator process skips it; uploads, listings and
 # downloads are the emulator's own.
-_FAST = ("import sys; import gcp_storage_emulator.storage as s; "
-         "s.Storage._write_config_to_file = lambda self: None; "
-         "from gcp_storage_emulator.__main__ import main; sys.exit(main(sys.argv[1:]))")
+_FAST = "import gcp_storage_emulator.storage as s; s.Storage._write_config_to_file = lambda self: None; "
 
 
 class FastEmulator:
@@ -154,14 +158,13 @@ class FastEmulator:
 
     def __init__(self, bucket: str = "geomjobs-scale"):
         import subprocess
-        import sys
 
-        from ray_cluster import free_port, wait_port
+        from ray_cluster import emulator_command, free_port, wait_port
 
         self.bucket = bucket
         self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, "-c", _FAST, "start", "--host=127.0.0.1", f"--port={self.port}",
-                                      "--in-memory", f"--default-bucket={bucket}", "--quiet"],
+        self.proc = subprocess.Popen(emulator_command("start", "--host=127.0.0.1", f"--port={self.port}", "--in-memory",
+                                                      f"--default-bucket={bucket}", "--quiet", patch=_FAST),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         wait_port(self.port, 30)
         self.proxy = CountingProxy(f"http://127.0.0.1:{self.port}")

@@ -10,7 +10,6 @@ Parquet file that does not parse, or a marker whose file is missing.
 """
 import io
 import logging
-import shutil
 import subprocess
 import threading
 import time
@@ -23,7 +22,7 @@ from geomjobs.runner.local import run_local
 from geomjobs.sink.dataset import Dataset
 
 from jobs import assert_each_sample_once, write_mlp
-from ray_cluster import BIN, _kill_tree, free_port, serving, slow_spec, wait_port
+from ray_cluster import _kill_tree, emulator_command, free_port, serving, slow_spec, wait_port
 
 OUTAGE = 4.0    # seconds with no emulator process
 
@@ -38,9 +37,8 @@ class DiskEmulator:
         self.start()
 
     def start(self):
-        exe = shutil.which("gcp-storage-emulator", path=str(BIN)) or "gcp-storage-emulator"
-        self.proc = subprocess.Popen([exe, f"--data-dir={self.data_dir}", "start", "--host=127.0.0.1", f"--port={self.port}",
-                                      f"--default-bucket={self.bucket}", "--quiet"],
+        self.proc = subprocess.Popen(emulator_command(f"--data-dir={self.data_dir}", "start", "--host=127.0.0.1",
+                                                      f"--port={self.port}", f"--default-bucket={self.bucket}", "--quiet"),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         wait_port(self.port, 60)
 
