@@ -35,6 +35,10 @@ def kind(method: str, path: str) -> str:
     return "other"
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 256    # not socketserver's 5: see ray_cluster.emulator_command
+
+
 class CountingProxy:
     """Forwards http://127.0.0.1:<port> to ``upstream`` (an emulator's http://host:port)."""
 
@@ -42,8 +46,8 @@ class CountingProxy:
         self.upstream = urllib.parse.urlsplit(upstream)
         self.counts: collections.Counter = collections.Counter()
         self._lock = threading.Lock()
-        # the emulator serves one request at a time with a listen backlog of 5: more connections
-        # than that at once time out, so the proxy queues them (clients still send concurrently)
+        # the emulator serves one request at a time: the proxy holds at most 2 connections to it
+        # and queues the rest (clients still send concurrently)
         self._upstream_slots = threading.Semaphore(2)
         self._listings: dict = {}      # listing path -> its full response, while it is paged through
         proxy = self
@@ -72,13 +76,7 @@ class CountingProxy:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _forward
 
-        class Server(http.server.ThreadingHTTPServer):
-            # gcsfs opens up to 64 connections at once (READ_CONCURRENCY); with socketserver's
-            # listen backlog of 5 the kernel drops the rest of a burst and the clients retry their
-            # SYNs after 1, 3, 7 s: seconds of stalls per burst, at random
-            request_queue_size = 256
-
-        self._server = Server(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._server.handle_error = lambda request, address: None   # clients dropping kept-alive connections
         self.host = f"http://127.0.0.1:{self._server.server_address[1]}"

@@ -73,7 +73,8 @@ def counted(gcs, fn):
 
 # 1,000 against 10,000 shards: listing pages 1 and 10 (~17 s, most of it the emulator taking in
 # 11,000 uploads; ray_cluster.emulator_command says why it once took minutes)
-def test_resume_and_inspect_cost_a_bounded_number_of_requests(gcs, tmp_path, total=10_000):
+def test_resume_and_inspect_cost_a_bounded_number_of_requests(gcs, tmp_path):
+    total = 10_000
     spec = mlp_spec(write_mlp(tmp_path), count=total, shard_size=1)
     uri = f"gs://{gcs.bucket}/scale-{total}"
     open_job(plan_job(spec), uri)           # job card, spec, artifacts
